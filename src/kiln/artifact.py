@@ -1,0 +1,333 @@
+"""Read, write and verify model artifacts and repositories.
+
+Layout (Triton-compatible)::
+
+    <repository>/<model-name>/config.pbtxt
+    <repository>/<model-name>/<version>/model.onnx
+    <repository>/<model-name>/<version>/kiln.json
+    <repository>/<model-name>/<version>/assets/...
+
+A version is written into a temp directory, fsynced and renamed into place, so a crash never leaves a
+half-written version, and an existing version is never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kiln._utils import atomic_directory, atomic_write_text, sha256_file
+from kiln.errors import ArtifactError, IntegrityError, ModelNotFound, did_you_mean
+from kiln.types import Signature
+
+MANIFEST_FILE = "kiln.json"
+MODEL_FILE = "model.onnx"
+ASSETS_DIR = "assets"
+FORMAT = "kiln.artifact/1"
+
+_V2_TO_TRITON = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
+
+
+@dataclass
+class Manifest:
+    """The content of ``kiln.json``: everything Kiln knows about one version."""
+
+    name: str
+    signature: Signature
+    task: str = "generic"
+    version: int = 0
+    created_at: str = ""
+    model: dict[str, Any] = field(default_factory=dict)  # file, sha256, size_bytes
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # e.g. {"kind": "text", "tokenizer": ...}
+    postprocessing: dict[str, Any] = field(default_factory=dict)  # e.g. {"labels": [...]}
+    provenance: dict[str, Any] = field(default_factory=dict)  # source, parent, transforms, versions
+    checks: dict[str, Any] = field(default_factory=dict)  # parity, fidelity
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    eval_data: dict[str, Any] = field(default_factory=dict)  # held-out set in assets, for the accuracy guard
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "created_at": self.created_at,
+            "task": self.task,
+            "signature": self.signature.to_dict(),
+            "model": self.model,
+            "preprocessing": self.preprocessing,
+            "postprocessing": self.postprocessing,
+            "provenance": self.provenance,
+            "checks": self.checks,
+            "benchmarks": self.benchmarks,
+            "hardware": self.hardware,
+            "settings": self.settings,
+            "eval_data": self.eval_data,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise ArtifactError(
+                f'manifest format is {data.get("format")!r}; this Kiln reads "{FORMAT}"; re-export the model',
+                format=data.get("format"),
+            )
+        return cls(
+            name=data["name"],
+            version=int(data["version"]),
+            created_at=data.get("created_at", ""),
+            task=data.get("task", "generic"),
+            signature=Signature.from_dict(data["signature"]),
+            model=data.get("model", {}),
+            preprocessing=data.get("preprocessing", {}),
+            postprocessing=data.get("postprocessing", {}),
+            provenance=data.get("provenance", {}),
+            checks=data.get("checks", {}),
+            benchmarks=data.get("benchmarks", []),
+            hardware=data.get("hardware", {}),
+            settings=data.get("settings", {}),
+            eval_data=data.get("eval_data", {}),
+        )
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One version of one model on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.path / ASSETS_DIR
+
+    @property
+    def repository(self) -> Path:
+        return self.path.parent.parent
+
+    @property
+    def sha256(self) -> str:
+        return str(self.manifest.model["sha256"])
+
+    def ref(self) -> dict[str, Any]:
+        """How a child artifact names this one as its parent."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Complete versions of a model, ascending (temp directories of in-flight writes are ignored)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def list_models(repository: Path) -> list[str]:
+    if not repository.is_dir():
+        return []
+    return sorted(p.name for p in repository.iterdir() if p.is_dir() and versions(p))
+
+
+def load(path: Path | str, version: int | None = None, *, verify: bool = True) -> Artifact:
+    """Load an artifact from a version directory, a model directory (latest version) or a manifest path.
+
+    Raises:
+        ModelNotFound: nothing loadable at ``path``.
+        IntegrityError: ``verify`` and the model file's sha256 differs from the manifest's.
+
+    Example:
+        >>> art = load("kiln-repo/minilm")  # doctest: +SKIP
+        >>> art.version, art.manifest.task  # doctest: +SKIP
+        (3, 'embedding')
+    """
+    path = Path(path)
+    if path.name == MANIFEST_FILE:
+        path = path.parent
+    if not path.exists():
+        raise ModelNotFound(f'"{path}" does not exist; pass a model directory or a version directory', path=str(path))
+    if not (path / MANIFEST_FILE).is_file():
+        found = versions(path)
+        if not found:
+            raise ModelNotFound(
+                f'"{path}" holds no Kiln artifact (no {MANIFEST_FILE} and no numbered version directories); '
+                "create one with `kiln export`",
+                path=str(path),
+            )
+        if version is None:
+            version = found[-1]
+        elif version not in found:
+            raise ModelNotFound(
+                f'model "{path.name}" has no version {version}; it has versions {found}',
+                model=path.name,
+                version=version,
+            )
+        path = path / str(version)
+    try:
+        manifest = Manifest.from_dict(json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f'"{path / MANIFEST_FILE}" is not a valid Kiln manifest ({exc})', path=str(path)) from exc
+    if version is not None and manifest.version != version:
+        raise ModelNotFound(
+            f'"{path}" holds version {manifest.version}, not version {version}; pass the model directory instead',
+            version=version,
+        )
+    artifact = Artifact(path=path, manifest=manifest)
+    if verify:
+        verify_integrity(artifact)
+    return artifact
+
+
+def verify_integrity(artifact: Artifact) -> None:
+    model_path = artifact.model_path
+    if not model_path.is_file():
+        raise ModelNotFound(f'"{model_path}" is missing; the artifact is incomplete', path=str(model_path))
+    expected = artifact.manifest.model.get("sha256")
+    actual = sha256_file(model_path)
+    if expected != actual:
+        raise IntegrityError(
+            f'"{model_path}" has sha256 {actual[:16]}…, but its manifest records {str(expected)[:16]}…; the file was '
+            "changed after export: restore it or export the model again",
+            path=str(model_path),
+            expected=expected,
+            actual=actual,
+        )
+
+
+def resolve_model(repository: Path, name: str, version: int | None = None) -> Artifact:
+    """Load ``name`` (latest or given version) from a repository, suggesting a close name when misspelled."""
+    model_dir = repository / name
+    if not versions(model_dir):
+        known = list_models(repository)
+        raise ModelNotFound(
+            f'model "{name}" is not in repository "{repository}"{did_you_mean(name, known)}; '
+            f"available: {', '.join(known) or 'none'}",
+            model=name,
+        )
+    return load(model_dir, version)
+
+
+def write(
+    repository: Path | str,
+    manifest: Manifest,
+    model_file: Path,
+    *,
+    assets: dict[str, Path | bytes] | None = None,
+    max_batch_size: int = 64,
+) -> Artifact:
+    """Write ``model_file`` and ``manifest`` as the next version of ``manifest.name`` in ``repository``.
+
+    The version number, creation time and model hash are filled in here. ``assets`` maps a relative path under
+    ``assets/`` to a file/directory to copy or bytes to write. Returns the loaded (verified) artifact.
+    """
+    repository = Path(repository)
+    manifest = dataclasses.replace(manifest)  # the caller's object stays as it was
+    model_dir = repository / manifest.name
+    for _attempt in range(100):
+        existing = versions(model_dir)
+        manifest.version = (existing[-1] + 1) if existing else 1
+        final = model_dir / str(manifest.version)
+        try:
+            with atomic_directory(final) as tmp:
+                shutil.copyfile(model_file, tmp / MODEL_FILE)
+                manifest.model = {
+                    "file": MODEL_FILE,
+                    "sha256": sha256_file(tmp / MODEL_FILE),
+                    "size_bytes": (tmp / MODEL_FILE).stat().st_size,
+                }
+                manifest.created_at = datetime.now(UTC).isoformat(timespec="seconds")
+                for rel, content in (assets or {}).items():
+                    target = tmp / ASSETS_DIR / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if isinstance(content, bytes):
+                        target.write_bytes(content)
+                    elif content.is_dir():
+                        shutil.copytree(content, target)
+                    else:
+                        shutil.copyfile(content, target)
+                (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError:
+            if final.exists():  # another writer took this version number first; take the next one
+                continue
+            raise
+        break
+    else:
+        raise ArtifactError(f'could not allocate a new version under "{model_dir}"', path=str(model_dir))
+    atomic_write_text(model_dir / "config.pbtxt", triton_config(manifest, max_batch_size))
+    return load(final)
+
+
+def update_manifest(artifact: Artifact, **changes: Any) -> Artifact:
+    """Record new facts (benchmarks, checks) in an existing version's manifest; the model file is untouched."""
+    for key, value in changes.items():
+        if not hasattr(artifact.manifest, key):
+            raise ArtifactError(f"manifest has no field {key!r}", field=key)
+        setattr(artifact.manifest, key, value)
+    atomic_write_text(artifact.path / MANIFEST_FILE, json.dumps(artifact.manifest.to_dict(), indent=2) + "\n")
+    return artifact
+
+
+def triton_config(manifest: Manifest, max_batch_size: int) -> str:
+    """A Triton ``config.pbtxt`` for the ONNX Runtime backend.
+
+    Triton's dims exclude the batch axis when ``max_batch_size > 0``; we batch only when every tensor's first axis
+    is dynamic. Text models take raw strings in Kiln but token ids in Triton (tokenisation is Kiln's), so the
+    config always describes the ONNX graph itself.
+    """
+    tensors = list(manifest.signature.inputs) + list(manifest.signature.outputs)
+    batched = max_batch_size > 0 and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+    def block(kind: str, specs: Any) -> list[str]:
+        lines = [f"{kind} ["]
+        entries = []
+        for spec in specs:
+            dims = list(spec.shape[1:] if batched else spec.shape) or [1]
+            entries.append(
+                f'  {{\n    name: "{spec.name}"\n    data_type: {_V2_TO_TRITON[spec.dtype]}\n'
+                f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
+            )
+        lines.append(",\n".join(entries))
+        lines.append("]")
+        return lines
+
+    lines = [
+        f'name: "{manifest.name}"',
+        'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {max_batch_size if batched else 0}",
+        *block("input", manifest.signature.inputs),
+        *block("output", manifest.signature.outputs),
+        "version_policy: { all { } }",
+    ]
+    if batched:
+        lines.append("dynamic_batching { max_queue_delay_microseconds: 2000 }")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""Typed, frozen settings per stage, resolved in one place.
+
+Precedence: explicit value (CLI flag / API argument) > ``KILN_<FIELD>`` environment variable > config file
+(TOML, one table per stage: ``[optimize]``, ``[bench]`` ...) > default. The resolved settings are saved into
+every artifact and report a stage produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+from kiln.errors import ConfigError, did_you_mean
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How ``kiln export`` converts and checks a model."""
+
+    opset: int = 17
+    parity_atol: float = 1e-4
+    parity_rtol: float = 1e-3
+    parity_samples: int = 8
+    exporter: str = "dynamo"
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    """How ``kiln optimize`` searches for a faster variant.
+
+    ``max_accuracy_drop`` is relative (0.01 = the variant keeps >= 99% of the parent's task accuracy);
+    ``min_cosine`` is the guard for embedding models (mean cosine against the parent on a real corpus).
+    """
+
+    max_accuracy_drop: float = 0.01
+    min_cosine: float = 0.99
+    batch_sizes: tuple[int, ...] = (1, 32)
+    target_batch_size: int = 32
+    time_budget_s: float = 600.0
+    recipes: tuple[str, ...] = ()
+    eval_samples: int = 512
+    measure_repeats: int = 5
+    min_speedup: float = 1.03
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How ``kiln bench`` measures engines in-process."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    warmup_runs: int = 3
+    runs: int = 15
+    include_torch: bool = True
+    samples: int = 256
+    report_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """ONNX Runtime knobs; ``None`` lets the hardware probe decide."""
+
+    intra_op_threads: int | None = None
+    inter_op_threads: int = 1
+    providers: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _coerce(name: str, raw: Any, annotation: Any) -> Any:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)  # "<class 'int'>" -> "int"
+    try:
+        if isinstance(raw, str):
+            if text.startswith("tuple"):
+                inner = "int" if "int" in text else "float" if "float" in text else "str"
+                parts = [p.strip() for p in raw.split(",") if p.strip()]
+                return tuple(int(p) if inner == "int" else float(p) if inner == "float" else p for p in parts)
+            if text.startswith("bool"):
+                if raw.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if raw.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            if text.startswith("int"):
+                return int(raw)
+            if text.startswith("float"):
+                return float(raw)
+            return raw
+        if text.startswith("tuple") and isinstance(raw, list):
+            return tuple(raw)
+        if text.startswith("float") and isinstance(raw, int):
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ConfigError(
+            f'setting "{name}" has value {raw!r}; it must be of type {text}; fix the flag, the KILN_{name.upper()} '
+            "variable or the config file",
+            setting=name,
+            value=raw,
+        ) from exc
+
+
+def load_config_file(path: Path | None, section: str) -> dict[str, Any]:
+    """The ``[section]`` table of a TOML config file (empty when there is no file)."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f'config file "{path}" does not exist; pass an existing TOML file', path=str(path))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f'config file "{path}" is not valid TOML ({exc}); fix the syntax', path=str(path)) from exc
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f'config file "{path}": [{section}] must be a table', path=str(path))
+    return table
+
+
+def resolve(
+    cls: type[S],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    section: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> S:
+    """Build settings ``cls`` from overrides > ``KILN_*`` environment > config file > defaults.
+
+    ``None`` values in ``overrides`` mean "not given" (a CLI flag left unset).
+
+    Example:
+        >>> resolve(BenchSettings, {"runs": 5}, environ={}).runs
+        5
+    """
+    assert dataclasses.is_dataclass(cls)
+    env = os.environ if environ is None else environ
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    values: dict[str, Any] = {}
+
+    file_values = load_config_file(config_file, section or cls.__name__.removesuffix("Settings").lower())
+    for key, raw in file_values.items():
+        if key not in known:
+            raise ConfigError(
+                f'config file "{config_file}" sets unknown key "{key}"{did_you_mean(key, known)}; '
+                f"known keys: {', '.join(known)}",
+                key=key,
+            )
+        values[key] = _coerce(key, raw, hints[key])
+    for key in known:
+        env_value = env.get(f"KILN_{key.upper()}")
+        if env_value is not None:
+            values[key] = _coerce(key, env_value, hints[key])
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in known:
+            raise ConfigError(f'unknown setting "{key}"{did_you_mean(key, known)}', key=key)
+        values[key] = _coerce(key, raw, hints[key])
+    return cls(**values)
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a settings object (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}

@@ -1,0 +1,150 @@
+"""Real data that ships with the installed packages: no download, ever.
+
+- English text: the paragraphs of Python's own ``pydoc_data.topics`` (the help() topics), in their natural order
+  and natural lengths.
+- Tabular: the datasets scikit-learn bundles (``load_digits`` etc.; never the ``fetch_*`` functions, which download).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InvalidInput, did_you_mean
+
+_MIN_PARAGRAPH_CHARS = 20
+
+
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    found: list[str] = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            text = " ".join(block.split())
+            if len(text) >= _MIN_PARAGRAPH_CHARS:
+                found.append(text)
+    return tuple(found)
+
+
+def english_corpus(limit: int | None = None, *, offset: int = 0) -> list[str]:
+    """Paragraphs of real English text (Python's help topics), natural order, lengths from 20 chars upward.
+
+    ``offset`` selects a disjoint slice, so calibration and evaluation can use different texts.
+    """
+    paragraphs = _paragraphs()
+    end = len(paragraphs) if limit is None else offset + limit
+    return list(paragraphs[offset:end])
+
+
+@dataclass(frozen=True)
+class TabularData:
+    """A bundled dataset split into train and held-out parts."""
+
+    name: str
+    x_train: np.ndarray[Any, Any]
+    y_train: np.ndarray[Any, Any]
+    x_test: np.ndarray[Any, Any]
+    y_test: np.ndarray[Any, Any]
+    task: str  # "classification" | "regression"
+    target_names: tuple[str, ...]
+
+
+_BUNDLED = {
+    "digits": ("load_digits", "classification"),
+    "breast_cancer": ("load_breast_cancer", "classification"),
+    "wine": ("load_wine", "classification"),
+    "iris": ("load_iris", "classification"),
+    "diabetes": ("load_diabetes", "regression"),
+}
+
+
+def bundled_dataset(name: str, *, test_fraction: float = 0.25, seed: int = 0) -> TabularData:
+    """Load a dataset that scikit-learn ships, as float32 features, with a stratified held-out split."""
+    import sklearn.datasets
+    from sklearn.model_selection import train_test_split
+
+    if name not in _BUNDLED:
+        raise InvalidInput(
+            f'dataset "{name}" is not bundled{did_you_mean(name, _BUNDLED)}; choose one of {", ".join(_BUNDLED)}',
+            dataset=name,
+        )
+    loader, task = _BUNDLED[name]
+    bunch = getattr(sklearn.datasets, loader)()
+    x = np.asarray(bunch.data, dtype=np.float32)
+    y = np.asarray(bunch.target)
+    y = y.astype(np.int64) if task == "classification" else y.astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y if task == "classification" else None
+    )
+    names = tuple(str(n) for n in getattr(bunch, "target_names", ())) if task == "classification" else ()
+    return TabularData(name, x_train, y_train, x_test, y_test, task, names)
+
+
+# --- held-out data recorded with an artifact -------------------------------------------------------------------
+
+HELDOUT_FILE = "heldout.npz"
+LABELS_KEY = "__labels__"
+TEXT_EVAL_OFFSET = 1000  # evaluation texts start here; calibration texts are taken before it
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out inputs for an artifact: texts (text models) or tensor feeds, with labels when known."""
+
+    texts: list[str] | None = None
+    feeds: dict[str, np.ndarray[Any, Any]] | None = None
+    labels: np.ndarray[Any, Any] | None = None
+
+    @property
+    def rows(self) -> int:
+        if self.texts is not None:
+            return len(self.texts)
+        assert self.feeds is not None
+        return len(next(iter(self.feeds.values())))
+
+    def take(self, index: np.ndarray[Any, Any] | slice) -> EvalSet:
+        """The subset of rows at ``index``."""
+        texts = None if self.texts is None else list(np.asarray(self.texts, dtype=object)[index])
+        feeds = None if self.feeds is None else {k: v[index] for k, v in self.feeds.items()}
+        labels = None if self.labels is None else self.labels[index]
+        return EvalSet(texts=texts, feeds=feeds, labels=labels)
+
+
+def heldout_asset(feeds: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any, Any] | None) -> bytes:
+    """Serialise held-out feeds (and labels) for ``assets/heldout.npz``."""
+    import io
+
+    arrays = dict(feeds)
+    if labels is not None:
+        arrays[LABELS_KEY] = labels
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
+    """The held-out data an artifact's manifest points to (``eval_data``); InvalidInput if it has none.
+
+    Text models use the English corpus from ``TEXT_EVAL_OFFSET`` on (never the calibration texts); tabular
+    models use ``assets/heldout.npz`` written at export.
+    """
+    spec = artifact.manifest.eval_data
+    kind = spec.get("kind")
+    if kind == "text_corpus":
+        return EvalSet(texts=english_corpus(limit or 512, offset=int(spec.get("offset", TEXT_EVAL_OFFSET))))
+    if kind == "tabular":
+        with np.load(artifact.assets_dir / spec.get("file", HELDOUT_FILE), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        labels = arrays.pop(LABELS_KEY, None)
+        eval_data = EvalSet(feeds=arrays, labels=labels)
+        return eval_data.take(slice(0, limit)) if limit is not None else eval_data
+    raise InvalidInput(
+        f'model "{artifact.name}" v{artifact.version} has no held-out data (eval_data: {spec or "none"}); '
+        "export it with example data (kiln export --dataset ...) or pass --eval-data",
+        model=artifact.name,
+    )

@@ -1,0 +1,370 @@
+"""``kiln export``: any model into ONNX, the unified IR, with dynamic axes kept and a parity gate.
+
+Example:
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from kiln.data import bundled_dataset
+    >>> data = bundled_dataset("iris")
+    >>> clf = LogisticRegression(max_iter=500).fit(data.x_train, data.y_train)
+    >>> art = export(clf, out=tmp_path, name="iris", example_inputs=data.x_test,
+    ...              eval_data=(data.x_test, data.y_test))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.artifact import Artifact
+from kiln.config import ExportSettings, resolve
+from kiln.data import TEXT_EVAL_OFFSET, heldout_asset
+from kiln.errors import InvalidInput, ModelNotFound, UnknownFormat
+from kiln.export import hf, onnx_file, sklearn
+from kiln.export import torch as torch_export
+from kiln.export.checks import check_parity, check_structure, signature_of
+from kiln.export.pipeline import finalize
+from kiln.runtime import Engine, TorchEngine
+
+__all__ = ["ExportSettings", "check_parity", "check_structure", "export", "signature_of", "source_engine"]
+
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+Array = np.ndarray[Any, Any]
+
+
+def export(
+    model: Any,
+    *,
+    out: Path | str,
+    name: str | None = None,
+    example_inputs: Any = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    task: str | None = None,
+    eval_data: tuple[Any, Any] | None = None,
+    labels: Sequence[str] | None = None,
+    settings: ExportSettings | None = None,
+    trust_pickle: bool = False,
+    factory: str | None = None,
+    weights: Path | None = None,
+) -> Artifact:
+    """Export ``model`` to ONNX and write it as the next version of ``name`` in repository ``out``.
+
+    ``model`` is an ``nn.Module`` (needs ``example_inputs``), a scikit-learn estimator or pipeline (needs
+    ``example_inputs``: a 2-D feature array), a path to a local Hugging Face directory (exported as a sentence
+    embedder with mean pooling + normalisation), a path to an ``.onnx`` file, or a pickle/joblib path (only
+    with ``trust_pickle``). ``eval_data=(x, y)`` stores a held-out set with the artifact for the accuracy guard.
+
+    Raises:
+        ParityError: the ONNX outputs differ from the source's beyond tolerance (nothing is written).
+        UnsupportedOpError: ONNX Runtime has no kernel for an operator of the graph.
+        UnknownFormat / ModelNotFound / InvalidInput: the source cannot be read.
+    """
+    settings = settings or resolve(ExportSettings, {})
+    out = Path(out)
+    if isinstance(model, str | Path):
+        return _export_path(
+            Path(model),
+            out=out,
+            name=name,
+            example_inputs=example_inputs,
+            task=task,
+            eval_data=eval_data,
+            labels=labels,
+            settings=settings,
+            trust_pickle=trust_pickle,
+        )
+    if sklearn.is_sklearn(model):
+        return _export_sklearn(
+            model,
+            out=out,
+            name=name or type(model).__name__.lower(),
+            example_inputs=example_inputs,
+            eval_data=eval_data,
+            labels=labels,
+            settings=settings,
+            source_extra={},
+        )
+    if _is_torch_module(model):
+        return _export_torch(
+            model,
+            out=out,
+            name=name or type(model).__name__.lower(),
+            example_inputs=example_inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            task=task or "generic",
+            eval_data=eval_data,
+            labels=labels,
+            settings=settings,
+            factory=factory,
+            weights=weights,
+        )
+    raise UnknownFormat(
+        f"cannot export an object of type {type(model).__module__}.{type(model).__name__}; Kiln exports torch "
+        "nn.Module, scikit-learn estimators/pipelines, Hugging Face directories and .onnx files",
+        type=type(model).__name__,
+    )
+
+
+def _is_torch_module(model: Any) -> bool:
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+def _export_path(
+    path: Path,
+    *,
+    out: Path,
+    name: str | None,
+    example_inputs: Any,
+    task: str | None,
+    eval_data: tuple[Any, Any] | None,
+    labels: Sequence[str] | None,
+    settings: ExportSettings,
+    trust_pickle: bool,
+) -> Artifact:
+    if not path.exists():
+        raise ModelNotFound(f'"{path}" does not exist; pass a model file or directory', path=str(path))
+    if path.is_dir():
+        if hf.is_hf_directory(path):
+            return _export_hf(path, out=out, name=name or path.name.lower(), settings=settings)
+        raise UnknownFormat(
+            f'directory "{path}" is not a Hugging Face model (no config.json); pass an .onnx file, a pickle or a '
+            "Hugging Face directory",
+            path=str(path),
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return _export_onnx(
+            path, out=out, name=name or path.stem, task=task, eval_data=eval_data, labels=labels, settings=settings
+        )
+    if suffix in _PICKLE_SUFFIXES:
+        model = sklearn.load_pickle(path, trust_pickle=trust_pickle)
+        if example_inputs is None and eval_data is not None:
+            example_inputs = eval_data[0]
+        if not sklearn.is_sklearn(model):
+            raise UnknownFormat(
+                f'"{path}" holds a {type(model).__name__}, not a scikit-learn estimator', path=str(path)
+            )
+        return _export_sklearn(
+            model,
+            out=out,
+            name=name or path.stem,
+            example_inputs=example_inputs,
+            eval_data=eval_data,
+            labels=labels,
+            settings=settings,
+            source_extra={"path": str(path.resolve())},
+        )
+    raise UnknownFormat(
+        f'"{path}" has suffix "{suffix or "(none)"}", which is not a model format Kiln reads; use .onnx, '
+        f"{', '.join(_PICKLE_SUFFIXES)} (with --trust-pickle), a Hugging Face directory, or --model pkg.mod:factory",
+        path=str(path),
+        suffix=suffix,
+    )
+
+
+def _eval_entry(eval_data: tuple[Any, Any] | None, input_name: str) -> tuple[dict[str, Any], dict[str, Path | bytes]]:
+    if eval_data is None:
+        return {}, {}
+    x, y = eval_data
+    feeds = {input_name: np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)}
+    y_arr = None if y is None else np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
+    if y_arr is not None and len(y_arr) != len(feeds[input_name]):
+        raise InvalidInput(
+            f"eval_data has {len(feeds[input_name])} rows of inputs but {len(y_arr)} labels; they must match"
+        )
+    return {"kind": "tabular", "file": "heldout.npz", "rows": len(feeds[input_name])}, {
+        "heldout.npz": heldout_asset(feeds, y_arr)
+    }
+
+
+def _export_sklearn(
+    model: Any,
+    *,
+    out: Path,
+    name: str,
+    example_inputs: Any,
+    eval_data: tuple[Any, Any] | None,
+    labels: Sequence[str] | None,
+    settings: ExportSettings,
+    source_extra: dict[str, Any],
+) -> Artifact:
+    if example_inputs is None:
+        raise InvalidInput("a scikit-learn model needs example_inputs (a 2-D feature array) to fix the input width")
+    import sklearn as sk
+
+    x = np.asarray(example_inputs, dtype=np.float32)
+    task = sklearn.task_of(model)
+    with torch_export.temp_workdir() as tmp:
+        path, outputs = sklearn.convert(model, x, settings.opset, Path(tmp))
+        rows = x[: settings.parity_samples]
+        eval_entry, assets = _eval_entry(
+            (np.asarray(eval_data[0], dtype=np.float32), eval_data[1]) if eval_data else None, sklearn.INPUT_NAME
+        )
+        return finalize(
+            path,
+            out=out,
+            name=name,
+            task=task,
+            reference=sklearn.reference(model, outputs),
+            sample_feeds=[{sklearn.INPUT_NAME: rows}, {sklearn.INPUT_NAME: x[: max(1, len(rows) // 2 + 1)]}],
+            source={"framework": "scikit-learn", "version": sk.__version__, "class": type(model).__name__}
+            | source_extra,
+            settings=settings,
+            postprocessing={"labels": list(labels)} if labels else {},
+            eval_data=eval_entry,
+            assets=assets,
+        )
+
+
+def _export_torch(
+    module: Any,
+    *,
+    out: Path,
+    name: str,
+    example_inputs: Any,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+    task: str,
+    eval_data: tuple[Any, Any] | None,
+    labels: Sequence[str] | None,
+    settings: ExportSettings,
+    factory: str | None,
+    weights: Path | None,
+) -> Artifact:
+    import torch
+
+    if example_inputs is None:
+        raise InvalidInput("a PyTorch model needs example_inputs (a batch of real inputs) to be exported")
+    module = module.eval()
+    feeds = torch_export.as_feeds(example_inputs, input_names)
+    n_out = torch_export.count_outputs(module, feeds)
+    outputs = list(output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]))
+    if len(outputs) != n_out:
+        raise InvalidInput(f"the model returns {n_out} outputs but {len(outputs)} output names were given ({outputs})")
+    axes = dynamic_axes or {n: {0: "batch"} for n in [*feeds, *outputs]}
+    with torch_export.temp_workdir() as tmp:
+        path = torch_export.export_module(
+            module, feeds, outputs, axes, opset=settings.opset, exporter=settings.exporter, workdir=Path(tmp)
+        )
+        eval_entry, assets = _eval_entry(eval_data, next(iter(feeds)))
+        source: dict[str, Any] = {
+            "framework": "pytorch",
+            "version": torch.__version__,
+            "class": type(module).__name__,
+            "exporter": settings.exporter,
+        }
+        if factory:
+            source |= {"factory": factory, "weights": str(weights.resolve()) if weights else None}
+        return finalize(
+            path,
+            out=out,
+            name=name,
+            task=task,
+            reference=torch_export.torch_reference(module, outputs),
+            sample_feeds=[feeds, torch_export.grow_batch(feeds)],
+            source=source,
+            settings=settings,
+            postprocessing={"labels": list(labels)} if labels else {},
+            eval_data=eval_entry,
+            assets=assets,
+        )
+
+
+def _export_hf(path: Path, *, out: Path, name: str, settings: ExportSettings) -> Artifact:
+    import transformers
+
+    max_length = hf.max_length_of(path)
+    module = hf.build_module(path)
+    samples = hf.sample_feeds(path, max_length)
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        hf.OUTPUT_NAME: {0: "batch"},
+    }
+    with torch_export.temp_workdir() as tmp:
+        onnx_path = torch_export.export_module(
+            module, samples[0], [hf.OUTPUT_NAME], axes, opset=settings.opset, exporter="torchscript", workdir=Path(tmp)
+        )
+        return finalize(
+            onnx_path,
+            out=out,
+            name=name,
+            task="embedding",
+            reference=torch_export.torch_reference(module, [hf.OUTPUT_NAME]),
+            sample_feeds=samples,
+            source={
+                "framework": "transformers",
+                "version": transformers.__version__,
+                "path": str(path.resolve()),
+                "architecture": type(module.encoder).__name__,
+                "exporter": "torchscript",
+            },
+            settings=settings,
+            preprocessing={
+                "kind": "text",
+                "tokenizer": "tokenizer/tokenizer.json",
+                "max_length": max_length,
+                "pooling": "mean",
+                "normalize": True,
+            },
+            eval_data={"kind": "text_corpus", "source": "pydoc_data.topics", "offset": TEXT_EVAL_OFFSET},
+            assets=hf.tokenizer_assets(path),
+        )
+
+
+def _export_onnx(
+    path: Path,
+    *,
+    out: Path,
+    name: str,
+    task: str | None,
+    eval_data: tuple[Any, Any] | None,
+    labels: Sequence[str] | None,
+    settings: ExportSettings,
+) -> Artifact:
+    import onnx
+
+    model, signature = onnx_file.inspect_file(path)
+    eval_entry, assets = _eval_entry(eval_data, signature.inputs[0].name) if eval_data else ({}, {})
+    return finalize(
+        path,
+        out=out,
+        name=name,
+        task=task or "generic",
+        reference=None,
+        sample_feeds=[onnx_file.synthetic_feeds(signature, 1), onnx_file.synthetic_feeds(signature, 3)],
+        source={
+            "framework": "onnx",
+            "version": onnx.__version__,
+            "path": str(path.resolve()),
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        },
+        settings=settings,
+        postprocessing={"labels": list(labels)} if labels else {},
+        eval_data=eval_entry,
+        assets=assets,
+    )
+
+
+def source_engine(artifact: Artifact) -> Engine | None:
+    """Rebuild the PyTorch model an artifact was exported from, for side-by-side benchmarks.
+
+    Works for Hugging Face directories and ``--model package.module:factory`` sources; ``None`` otherwise
+    (scikit-learn, ONNX files, or a module passed as a Python object).
+    """
+    source = artifact.manifest.provenance.get("source", {})
+    inputs, outputs = list(artifact.manifest.signature.inputs), list(artifact.manifest.signature.outputs)
+    if source.get("framework") == "transformers" and Path(source.get("path", "")).is_dir():
+        return TorchEngine(hf.build_module(Path(source["path"])), inputs, outputs, name="pytorch-eager")
+    if source.get("framework") == "pytorch" and source.get("factory"):
+        weights = Path(source["weights"]) if source.get("weights") else None
+        return TorchEngine(torch_export.load_factory(source["factory"], weights), inputs, outputs, name="pytorch-eager")
+    return None

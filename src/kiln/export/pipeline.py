@@ -1,0 +1,77 @@
+"""The part every exporter shares: check the ONNX file, prove parity at two shapes, write the artifact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln import artifact as artifacts
+from kiln._utils import package_versions
+from kiln.config import ExportSettings, settings_dict
+from kiln.export.checks import check_parity, check_structure, open_session, opsets_of, signature_of
+from kiln.runtime import probe
+from kiln.types import Feeds
+
+TRACKED_PACKAGES = ("kiln", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "scikit-learn", "skl2onnx")
+
+
+def finalize(
+    onnx_path: Path,
+    *,
+    out: Path,
+    name: str,
+    task: str,
+    reference: Callable[[Feeds], Feeds] | None,
+    sample_feeds: Sequence[Feeds],
+    source: dict[str, Any],
+    settings: ExportSettings,
+    preprocessing: dict[str, Any] | None = None,
+    postprocessing: dict[str, Any] | None = None,
+    eval_data: dict[str, Any] | None = None,
+    assets: dict[str, Path | bytes] | None = None,
+) -> artifacts.Artifact:
+    """Check ``onnx_path`` and write it as the next version of ``name`` under ``out``.
+
+    ``sample_feeds`` should hold at least two feeds of different shapes along each dynamic axis: running both
+    proves the axes were kept, not frozen at the example's size. Nothing is written if any check fails.
+    """
+    model = check_structure(onnx_path)
+    signature = signature_of(model)
+    engine = open_session(onnx_path, model)
+    parity: dict[str, Any] = {}
+    if reference is not None:
+        for feeds in sample_feeds:
+            shape_key = "x".join(str(v.shape[0]) for v in list(feeds.values())[:1])
+            for output, figures in check_parity(
+                reference, engine, feeds, atol=settings.parity_atol, rtol=settings.parity_rtol
+            ).items():
+                entry = parity.setdefault(output, {"max_abs_error": 0.0, "max_rel_error": 0.0, "shapes": []})
+                entry["max_abs_error"] = max(entry["max_abs_error"], figures["max_abs_error"])
+                entry["max_rel_error"] = max(entry["max_rel_error"], figures["max_rel_error"])
+                entry["shapes"].append({k: list(v.shape) for k, v in feeds.items()} | {"batch": shape_key})
+    else:
+        for feeds in sample_feeds:  # no source to compare with: at least prove it runs at each shape
+            engine.run(feeds)
+    manifest = artifacts.Manifest(
+        name=name,
+        signature=signature,
+        task=task,
+        preprocessing=preprocessing or {},
+        postprocessing=postprocessing or {},
+        provenance={
+            "source": source,
+            "parent": None,
+            "transforms": [],
+            "opsets": opsets_of(model),
+            "versions": package_versions(*TRACKED_PACKAGES),
+        },
+        checks={
+            "parity": {"passed": reference is not None, "atol": settings.parity_atol, "rtol": settings.parity_rtol}
+            | {"outputs": parity}
+        },
+        hardware=probe(),
+        settings={"export": settings_dict(settings)},
+        eval_data=eval_data or {},
+    )
+    return artifacts.write(out, manifest, onnx_path, assets=assets)

@@ -1,0 +1,89 @@
+"""scikit-learn estimators and pipelines -> ONNX through skl2onnx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import ExportError, InvalidInput
+from kiln.types import Feeds
+
+INPUT_NAME = "input"
+
+
+def is_sklearn(model: Any) -> bool:
+    try:
+        from sklearn.base import BaseEstimator
+    except ImportError:  # pragma: no cover - a core dependency
+        return False
+    return isinstance(model, BaseEstimator)
+
+
+def load_pickle(path: Path, *, trust_pickle: bool) -> Any:
+    """Load a pickled/joblib estimator, but only when the user says they trust the file."""
+    if not trust_pickle:
+        raise InvalidInput(
+            f'"{path}" is a pickle; unpickling runs arbitrary code, so Kiln loads it only with --trust-pickle '
+            "(trust_pickle=True); pass that flag if you made this file yourself",
+            path=str(path),
+        )
+    import joblib
+
+    return joblib.load(path)
+
+
+def final_estimator(model: Any) -> Any:
+    return model.steps[-1][1] if hasattr(model, "steps") else model
+
+
+def task_of(model: Any) -> str:
+    return "classification" if hasattr(final_estimator(model), "predict_proba") else "regression"
+
+
+def convert(model: Any, example: np.ndarray[Any, Any], opset: int, workdir: Path) -> tuple[Path, list[str]]:
+    """Convert with a dynamic batch axis; classifiers output plain ``label`` and ``probabilities`` tensors."""
+    from skl2onnx import to_onnx
+
+    if not hasattr(model, "n_features_in_") and not hasattr(final_estimator(model), "n_features_in_"):
+        raise InvalidInput(f"{type(model).__name__} is not fitted; call fit() before exporting")
+    x = np.asarray(example, dtype=np.float32)
+    if x.ndim != 2:
+        raise InvalidInput(f"example inputs for a scikit-learn model must be 2-D (rows, features); got shape {x.shape}")
+    options = {id(final_estimator(model)): {"zipmap": False}} if task_of(model) == "classification" else None
+    try:
+        onx = to_onnx(model, x[:1], target_opset={"": opset, "ai.onnx.ml": 3}, options=options)
+    except Exception as exc:
+        raise ExportError(
+            f"skl2onnx cannot convert {type(model).__name__}: {str(exc).strip().splitlines()[0]}; "
+            "check that every step of the pipeline has a registered converter",
+            model=type(model).__name__,
+        ) from exc
+    onx.graph.input[0].name = _rename_input(onx, INPUT_NAME)
+    path = workdir / "model.onnx"
+    path.write_bytes(onx.SerializeToString())
+    return path, [o.name for o in onx.graph.output]
+
+
+def _rename_input(onx: Any, new: str) -> str:
+    old = onx.graph.input[0].name
+    for node in onx.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+    return new
+
+
+def reference(model: Any, output_names: list[str]) -> Any:
+    """The estimator's own predictions, named like the ONNX outputs."""
+
+    def run(feeds: Feeds) -> Feeds:
+        x = feeds[INPUT_NAME]
+        if task_of(model) == "classification":
+            label = np.asarray(model.predict(x))
+            label = label.astype(object) if label.dtype.kind in "OUS" else label.astype(np.int64)
+            return {output_names[0]: label, output_names[1]: model.predict_proba(x).astype(np.float32)}
+        return {output_names[0]: np.asarray(model.predict(x), dtype=np.float32).reshape(len(x), -1)}
+
+    return run

@@ -1,0 +1,159 @@
+"""PyTorch ``nn.Module`` -> ONNX, with dynamic axes kept and checked."""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import ExportError, InvalidInput
+from kiln.types import Feeds
+
+ExampleInputs = Any  # Tensor | ndarray | tuple of them | mapping name -> tensor/ndarray
+
+
+def as_feeds(example_inputs: ExampleInputs, input_names: Sequence[str] | None) -> Feeds:
+    """Normalise example inputs to an ordered name -> numpy mapping."""
+    if isinstance(example_inputs, Mapping):
+        items = list(example_inputs.items())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, tuple | list) else [example_inputs]
+        names = list(input_names or (["input"] if len(values) == 1 else [f"input_{i}" for i in range(len(values))]))
+        if len(names) != len(values):
+            raise InvalidInput(
+                f"{len(values)} example inputs but {len(names)} input names ({names}); give one per input"
+            )
+        items = list(zip(names, values, strict=True))
+    feeds: Feeds = {}
+    for name, value in items:
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        if array.ndim == 0:
+            raise InvalidInput(f'example input "{name}" is a scalar; pass a batch (first axis = rows)', input=name)
+        feeds[str(name)] = array
+    return feeds
+
+
+def grow_batch(feeds: Feeds) -> Feeds:
+    """The same feeds with one more row, to prove the batch axis is dynamic."""
+    return {k: np.concatenate([v, v[:1]], axis=0) for k, v in feeds.items()}
+
+
+def torch_reference(module: Any, output_names: Sequence[str]) -> Any:
+    """A callable running ``module`` on numpy feeds (positional, in feed order) returning named numpy outputs."""
+    import torch
+
+    def run(feeds: Feeds) -> Feeds:
+        with torch.inference_mode():
+            result = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()))
+        if not isinstance(result, tuple | list):
+            result = (result,)
+        return {n: r.detach().cpu().numpy() for n, r in zip(output_names, result, strict=True)}
+
+    return run
+
+
+def count_outputs(module: Any, feeds: Feeds) -> int:
+    import torch
+
+    with torch.inference_mode():
+        result = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()))
+    return len(result) if isinstance(result, tuple | list) else 1
+
+
+def export_module(
+    module: Any,
+    feeds: Feeds,
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+    *,
+    opset: int,
+    exporter: str,
+    workdir: Path,
+) -> Path:
+    """Write ``module`` as ONNX into ``workdir`` and return the file.
+
+    ``exporter`` is ``"dynamo"`` (torch.export-based, PyTorch's default) or ``"torchscript"`` (tracing). The
+    TorchScript graph of a Hugging Face encoder with eager attention is the one ONNX Runtime's transformer
+    optimizer knows how to fuse, which is why the HF path uses it.
+    """
+    import torch
+
+    path = workdir / "model.onnx"
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+    names = list(feeds)
+    try:
+        if exporter == "torchscript":
+            with warnings.catch_warnings():
+                # NOTE: the legacy exporter is deprecated upstream but is still the one whose graphs ORT fuses.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(path),
+                    input_names=names,
+                    output_names=list(output_names),
+                    dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                    opset_version=opset,
+                    dynamo=False,
+                )
+        elif exporter == "dynamo":
+            shapes = {
+                name: dict.fromkeys(dynamic_axes.get(name, {}), torch.export.Dim.DYNAMIC) or None for name in names
+            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    input_names=names,
+                    output_names=list(output_names),
+                    dynamic_shapes=shapes,
+                    opset_version=max(opset, 18),
+                    dynamo=True,
+                    verbose=False,
+                )
+            assert program is not None
+            program.save(str(path))
+        else:
+            raise InvalidInput(f'exporter "{exporter}" is unknown; use "dynamo" or "torchscript"', exporter=exporter)
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"torch.onnx.export ({exporter}) failed for {type(module).__name__}: {str(exc).strip().splitlines()[0]}; "
+            f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'} or simplify the forward()",
+            exporter=exporter,
+        ) from exc
+    return path
+
+
+def load_factory(spec: str, weights: Path | None = None) -> Any:
+    """Build a module from ``package.module:factory`` and optionally load safetensors weights into it."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInput(
+            f'model "{spec}" is not of the form package.module:factory; e.g. "mypkg.models:build_cnn"', model=spec
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ModuleNotFoundError as exc:
+        raise InvalidInput(f'module "{module_name}" cannot be imported ({exc}); is it on PYTHONPATH?') from exc
+    except AttributeError as exc:
+        raise InvalidInput(f'module "{module_name}" has no attribute "{attr}"') from exc
+    model = factory()
+    if weights is not None:
+        if not weights.is_file():
+            raise InvalidInput(f'weights file "{weights}" does not exist', path=str(weights))
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def temp_workdir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="kiln-export-")

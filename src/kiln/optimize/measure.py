@@ -1,0 +1,140 @@
+"""Measure a candidate the way the search judges it: fidelity to its parent, speed on this machine, size.
+
+Speed is always measured *against the parent in the same run*, alternating parent and candidate, so a noisy,
+shared machine moves both and the ratio stays meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln import fidelity
+from kiln._utils import median, percentile
+from kiln.artifact import Artifact
+from kiln.data import EvalSet
+from kiln.runtime import Engine, OrtEngine, TextEncoder, TextTokenizer
+
+Array = np.ndarray[Any, Any]
+
+
+class Workload:
+    """Held-out inputs plus how to push them through an engine at a given batch size.
+
+    Text models are encoded with the tokenizer and length-sorted batches inside the timed region: that is the
+    cost a user pays per sentence.
+    """
+
+    def __init__(self, artifact: Artifact, data: EvalSet) -> None:
+        self.task = artifact.manifest.task
+        self.data = data
+        # The first float output (embedding, probabilities, logits) carries the fidelity; labels follow from it.
+        outputs = artifact.manifest.signature.outputs
+        floats = [o.name for o in outputs if o.dtype in ("FP32", "FP16", "FP64")]
+        self.output = floats[0] if floats else outputs[0].name
+        pre = artifact.manifest.preprocessing
+        self.tokenizer = (
+            TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
+            if pre.get("kind") == "text"
+            else None
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.data.rows
+
+    def run(self, engine: Engine, batch_size: int, rows: int | None = None) -> Array:
+        """Outputs for the first ``rows`` held-out rows, computed in batches of ``batch_size``."""
+        subset = self.data if rows is None else self.data.take(slice(0, rows))
+        if self.tokenizer is not None:
+            assert subset.texts is not None
+            return TextEncoder(engine, self.tokenizer, self.output).encode(subset.texts, batch_size)
+        assert subset.feeds is not None
+        n = subset.rows
+        parts = []
+        for start in range(0, n, batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in subset.feeds.items()}
+            parts.append(engine.run(batch)[self.output])
+        return np.concatenate(parts, axis=0)
+
+    def fidelity(self, reference: Array, candidate: Array) -> dict[str, float]:
+        """Fidelity figures; ``score`` is the one the guard compares (cosine or task accuracy/R²)."""
+        if self.task == "embedding":
+            figures = fidelity.embedding_fidelity(reference, candidate)
+            return figures | {"score": figures["mean_cosine"]}
+        figures = fidelity.output_fidelity(reference, candidate)
+        if self.data.labels is not None and self.task in ("classification", "regression"):
+            scores = fidelity.task_score(candidate, self.data.labels, self.task)
+            figures |= scores | {"score": next(iter(scores.values()))}
+        else:
+            figures |= {"score": float(np.mean(fidelity.cosine_rows(reference, candidate)))}
+        return figures
+
+
+@dataclass
+class Speed:
+    """Per batch size: median seconds for the workload slice, P99, and rows/s."""
+
+    seconds: dict[int, list[float]] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
+
+    def throughput(self, batch_size: int) -> float:
+        return self.rows[batch_size] / median(self.seconds[batch_size])
+
+    def latency_ms(self, batch_size: int) -> float:
+        """Median time per batch of ``batch_size`` rows, in milliseconds."""
+        batches = -(-self.rows[batch_size] // batch_size)
+        return 1000 * median(self.seconds[batch_size]) / batches
+
+    def p99_ms(self, batch_size: int) -> float:
+        batches = -(-self.rows[batch_size] // batch_size)
+        return 1000 * percentile(self.seconds[batch_size], 99) / batches
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            str(bs): {
+                "rows_per_s": self.throughput(bs),
+                "batch_latency_ms": self.latency_ms(bs),
+                "p99_batch_latency_ms": self.p99_ms(bs),
+                "repeats": len(self.seconds[bs]),
+            }
+            for bs in self.seconds
+        }
+
+
+def rows_for(batch_size: int, available: int) -> int:
+    """Enough rows for a stable figure without spending minutes at batch 1."""
+    return min(available, max(16 * batch_size, 32) if batch_size < 8 else available)
+
+
+def compare_speed(
+    engines: dict[str, Engine],
+    workload: Workload,
+    batch_sizes: tuple[int, ...],
+    repeats: int,
+    on_step: Callable[[], None] | None = None,
+) -> dict[str, Speed]:
+    """Time every engine at every batch size, interleaved (A, B, A, B ...) after one warm-up pass each."""
+    speeds = {name: Speed() for name in engines}
+    for bs in batch_sizes:
+        rows = rows_for(bs, workload.rows)
+        for engine in engines.values():
+            workload.run(engine, bs, rows)  # warm-up: first runs allocate and pick kernels
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                workload.run(engine, bs, rows)
+                speeds[name].seconds.setdefault(bs, []).append(time.perf_counter() - start)
+                speeds[name].rows[bs] = rows
+            if on_step:
+                on_step()
+    return speeds
+
+
+def open_engine(path: Path, name: str) -> OrtEngine:
+    return OrtEngine(path, name=name)

@@ -1,0 +1,183 @@
+"""Graph passes that turn one ONNX file into another: fusion, INT8 dynamic, INT8 static QDQ, fp16.
+
+Each pass reads ``src`` and writes ``dst`` and returns facts worth recording (fusions that fired, nodes
+quantized). Passes never touch artifacts; the search decides what becomes a version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import CalibrationError, KilnError
+from kiln.types import Feeds, Signature
+
+logger = logging.getLogger(__name__)
+
+
+def op_histogram(path: Path) -> dict[str, int]:
+    import onnx
+
+    return dict(Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node))
+
+
+def fuse_transformer(src: Path, dst: Path, *, num_heads: int = 0, hidden_size: int = 0) -> dict[str, Any]:
+    """ONNX Runtime's transformer optimizer (Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm fusions).
+
+    ``num_heads``/``hidden_size`` of 0 let the optimizer detect them from the graph. Returns the fused operator
+    counts, e.g. ``{"Attention": 6, "SkipLayerNormalization": 12, ...}``.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
+    optimized.save_model_to_file(str(dst))
+    logger.info("transformer fusions: %s", fused)
+    return {"fusions": fused}
+
+
+def ort_graph_optimize(src: Path, dst: Path, level: str = "extended") -> dict[str, Any]:
+    """Save ONNX Runtime's own optimized graph (constant folding, node fusions) for non-transformer models.
+
+    "extended" fusions are CPU-portable; the saved file still runs on any machine with ONNX Runtime.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    before, after = op_histogram(src), op_histogram(dst)
+    return {"nodes_before": sum(before.values()), "nodes_after": sum(after.values())}
+
+
+def quantize_dynamic(
+    src: Path,
+    dst: Path,
+    *,
+    per_channel: bool,
+    reduce_range: bool = False,
+    weight_type: str = "int8",
+    op_types: Sequence[str] = ("MatMul", "Attention", "Gemm"),
+    nodes_to_exclude: Sequence[str] = (),
+) -> dict[str, Any]:
+    """INT8 weights, activations quantized on the fly per batch (no calibration data needed)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    ort_quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=list(op_types),
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+        nodes_to_exclude=list(nodes_to_exclude),
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return {"quantized_nodes": _count_quantized(dst)}
+
+
+class FeedsReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, batches: Sequence[Feeds]) -> None:
+        self._batches = list(batches)
+        self._iter: Iterator[Feeds] = iter(self._batches)
+
+    def get_next(self) -> Feeds | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
+
+
+def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> None:
+    """Calibration feeds must name the model's inputs with matching dtype and fixed dims."""
+    if not batches:
+        raise CalibrationError("calibration data is empty; pass at least one batch of real inputs")
+    for number, feeds in enumerate(batches):
+        for spec in signature.inputs:
+            if spec.name not in feeds:
+                raise CalibrationError(
+                    f'calibration batch {number} has no input "{spec.name}" (it has {", ".join(feeds) or "none"}); '
+                    f"give every input the model takes: {', '.join(signature.input_names)}",
+                    batch=number,
+                    input=spec.name,
+                )
+            array = feeds[spec.name]
+            fixed_ok = len(array.shape) == len(spec.shape) and all(
+                want in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
+            )
+            if not fixed_ok:
+                raise CalibrationError(
+                    f'calibration batch {number}, input "{spec.name}" has shape {list(array.shape)}; the model '
+                    f"expects {list(spec.shape)} (-1 = any size); reshape the calibration data to match",
+                    batch=number,
+                    input=spec.name,
+                    expected=list(spec.shape),
+                    actual=list(array.shape),
+                )
+
+
+def quantize_static(
+    src: Path,
+    dst: Path,
+    calibration: Sequence[Feeds],
+    signature: Signature,
+    *,
+    method: str = "minmax",
+    per_channel: bool = True,
+    op_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """INT8 QDQ with activation ranges calibrated on real inputs (MinMax, Entropy or Percentile)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    validate_calibration(calibration, signature)
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if method not in methods:
+        raise KilnError(f'calibration method "{method}" is unknown; use one of {", ".join(methods)}')
+    ort_quantize_static(
+        str(src),
+        str(dst),
+        FeedsReader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(op_types) if op_types else None,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=methods[method],
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibMovingAverage": True}
+        | ({"CalibPercentile": 99.99} if method == "percentile" else {}),
+    )
+    return {"quantized_nodes": _count_quantized(dst), "calibration_batches": len(calibration), "method": method}
+
+
+def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """Float16 weights and compute, keeping float32 inputs/outputs (GPU only: CPUs gain nothing here)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+    return {}
+
+
+def _count_quantized(path: Path) -> int:
+    ops = op_histogram(path)
+    return sum(
+        v
+        for k, v in ops.items()
+        if k.startswith(("QLinear", "MatMulInteger", "DynamicQuantize", "QAttention", "QGemm")) or k == "QuantizeLinear"
+    )

@@ -1,0 +1,232 @@
+"""The accuracy-guarded, hardware-aware search.
+
+For each candidate recipe: build it, measure fidelity to the parent on held-out data, then speed against the
+parent on this machine in the same loop. Keep the Pareto front; choose the fastest variant inside the accuracy
+budget that is really faster than its parent here. The chosen variant becomes a new version; nothing is written
+when nothing qualifies.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln import artifact as artifacts
+from kiln.config import OptimizeSettings, settings_dict
+from kiln.data import TEXT_EVAL_OFFSET, EvalSet, english_corpus, eval_set
+from kiln.errors import AccuracyBudgetError, CalibrationError, InvalidInput
+from kiln.fidelity import pareto_front, relative_drop
+from kiln.optimize.build import RecipeBuilder
+from kiln.optimize.measure import Workload, compare_speed, open_engine
+from kiln.optimize.recipes import Recipe, candidates
+from kiln.optimize.result import CandidateReport, OptimizeResult
+from kiln.runtime import TextTokenizer, probe
+from kiln.types import Feeds
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str, float], None]
+_CALIBRATION_ROWS = 128
+_CALIBRATION_BATCH = 16
+
+
+def optimize(
+    parent: artifacts.Artifact,
+    *,
+    settings: OptimizeSettings | None = None,
+    calibration: Sequence[Feeds] | None = None,
+    progress: Progress | None = None,
+) -> OptimizeResult:
+    """Search for a faster variant of ``parent`` within the accuracy budget; write it as a new version.
+
+    Raises:
+        AccuracyBudgetError: no candidate kept fidelity within budget (nothing is written; the message names the
+            best candidate found and its fidelity).
+        CalibrationError: user ``calibration`` feeds do not match the model's inputs.
+
+    Example:
+        >>> result = optimize(load("kiln-repo/minilm"))  # doctest: +SKIP
+        >>> result.chosen.version, result.best.speedup  # doctest: +SKIP
+        (2, 2.6)
+    """
+    settings = settings or OptimizeSettings()
+    report = progress or (lambda _msg, _frac: None)
+    hardware = probe()
+    recipes = candidates(parent, gpu=bool(hardware["gpu"]), names=settings.recipes)
+    data = eval_set(parent, limit=settings.eval_samples)
+    if parent.manifest.task != "embedding" and data.labels is not None and data.rows >= 8:
+        data, calibration_pool = data.take(slice(0, data.rows * 3 // 4)), data.take(slice(data.rows * 3 // 4, None))
+    else:
+        calibration_pool = None
+    workload = Workload(parent, data)
+    batch_sizes = tuple(sorted({*settings.batch_sizes, settings.target_batch_size}))
+    started = time.monotonic()
+
+    parent_engine = open_engine(parent.model_path, f"{parent.name} v{parent.version}")
+    reference = workload.run(parent_engine, settings.target_batch_size)
+    parent_figures = workload.fidelity(reference, reference)
+    parent_score = parent_figures["score"]
+
+    def calibration_data() -> Sequence[Feeds]:
+        return calibration if calibration is not None else _calibration_from(parent, workload, calibration_pool)
+
+    reports: list[CandidateReport] = []
+    with tempfile.TemporaryDirectory(prefix="kiln-optimize-") as tmp:
+        builder = RecipeBuilder(parent.model_path, parent.manifest.signature, Path(tmp), calibration_data)
+        for index, recipe in enumerate(recipes):
+            report(f"{recipe.name}: building", index / len(recipes))
+            if time.monotonic() - started > settings.time_budget_s:
+                reports.append(CandidateReport.skipped(recipe, f"time budget of {settings.time_budget_s:g} s spent"))
+                continue
+            reports.append(
+                _evaluate(recipe, builder, workload, parent_engine, reference, parent_score, batch_sizes, settings)
+            )
+        report("choosing", 1.0)
+        _mark_front(reports)
+        eligible = [r for r in reports if r.status == "eligible"]
+        best = max(eligible, key=lambda r: r.speedup, default=None)
+        if best is None:
+            guarded = [r for r in reports if r.figures]
+            if guarded and not any(r.within_budget for r in guarded):
+                closest = max(guarded, key=lambda r: r.figures["score"])
+                raise AccuracyBudgetError(
+                    f"no variant of {parent.name} v{parent.version} stays within the accuracy budget "
+                    f"({_budget_text(parent.manifest.task, settings)}); the best found was {closest.recipe.name} "
+                    f"with {_score_text(parent.manifest.task, closest.figures)}; loosen --max-accuracy-drop/"
+                    "--min-cosine or try other recipes. Nothing was written.",
+                    best=closest.to_dict(),
+                )
+            return OptimizeResult(parent, None, reports, hardware, settings_dict(settings), parent_figures)
+        best.status = "chosen"
+        chosen = _write_variant(parent, best, settings, hardware)
+    logger.info("chose %s: %.2fx at batch %d", best.recipe.name, best.speedup, settings.target_batch_size)
+    return OptimizeResult(parent, chosen, reports, hardware, settings_dict(settings), parent_figures)
+
+
+def _evaluate(
+    recipe: Recipe,
+    builder: RecipeBuilder,
+    workload: Workload,
+    parent_engine: Any,
+    reference: Any,
+    parent_score: float,
+    batch_sizes: tuple[int, ...],
+    settings: OptimizeSettings,
+) -> CandidateReport:
+    try:
+        path, history = builder.build(recipe)
+        engine = open_engine(path, recipe.name)
+    except CalibrationError:
+        raise
+    except Exception as exc:  # a pass that cannot apply to this graph is a finding, not a crash
+        logger.info("recipe %s failed: %s", recipe.name, exc, exc_info=True)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return CandidateReport(recipe=recipe, status="rejected", reason=f"does not apply to this graph: {reason}")
+    figures = workload.fidelity(reference, workload.run(engine, settings.target_batch_size))
+    candidate = CandidateReport(recipe=recipe, path=path, history=history, figures=figures)
+    candidate.size_bytes = path.stat().st_size
+    if workload.task == "embedding" or workload.data.labels is None:
+        candidate.within_budget = figures["score"] >= settings.min_cosine
+    else:
+        candidate.within_budget = relative_drop(parent_score, figures["score"]) <= settings.max_accuracy_drop
+    speeds = compare_speed(
+        {"parent": parent_engine, "candidate": engine}, workload, batch_sizes, settings.measure_repeats
+    )
+    candidate.speed = speeds["candidate"].to_dict()
+    candidate.parent_speed = speeds["parent"].to_dict()
+    target = settings.target_batch_size
+    candidate.speedup = speeds["candidate"].throughput(target) / speeds["parent"].throughput(target)
+    if not candidate.within_budget:
+        candidate.status, candidate.reason = "rejected", f"accuracy guard: {_score_text(workload.task, figures)}"
+    elif candidate.speedup < settings.min_speedup:
+        candidate.status = "rejected"
+        candidate.reason = (
+            f"not faster than its parent on this hardware: {candidate.speedup:.2f}x at batch {target} "
+            f"(needs >= {settings.min_speedup:.2f}x)"
+        )
+    else:
+        candidate.status, candidate.reason = "eligible", f"{candidate.speedup:.2f}x at batch {target}"
+    return candidate
+
+
+def _mark_front(reports: list[CandidateReport]) -> None:
+    measured = [r for r in reports if r.figures]
+    front = pareto_front([(r.figures["score"], r.speedup) for r in measured])
+    for r, on_front in zip(measured, front, strict=True):
+        r.pareto = on_front
+
+
+def _budget_text(task: str, settings: OptimizeSettings) -> str:
+    if task == "embedding":
+        return f"mean cosine >= {settings.min_cosine:g} to the parent"
+    return f"at most {settings.max_accuracy_drop:.1%} relative accuracy drop"
+
+
+def _score_text(task: str, figures: dict[str, float]) -> str:
+    if "mean_cosine" in figures:
+        return f"mean cosine {figures['mean_cosine']:.4f} (worst {figures['worst_cosine']:.4f})"
+    if "accuracy" in figures:
+        return f"accuracy {figures['accuracy']:.4f}"
+    if "r2" in figures:
+        return f"R² {figures['r2']:.4f}"
+    return f"score {figures['score']:.4f}"
+
+
+def _calibration_from(parent: artifacts.Artifact, workload: Workload, pool: EvalSet | None) -> list[Feeds]:
+    """Calibration batches from data the guard does not evaluate on (corpus texts before the eval offset)."""
+    if workload.tokenizer is not None:
+        texts = english_corpus(_CALIBRATION_ROWS, offset=max(0, TEXT_EVAL_OFFSET - _CALIBRATION_ROWS))
+        names = parent.manifest.signature.input_names
+        return [
+            TextTokenizer.pad(workload.tokenizer.encode(texts[i : i + _CALIBRATION_BATCH]), names)
+            for i in range(0, len(texts), _CALIBRATION_BATCH)
+        ]
+    source = pool or workload.data
+    if source.feeds is None:
+        raise InvalidInput(f'model "{parent.name}" has no tensor held-out data to calibrate on; pass --calibration')
+    # NOTE: equal-sized batches: ORT's calibrators stack per-batch statistics and fail on a ragged last batch.
+    batch = min(_CALIBRATION_BATCH, source.rows)
+    rows = min(source.rows, _CALIBRATION_ROWS) // batch * batch
+    return [{k: v[i : i + batch] for k, v in source.feeds.items()} for i in range(0, rows, batch)]
+
+
+def _write_variant(
+    parent: artifacts.Artifact, best: CandidateReport, settings: OptimizeSettings, hardware: dict[str, Any]
+) -> artifacts.Artifact:
+    from kiln.export import check_structure, signature_of
+
+    assert best.path is not None
+    pm = parent.manifest
+    manifest = artifacts.Manifest(
+        name=pm.name,
+        signature=signature_of(check_structure(best.path)),
+        task=pm.task,
+        preprocessing=pm.preprocessing,
+        postprocessing=pm.postprocessing,
+        provenance={
+            "source": pm.provenance.get("source", {}),
+            "parent": parent.ref(),
+            "transforms": [*pm.provenance.get("transforms", []), {"name": best.recipe.name, "steps": best.history}],
+            "versions": pm.provenance.get("versions", {}),
+        },
+        checks=pm.checks | {"fidelity": {"against": parent.ref(), **best.figures}},
+        benchmarks=[
+            {
+                "hardware": hardware,
+                "speed": best.speed,
+                "parent_speed": best.parent_speed,
+                "speedup": best.speedup,
+                "target_batch_size": settings.target_batch_size,
+            }
+        ],
+        hardware=hardware,
+        settings=pm.settings | {"optimize": settings_dict(settings)},
+        eval_data=pm.eval_data,
+    )
+    assets: dict[str, Path | bytes] = (
+        {p.name: p for p in parent.assets_dir.iterdir()} if parent.assets_dir.is_dir() else {}
+    )
+    return artifacts.write(parent.repository, manifest, best.path, assets=assets)

@@ -1,0 +1,23 @@
+"""Engines that run models: ONNX Runtime (default) and PyTorch eager, plus the hardware probe."""
+
+from __future__ import annotations
+
+from kiln.runtime.engine import Engine
+from kiln.runtime.hardware import default_intra_op_threads, preferred_providers, probe
+from kiln.runtime.onnx import OrtEngine
+from kiln.runtime.text import TextEncoder, TextTokenizer, sorted_batches, text_encoder_for
+from kiln.runtime.torch import TorchEngine, spec_of
+
+__all__ = [
+    "Engine",
+    "OrtEngine",
+    "TextEncoder",
+    "TextTokenizer",
+    "TorchEngine",
+    "default_intra_op_threads",
+    "preferred_providers",
+    "probe",
+    "sorted_batches",
+    "spec_of",
+    "text_encoder_for",
+]

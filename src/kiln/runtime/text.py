@@ -1,0 +1,102 @@
+"""Text in, embeddings out: the artifact's fast tokenizer plus length-sorted batching.
+
+Sorting texts by token length before batching is what makes batch 32 pay on a CPU: a batch of arrival-order
+texts pads every row to its longest member, and attention cost grows with the padded length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InvalidInput
+from kiln.runtime.engine import Engine
+from kiln.types import Feeds
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TextTokenizer:
+    """A Hugging Face *fast* tokenizer (``tokenizer.json``) without transformers on the hot path."""
+
+    def __init__(self, tokenizer_json: Path, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        if not tokenizer_json.is_file():
+            raise InvalidInput(f'tokenizer file "{tokenizer_json}" does not exist', path=str(tokenizer_json))
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=max_length)
+        self.max_length = max_length
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated to ``max_length``, unpadded."""
+        return [enc.ids for enc in self._tokenizer.encode_batch(list(texts))]
+
+    @staticmethod
+    def pad(ids: Sequence[Sequence[int]], input_names: Sequence[str]) -> Feeds:
+        """Right-pad a batch to its longest row: ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+        rows, width = len(ids), max(len(row) for row in ids)
+        input_ids = np.zeros((rows, width), dtype=np.int64)  # (B, T)
+        attention_mask = np.zeros((rows, width), dtype=np.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+        feeds: Feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        return {k: v for k, v in feeds.items() if k in input_names}
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray[Any, Any]]:
+    """Index batches of at most ``batch_size`` rows, longest first, so each batch pads little."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TextEncoder:
+    """Encodes texts with an engine whose inputs are token ids and whose first output is the embedding.
+
+    Example:
+        >>> encoder = TextEncoder.from_artifact(load("kiln-repo/minilm"))  # doctest: +SKIP
+        >>> encoder.encode(["a sentence", "another one"]).shape  # doctest: +SKIP
+        (2, 384)
+    """
+
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, output: str | None = None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._input_names = [spec.name for spec in engine.inputs]
+        self._output = output or engine.outputs[0].name
+
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 32, *, sort_by_length: bool = True
+    ) -> np.ndarray[Any, Any]:
+        if not texts:
+            raise InvalidInput("no texts to encode; pass at least one string")
+        ids = self.tokenizer.encode(texts)
+        if sort_by_length:
+            batches = sorted_batches([len(row) for row in ids], batch_size)
+        else:
+            batches = [np.arange(i, min(i + batch_size, len(ids))) for i in range(0, len(ids), batch_size)]
+        result: np.ndarray[Any, Any] | None = None
+        for index in batches:
+            feeds = TextTokenizer.pad([ids[i] for i in index], self._input_names)
+            out = self.engine.run(feeds)[self._output]
+            if result is None:
+                result = np.empty((len(ids), *out.shape[1:]), dtype=out.dtype)
+            result[index] = out
+        assert result is not None
+        return result
+
+
+def text_encoder_for(artifact: Any, engine: Engine) -> TextEncoder:
+    """Build the TextEncoder an artifact's manifest describes (tokenizer in ``assets/``)."""
+    pre = artifact.manifest.preprocessing
+    if pre.get("kind") != "text":
+        raise InvalidInput(f'model "{artifact.name}" does not take text (preprocessing: {pre or "none"})')
+    tokenizer = TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
+    return TextEncoder(engine, tokenizer)

@@ -1,0 +1,305 @@
+"""kiln.artifact: layout, versions, integrity, atomic writes, Triton config."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kiln import artifact as artifacts
+from kiln._utils import sha256_file
+from kiln.errors import ArtifactError, IntegrityError, ModelNotFound
+from kiln.types import Signature, TensorSpec
+
+MakeManifest = Callable[..., artifacts.Manifest]
+
+
+def test_write_creates_triton_layout(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
+    model_dir = repository / "tiny"
+    assert tiny_artifact.path == model_dir / "1"
+    assert tiny_artifact.version == 1
+    assert (model_dir / "1" / "model.onnx").is_file()
+    assert (model_dir / "1" / "kiln.json").is_file()
+    assert (model_dir / "config.pbtxt").is_file()
+    assert tiny_artifact.repository == repository
+    assert artifacts.list_models(repository) == ["tiny"]
+
+
+def test_manifest_records_sha256_and_signature(tiny_onnx_model: Path, tiny_artifact: artifacts.Artifact) -> None:
+    on_disk = json.loads((tiny_artifact.path / "kiln.json").read_text(encoding="utf-8"))
+    assert on_disk["format"] == artifacts.FORMAT
+    assert on_disk["model"]["sha256"] == sha256_file(tiny_onnx_model)
+    assert on_disk["model"]["size_bytes"] == tiny_onnx_model.stat().st_size
+    assert on_disk["signature"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    assert on_disk["signature"]["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+    assert tiny_artifact.sha256 == sha256_file(tiny_onnx_model)
+    assert tiny_artifact.ref() == {"name": "tiny", "version": 1, "sha256": tiny_artifact.sha256}
+
+
+def test_second_write_is_version_2_and_leaves_version_1_untouched(
+    repository: Path, tiny_onnx_model: Path, make_manifest: MakeManifest, tiny_artifact: artifacts.Artifact
+) -> None:
+    v1 = tiny_artifact.path
+    before = {p.name: p.read_bytes() for p in v1.iterdir()}
+
+    second = artifacts.write(repository, make_manifest(task="second"), tiny_onnx_model)
+
+    assert second.version == 2
+    assert second.path == repository / "tiny" / "2"
+    assert {p.name: p.read_bytes() for p in v1.iterdir()} == before
+    assert artifacts.versions(repository / "tiny") == [1, 2]
+
+
+def test_load_model_dir_picks_latest_version(
+    repository: Path, tiny_onnx_model: Path, make_manifest: MakeManifest, tiny_artifact: artifacts.Artifact
+) -> None:
+    artifacts.write(repository, make_manifest(task="second"), tiny_onnx_model)
+
+    latest = artifacts.load(repository / "tiny")
+    first = artifacts.load(repository / "tiny", version=1)
+    via_manifest = artifacts.load(repository / "tiny" / "1" / "kiln.json")
+
+    assert (latest.version, latest.manifest.task) == (2, "second")
+    assert (first.version, first.manifest.task) == (1, "classification")
+    assert via_manifest.path == tiny_artifact.path
+
+
+def test_load_unknown_version_lists_the_existing_ones(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
+    with pytest.raises(ModelNotFound, match=r"has no version 7; it has versions \[1\]"):
+        artifacts.load(repository / "tiny", version=7)
+
+
+def test_tampered_model_file_fails_verification(tiny_artifact: artifacts.Artifact) -> None:
+    with tiny_artifact.model_path.open("ab") as fh:
+        fh.write(b"\0")
+
+    with pytest.raises(IntegrityError, match=r"model\.onnx\" has sha256 .*manifest records") as info:
+        artifacts.load(tiny_artifact.path)
+    assert str(tiny_artifact.model_path) in str(info.value)
+    assert info.value.details["expected"] == tiny_artifact.sha256
+    # verify=False is the explicit escape hatch (e.g. for a repair tool)
+    assert artifacts.load(tiny_artifact.path, verify=False).version == 1
+
+
+def test_missing_model_file_is_model_not_found(tiny_artifact: artifacts.Artifact) -> None:
+    tiny_artifact.model_path.unlink()
+    with pytest.raises(ModelNotFound, match="is missing; the artifact is incomplete"):
+        artifacts.load(tiny_artifact.path)
+
+
+def test_load_missing_path_is_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        artifacts.load(tmp_path / "nowhere")
+
+
+def test_load_dir_without_artifact_is_model_not_found(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="holds no Kiln artifact"):
+        artifacts.load(tmp_path / "empty")
+
+
+def test_load_rejects_foreign_manifest_format(tiny_artifact: artifacts.Artifact) -> None:
+    manifest_path = tiny_artifact.path / "kiln.json"
+    data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    data["format"] = "someone-else/9"
+    manifest_path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ArtifactError, match="manifest format is 'someone-else/9'"):
+        artifacts.load(tiny_artifact.path)
+
+
+def test_load_rejects_corrupt_manifest(tiny_artifact: artifacts.Artifact) -> None:
+    (tiny_artifact.path / "kiln.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ArtifactError, match="is not a valid Kiln manifest"):
+        artifacts.load(tiny_artifact.path)
+
+
+def test_resolve_model_suggests_close_name(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
+    assert artifacts.resolve_model(repository, "tiny").path == tiny_artifact.path
+    with pytest.raises(ModelNotFound, match=r'model "tinny" is not in repository .*did you mean "tiny"\?'):
+        artifacts.resolve_model(repository, "tinny")
+    with pytest.raises(ModelNotFound, match="available: tiny") as info:
+        artifacts.resolve_model(repository, "resnet")
+    assert "did you mean" not in str(info.value)
+
+
+def test_failed_write_leaves_no_version_and_no_temp_dir(
+    repository: Path, tiny_onnx_model: Path, make_manifest: MakeManifest, tmp_path: Path
+) -> None:
+    with pytest.raises(FileNotFoundError):
+        artifacts.write(
+            repository, make_manifest(), tiny_onnx_model, assets={"labels.txt": tmp_path / "does-not-exist.txt"}
+        )
+
+    model_dir = repository / "tiny"
+    leftovers = list(model_dir.iterdir()) if model_dir.exists() else []
+    assert leftovers == []
+    assert artifacts.versions(model_dir) == []
+
+
+def test_failed_write_keeps_existing_versions_and_numbering(
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: MakeManifest,
+    tiny_artifact: artifacts.Artifact,
+    tmp_path: Path,
+) -> None:
+    config_before = (repository / "tiny" / "config.pbtxt").read_bytes()
+    with pytest.raises(FileNotFoundError):
+        artifacts.write(repository, make_manifest(), tiny_onnx_model, assets={"x": tmp_path / "missing"})
+
+    assert sorted(p.name for p in (repository / "tiny").iterdir()) == ["1", "config.pbtxt"]
+    assert (repository / "tiny" / "config.pbtxt").read_bytes() == config_before
+    assert artifacts.write(repository, make_manifest(), tiny_onnx_model).version == 2
+
+
+def test_assets_are_copied_or_written(
+    repository: Path, tiny_onnx_model: Path, make_manifest: MakeManifest, tmp_path: Path
+) -> None:
+    source_dir = tmp_path / "tok"
+    source_dir.mkdir()
+    (source_dir / "vocab.txt").write_text("[PAD]\nhello\n", encoding="utf-8")
+    labels = tmp_path / "labels.json"
+    labels.write_text('["a", "b", "c"]', encoding="utf-8")
+
+    art = artifacts.write(
+        repository,
+        make_manifest(),
+        tiny_onnx_model,
+        assets={"tokenizer": source_dir, "labels.json": labels, "nested/blob.bin": b"\x00\x01"},
+    )
+
+    assert (art.assets_dir / "tokenizer" / "vocab.txt").read_text(encoding="utf-8") == "[PAD]\nhello\n"
+    assert (art.assets_dir / "labels.json").read_text(encoding="utf-8") == '["a", "b", "c"]'
+    assert (art.assets_dir / "nested" / "blob.bin").read_bytes() == b"\x00\x01"
+
+
+def test_config_pbtxt_content(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
+    text = (repository / "tiny" / "config.pbtxt").read_text(encoding="utf-8")
+    assert 'name: "tiny"' in text
+    assert 'platform: "onnxruntime_onnx"' in text
+    assert "max_batch_size: 64" in text
+    # Triton's dims leave out the batch axis when max_batch_size > 0
+    assert 'name: "input"\n    data_type: TYPE_FP32\n    dims: [ 4 ]' in text
+    assert 'name: "probabilities"\n    data_type: TYPE_FP32\n    dims: [ 3 ]' in text
+    assert "-1" not in text
+    assert "dynamic_batching" in text
+
+
+def test_config_pbtxt_honours_max_batch_size(
+    repository: Path, tiny_onnx_model: Path, make_manifest: MakeManifest
+) -> None:
+    artifacts.write(repository, make_manifest(), tiny_onnx_model, max_batch_size=8)
+    assert "max_batch_size: 8\n" in (repository / "tiny" / "config.pbtxt").read_text(encoding="utf-8")
+
+
+def test_triton_config_without_dynamic_batch_axis_keeps_full_dims() -> None:
+    fixed = Signature(
+        inputs=(TensorSpec("ids", "INT64", (1, 16)),),
+        outputs=(TensorSpec("scores", "FP16", (1, 2)),),
+    )
+    text = artifacts.triton_config(artifacts.Manifest(name="fixed", signature=fixed), max_batch_size=64)
+    assert "max_batch_size: 0" in text
+    assert "data_type: TYPE_INT64\n    dims: [ 1, 16 ]" in text
+    assert "data_type: TYPE_FP16\n    dims: [ 1, 2 ]" in text
+    assert "dynamic_batching" not in text
+
+
+def test_config_pbtxt_parses_as_triton_model_config(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    config = text_format.Parse(
+        (repository / "tiny" / "config.pbtxt").read_text(encoding="utf-8"), model_config_pb2.ModelConfig()
+    )
+    assert config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 64
+    assert [list(i.dims) for i in config.input] == [[4]]
+    assert [list(o.dims) for o in config.output] == [[3]]
+
+
+def test_update_manifest_persists(tiny_artifact: artifacts.Artifact) -> None:
+    parity = {"max_abs_error": 1e-6, "cosine": 1.0}
+    artifacts.update_manifest(tiny_artifact, checks={"parity": parity}, benchmarks=[{"batch_size": 1}])
+
+    reloaded = artifacts.load(tiny_artifact.path)  # sha256 still verifies: the model file was not touched
+    assert reloaded.manifest.checks == {"parity": parity}
+    assert reloaded.manifest.benchmarks == [{"batch_size": 1}]
+    assert reloaded.sha256 == tiny_artifact.sha256
+
+
+def test_update_manifest_rejects_unknown_field(tiny_artifact: artifacts.Artifact) -> None:
+    with pytest.raises(ArtifactError, match="manifest has no field 'benchmark'"):
+        artifacts.update_manifest(tiny_artifact, benchmark=[])
+
+
+def _triton_model_config_subset() -> type:
+    """The part of Triton's ``ModelConfig`` proto that Kiln writes (field names and types as in
+    ``model_config.proto``), so the text-format check runs even where tritonclient is not installed."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    opt, rep = field.LABEL_OPTIONAL, field.LABEL_REPEATED
+
+    def message(name: str, *fields: tuple[str, int, int, str]) -> descriptor_pb2.DescriptorProto:
+        proto = descriptor_pb2.DescriptorProto(name=name)
+        for number, (fname, ftype, label, type_name) in enumerate(fields, start=1):
+            proto.field.add(name=fname, number=number, type=ftype, label=label, type_name=type_name or None)
+        return proto
+
+    file = descriptor_pb2.FileDescriptorProto(name="kiln_test_model_config.proto", package="kilntest", syntax="proto3")
+    data_type = file.enum_type.add(name="DataType")
+    type_names = "INVALID BOOL UINT8 UINT16 UINT32 UINT64 INT8 INT16 INT32 INT64 FP16 FP32 FP64 STRING BF16"
+    for number, name in enumerate(type_names.split()):
+        data_type.value.add(name=f"TYPE_{name}", number=number)
+    tensor = [
+        ("name", field.TYPE_STRING, opt, ""),
+        ("data_type", field.TYPE_ENUM, opt, ".kilntest.DataType"),
+        ("dims", field.TYPE_INT64, rep, ""),
+    ]
+    file.message_type.extend(
+        [
+            message("All"),
+            message("Latest", ("num_versions", field.TYPE_UINT32, opt, "")),
+            message(
+                "VersionPolicy",
+                ("latest", field.TYPE_MESSAGE, opt, ".kilntest.Latest"),
+                ("all", field.TYPE_MESSAGE, opt, ".kilntest.All"),
+            ),
+            message(
+                "DynamicBatching",
+                ("preferred_batch_size", field.TYPE_INT32, rep, ""),
+                ("max_queue_delay_microseconds", field.TYPE_UINT64, opt, ""),
+            ),
+            message("Tensor", *tensor),
+            message(
+                "ModelConfig",
+                ("name", field.TYPE_STRING, opt, ""),
+                ("platform", field.TYPE_STRING, opt, ""),
+                ("max_batch_size", field.TYPE_INT32, opt, ""),
+                ("input", field.TYPE_MESSAGE, rep, ".kilntest.Tensor"),
+                ("output", field.TYPE_MESSAGE, rep, ".kilntest.Tensor"),
+                ("version_policy", field.TYPE_MESSAGE, opt, ".kilntest.VersionPolicy"),
+                ("dynamic_batching", field.TYPE_MESSAGE, opt, ".kilntest.DynamicBatching"),
+            ),
+        ]
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("kilntest.ModelConfig"))
+
+
+def test_config_pbtxt_is_valid_protobuf_text_format(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
+    from google.protobuf import text_format
+
+    config = text_format.Parse(
+        (repository / "tiny" / "config.pbtxt").read_text(encoding="utf-8"), _triton_model_config_subset()()
+    )
+    assert config.name == "tiny"
+    assert config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 64
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("input", 11, [4])]  # 11 = TYPE_FP32
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", 11, [3])]
+    assert config.HasField("version_policy") and config.version_policy.HasField("all")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000

@@ -1,0 +1,143 @@
+"""kiln.config.resolve: precedence, file keys, types. The environment is always passed as ``environ=``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from kiln.config import BenchSettings, OptimizeSettings, RuntimeSettings, resolve, settings_dict
+from kiln.errors import ConfigError
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kiln.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_when_nothing_is_given() -> None:
+    assert resolve(BenchSettings, environ={}) == BenchSettings()
+
+
+def test_precedence_override_over_env_over_file_over_default(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, "[bench]\nruns = 10\nwarmup_runs = 4\nsamples = 100\n")
+    environ = {"KILN_RUNS": "20", "KILN_WARMUP_RUNS": "5"}
+
+    settings = resolve(BenchSettings, {"runs": 30}, config_file=config_file, environ=environ)
+
+    assert settings.runs == 30  # override beats env and file
+    assert settings.warmup_runs == 5  # env beats file
+    assert settings.samples == 100  # file beats default
+    assert settings.batch_sizes == (1, 8, 32)  # default
+
+
+def test_none_override_means_not_given() -> None:
+    settings = resolve(BenchSettings, {"runs": None}, environ={"KILN_RUNS": "7"})
+    assert settings.runs == 7
+
+
+def test_env_values_are_coerced_to_the_field_types() -> None:
+    environ = {
+        "KILN_RUNS": "20",
+        "KILN_INCLUDE_TORCH": "false",
+        "KILN_REPORT_DIR": "reports",
+        "KILN_BATCH_SIZES": "1,8,32",
+    }
+    settings = resolve(BenchSettings, environ=environ)
+    assert settings.runs == 20 and isinstance(settings.runs, int)
+    assert settings.include_torch is False
+    assert settings.report_dir == "reports"
+    assert settings.batch_sizes == (1, 8, 32)
+
+
+def test_env_variables_without_kiln_prefix_are_ignored() -> None:
+    assert resolve(BenchSettings, environ={"RUNS": "99", "KILN_RUNZ": "99"}).runs == BenchSettings().runs
+
+
+def test_tuples_parse_from_comma_lists() -> None:
+    assert resolve(OptimizeSettings, {"batch_sizes": "1,8,32"}, environ={}).batch_sizes == (1, 8, 32)
+    assert resolve(OptimizeSettings, {"batch_sizes": " 4 , 16 ,"}, environ={}).batch_sizes == (4, 16)
+    recipes = resolve(OptimizeSettings, environ={"KILN_RECIPES": "int8-dynamic,fp16"}).recipes
+    assert recipes == ("int8-dynamic", "fp16")
+    providers = resolve(RuntimeSettings, environ={"KILN_PROVIDERS": "CUDAExecutionProvider,CPUExecutionProvider"})
+    assert providers.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_numbers_parse_from_strings() -> None:
+    settings = resolve(OptimizeSettings, environ={"KILN_MIN_SPEEDUP": "2", "KILN_EVAL_SAMPLES": "64"})
+    assert settings.min_speedup == 2.0 and isinstance(settings.min_speedup, float)
+    assert settings.eval_samples == 64
+    assert resolve(RuntimeSettings, environ={"KILN_INTRA_OP_THREADS": "4"}).intra_op_threads == 4
+
+
+def test_file_lists_become_tuples_and_ints_become_floats(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, "[optimize]\nbatch_sizes = [1, 16]\nmax_accuracy_drop = 0\n")
+    settings = resolve(OptimizeSettings, config_file=config_file, environ={})
+    assert settings.batch_sizes == (1, 16)
+    assert settings.max_accuracy_drop == 0.0 and isinstance(settings.max_accuracy_drop, float)
+
+
+def test_file_section_defaults_to_the_stage_name_and_can_be_chosen(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, "[bench]\nruns = 3\n[ci]\nruns = 4\n[optimize]\nmeasure_repeats = 9\n")
+    assert resolve(BenchSettings, config_file=config_file, environ={}).runs == 3
+    assert resolve(BenchSettings, config_file=config_file, section="ci", environ={}).runs == 4
+    assert resolve(OptimizeSettings, config_file=config_file, environ={}).measure_repeats == 9
+
+
+def test_typo_in_config_file_key_suggests_the_right_one(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, "[bench]\nrusn = 3\n")
+    with pytest.raises(ConfigError, match=r'sets unknown key "rusn" \(did you mean "runs"\?\); known keys: ') as info:
+        resolve(BenchSettings, config_file=config_file, environ={})
+    assert info.value.details["key"] == "rusn"
+
+
+def test_unknown_override_suggests_the_right_one() -> None:
+    with pytest.raises(ConfigError, match=r'unknown setting "warmup_run" \(did you mean "warmup_runs"\?\)'):
+        resolve(BenchSettings, {"warmup_run": 2}, environ={})
+
+
+def test_bad_env_type_names_the_setting_and_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r'setting "runs" has value \'many\'; it must be of type int.*KILN_RUNS'):
+        resolve(BenchSettings, environ={"KILN_RUNS": "many"})
+
+
+def test_bad_bool_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match='setting "include_torch"'):
+        resolve(BenchSettings, environ={"KILN_INCLUDE_TORCH": "maybe"})
+
+
+def test_bad_tuple_item_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match='setting "batch_sizes"'):
+        resolve(BenchSettings, {"batch_sizes": "1,eight"}, environ={})
+
+
+def test_bad_type_in_config_file_names_the_setting(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, '[bench]\nruns = "lots"\n')
+    with pytest.raises(ConfigError, match='setting "runs"'):
+        resolve(BenchSettings, config_file=config_file, environ={})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(BenchSettings, config_file=tmp_path / "absent.toml", environ={})
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        resolve(BenchSettings, config_file=write_toml(tmp_path, "[bench\n"), environ={})
+
+
+def test_section_that_is_not_a_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[bench\] must be a table"):
+        resolve(BenchSettings, config_file=write_toml(tmp_path, "bench = 3\n"), environ={})
+
+
+def test_settings_are_frozen_and_serialise_to_json_types() -> None:
+    settings = resolve(BenchSettings, {"runs": 5}, environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.runs = 6  # type: ignore[misc]
+    as_dict = settings_dict(settings)
+    assert as_dict["runs"] == 5
+    assert as_dict["batch_sizes"] == [1, 8, 32]
