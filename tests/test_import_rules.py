@@ -27,7 +27,8 @@ CORE = frozenset({"kiln.errors", "kiln.types", "kiln.config", "kiln._utils"})
 # Modules shared by the stages that, like the core, sit below every stage. kiln.fidelity is not in
 # ARCHITECTURE.md's drawing; it holds the accuracy metrics optimize and bench share, so it sits here.
 SHARED = frozenset({"kiln.data", "kiln.artifact", "kiln.fidelity"})
-STAGES = frozenset({"runtime", "export", "optimize", "train", "bench", "serve", "cluster"})
+# quickstart is the demo road: it calls the stages through their public APIs, like a user would.
+STAGES = frozenset({"runtime", "export", "optimize", "train", "bench", "serve", "cluster", "quickstart"})
 HEAVY_OPTIONAL = frozenset({"ray", "mlflow", "openvino", "tensorrt", "peft", "opacus"})
 WEB_FRAMEWORKS = frozenset({"fastapi", "starlette", "uvicorn", "grpc"})
 WEB_MODULES = frozenset({"kiln.serve.http", "kiln.serve.grpc"})

@@ -306,6 +306,9 @@ def _export_hf(path: Path, *, out: Path, name: str, settings: ExportSettings) ->
                 "path": str(path.resolve()),
                 "architecture": type(module.encoder).__name__,
                 "exporter": "torchscript",
+                # the transformer fuser needs these to recognise the attention subgraphs
+                "num_attention_heads": int(module.encoder.config.num_attention_heads),
+                "hidden_size": int(module.encoder.config.hidden_size),
             },
             settings=settings,
             preprocessing={

@@ -49,7 +49,7 @@ class RecipeBuilder:
     def _apply(self, step: Step, src: Path, dst: Path) -> dict[str, Any]:
         params = step.params
         if step.kind == "fuse_transformer":
-            return passes.fuse_transformer(src, dst)
+            return passes.fuse_transformer(src, dst, **params)
         if step.kind == "ort_graph":
             return passes.ort_graph_optimize(src, dst, params.get("level", "extended"))
         if step.kind == "int8_dynamic":

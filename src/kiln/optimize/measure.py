@@ -78,7 +78,7 @@ class Workload:
 
 @dataclass
 class Speed:
-    """Per batch size: median seconds for the workload slice, P99, and rows/s."""
+    """Per batch size: seconds per pass over the workload slice (one entry per repeat), rows per pass."""
 
     seconds: dict[int, list[float]] = field(default_factory=dict)
     rows: dict[int, int] = field(default_factory=dict)
@@ -107,9 +107,17 @@ class Speed:
         }
 
 
+def paired_ratios(candidate: Speed, parent: Speed, batch_size: int) -> list[float]:
+    """Candidate/parent throughput ratio of each repeat (both measured in the same round)."""
+    return [p / c for c, p in zip(candidate.seconds[batch_size], parent.seconds[batch_size], strict=True)]
+
+
 def rows_for(batch_size: int, available: int) -> int:
     """Enough rows for a stable figure without spending minutes at batch 1."""
     return min(available, max(16 * batch_size, 32) if batch_size < 8 else available)
+
+
+MIN_SAMPLE_S = 0.05  # a timed sample shorter than this is mostly timer and scheduler noise
 
 
 def compare_speed(
@@ -119,17 +127,26 @@ def compare_speed(
     repeats: int,
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, Speed]:
-    """Time every engine at every batch size, interleaved (A, B, A, B ...) after one warm-up pass each."""
+    """Time every engine at every batch size, interleaved (A, B, A, B ...) after a warm-up pass each.
+
+    Small models finish a pass in microseconds; like ``timeit``'s autorange, each sample then loops the pass
+    until it lasts at least ``MIN_SAMPLE_S``, so the figure measures the model rather than the timer.
+    """
     speeds = {name: Speed() for name in engines}
     for bs in batch_sizes:
         rows = rows_for(bs, workload.rows)
+        loops = 1
         for engine in engines.values():
+            start = time.perf_counter()
             workload.run(engine, bs, rows)  # warm-up: first runs allocate and pick kernels
+            elapsed = time.perf_counter() - start
+            loops = max(loops, min(1000, int(MIN_SAMPLE_S / max(elapsed, 1e-6)) + 1))
         for _ in range(repeats):
             for name, engine in engines.items():
                 start = time.perf_counter()
-                workload.run(engine, bs, rows)
-                speeds[name].seconds.setdefault(bs, []).append(time.perf_counter() - start)
+                for _loop in range(loops):
+                    workload.run(engine, bs, rows)
+                speeds[name].seconds.setdefault(bs, []).append((time.perf_counter() - start) / loops)
                 speeds[name].rows[bs] = rows
             if on_step:
                 on_step()

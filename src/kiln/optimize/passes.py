@@ -79,7 +79,9 @@ def quantize_dynamic(
         reduce_range=reduce_range,
         weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
         nodes_to_exclude=list(nodes_to_exclude),
-        extra_options={"MatMulConstBOnly": True},
+        # NOTE: fused graphs hold com.microsoft ops whose outputs shape inference cannot type; without a default
+        # tensor type the quantizer gives up on them ("Unable to find data type for weight_name").
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},  # 1 = TensorProto.FLOAT
     )
     return {"quantized_nodes": _count_quantized(dst)}
 
@@ -181,3 +183,26 @@ def _count_quantized(path: Path) -> int:
         for k, v in ops.items()
         if k.startswith(("QLinear", "MatMulInteger", "DynamicQuantize", "QAttention", "QGemm")) or k == "QuantizeLinear"
     )
+
+
+def load_calibration(path: Path, batch_rows: int = 16) -> list[Feeds]:
+    """Calibration batches from an ``.npz`` whose arrays are named like the model inputs (first axis = rows)."""
+    import numpy as np
+
+    if not path.is_file():
+        raise CalibrationError(f'calibration file "{path}" does not exist; pass an .npz of model inputs')
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f'calibration file "{path}" is not a readable .npz ({exc})') from exc
+    rows = {len(v) for v in arrays.values()}
+    if len(rows) != 1:
+        raise CalibrationError(
+            f'calibration arrays in "{path}" have different row counts {sorted(rows)}; they must match'
+        )
+    total = rows.pop()
+    return [
+        {k: v[i : i + batch_rows] for k, v in arrays.items()}
+        for i in range(0, total - total % batch_rows or total, batch_rows)
+    ]

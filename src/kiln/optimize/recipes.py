@@ -30,7 +30,6 @@ class Recipe:
         return {"name": self.name, "description": self.description, "steps": [s.to_dict() for s in self.steps]}
 
 
-_FUSE = Step("fuse_transformer")
 _ORT = Step("ort_graph", {"level": "extended"})
 
 
@@ -42,20 +41,20 @@ def _static(method: str) -> Step:
     return Step("int8_static", {"method": method, "per_channel": True})
 
 
-TRANSFORMER_RECIPES = (
-    Recipe("fused", (_FUSE,), "ORT transformer fusions (Attention, SkipLayerNorm, Gelu), fp32"),
-    Recipe("fused-int8-dynamic", (_FUSE, _dyn(False)), "fusions + INT8 dynamic, per-tensor weights"),
-    Recipe(
-        "fused-int8-dynamic-per-channel",
-        (_FUSE, _dyn(True)),
-        "fusions + INT8 dynamic, per-channel weights",
-    ),
-    Recipe(
-        "fused-int8-dynamic-per-channel-rr",
-        (_FUSE, _dyn(True, True)),
-        "fusions + INT8 dynamic, per-channel 7-bit weights (reduce_range: no int16 saturation without VNNI)",
-    ),
-)
+def transformer_recipes(num_heads: int = 0, hidden_size: int = 0) -> tuple[Recipe, ...]:
+    """Recipes for a transformer encoder; the fuser needs the head count and width to find attention."""
+    fuse = Step("fuse_transformer", {"num_heads": num_heads, "hidden_size": hidden_size})
+    return (
+        Recipe("fused", (fuse,), "ORT transformer fusions (Attention, SkipLayerNorm, Gelu), fp32"),
+        Recipe("fused-int8-dynamic", (fuse, _dyn(False)), "fusions + INT8 dynamic, per-tensor weights"),
+        Recipe("fused-int8-dynamic-per-channel", (fuse, _dyn(True)), "fusions + INT8 dynamic, per-channel weights"),
+        Recipe(
+            "fused-int8-dynamic-per-channel-rr",
+            (fuse, _dyn(True, True)),
+            "fusions + INT8 dynamic, per-channel 7-bit weights (reduce_range: no int16 saturation without VNNI)",
+        ),
+    )
+
 
 TENSOR_RECIPES = (
     Recipe("ort-extended", (_ORT,), "ORT extended graph fusions saved offline, fp32"),
@@ -68,18 +67,34 @@ TENSOR_RECIPES = (
 GPU_RECIPES = (Recipe("fp16", (Step("fp16"),), "float16 weights and compute (GPU providers only)"),)
 
 
+def _already_quantized(artifact: Artifact) -> bool:
+    """INT8 on top of INT8 is not a recipe: the quantizers cannot read their own output."""
+    return any(
+        step.get("pass", "").startswith("int8")
+        for transform in artifact.manifest.provenance.get("transforms", [])
+        for step in transform.get("steps", [])
+    )
+
+
 def is_transformer(artifact: Artifact) -> bool:
     return bool(artifact.manifest.provenance.get("source", {}).get("framework") == "transformers")
 
 
 def candidates(artifact: Artifact, *, gpu: bool, names: tuple[str, ...] = ()) -> list[Recipe]:
     """Recipes that apply to this artifact on this hardware, or the named ones (checked against all known)."""
-    applicable = list(TRANSFORMER_RECIPES if is_transformer(artifact) else TENSOR_RECIPES)
+    if is_transformer(artifact):
+        source = artifact.manifest.provenance["source"]
+        transformer = transformer_recipes(int(source.get("num_attention_heads", 0)), int(source.get("hidden_size", 0)))
+        applicable = list(transformer)
+    else:
+        transformer, applicable = transformer_recipes(), list(TENSOR_RECIPES)
     if gpu:
         applicable += GPU_RECIPES
+    if _already_quantized(artifact):
+        applicable = [r for r in applicable if not any(s.kind.startswith("int8") for s in r.steps)]
     if not names:
         return applicable
-    known = {r.name: r for r in (*TRANSFORMER_RECIPES, *TENSOR_RECIPES, *GPU_RECIPES)}
+    known = {r.name: r for r in (*transformer, *TENSOR_RECIPES, *GPU_RECIPES)}
     chosen = []
     for name in names:
         if name not in known:

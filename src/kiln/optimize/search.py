@@ -21,7 +21,7 @@ from kiln.data import TEXT_EVAL_OFFSET, EvalSet, english_corpus, eval_set
 from kiln.errors import AccuracyBudgetError, CalibrationError, InvalidInput
 from kiln.fidelity import pareto_front, relative_drop
 from kiln.optimize.build import RecipeBuilder
-from kiln.optimize.measure import Workload, compare_speed, open_engine
+from kiln.optimize.measure import Workload, compare_speed, open_engine, paired_ratios
 from kiln.optimize.recipes import Recipe, candidates
 from kiln.optimize.result import CandidateReport, OptimizeResult
 from kiln.runtime import TextTokenizer, probe
@@ -139,13 +139,18 @@ def _evaluate(
     candidate.parent_speed = speeds["parent"].to_dict()
     target = settings.target_batch_size
     candidate.speedup = speeds["candidate"].throughput(target) / speeds["parent"].throughput(target)
+    ratios = paired_ratios(speeds["candidate"], speeds["parent"], target)
+    # "Really faster" means the median ratio clears the bar AND the candidate won most paired rounds;
+    # one lucky round on a noisy machine does not make a variant.
+    consistent = sum(r > 1.0 for r in ratios) > len(ratios) / 2
     if not candidate.within_budget:
         candidate.status, candidate.reason = "rejected", f"accuracy guard: {_score_text(workload.task, figures)}"
-    elif candidate.speedup < settings.min_speedup:
+    elif candidate.speedup < settings.min_speedup or not consistent:
         candidate.status = "rejected"
         candidate.reason = (
-            f"not faster than its parent on this hardware: {candidate.speedup:.2f}x at batch {target} "
-            f"(needs >= {settings.min_speedup:.2f}x)"
+            f"not faster than its parent here: {candidate.speedup:.2f}x at batch {target}, faster in "
+            f"{sum(r > 1.0 for r in ratios)}/{len(ratios)} paired rounds (needs >= {settings.min_speedup:.2f}x "
+            "and most rounds)"
         )
     else:
         candidate.status, candidate.reason = "eligible", f"{candidate.speedup:.2f}x at batch {target}"

@@ -1,0 +1,146 @@
+"""``kiln bench``: the same inputs through several engines and variants, interleaved, on this machine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kiln._utils import package_versions
+from kiln.artifact import Artifact
+from kiln.bench.engines import Candidate, build_candidates, check_comparable, is_text, make_request, request_windows
+from kiln.bench.measure import CORPUS_PASSES, corpus_passes, fidelity_of, latency_figures, time_round_robin
+from kiln.bench.results import BenchReport, BenchRow, CorpusThroughput
+from kiln.config import BenchSettings, resolve, settings_dict
+from kiln.data import EvalSet, eval_set
+from kiln.errors import ConfigError
+from kiln.runtime import probe
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+VERSIONED_PACKAGES = ("kiln", "onnxruntime", "torch", "numpy", "onnx")
+
+
+def bench(
+    artifacts: Sequence[Artifact],
+    *,
+    settings: BenchSettings | None = None,
+    include_source: bool | None = None,
+    report_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Compare artifacts (and the PyTorch model they came from) on the same held-out inputs.
+
+    Every artifact runs under ONNX Runtime; with ``include_source`` (default: ``settings.include_torch``) the
+    source PyTorch model of ``artifacts[0]`` runs too, when it can be rebuilt. For each batch size the engines are
+    warmed up, then timed round-robin on real requests of that many rows; fidelity is measured against
+    ``artifacts[0]`` on the whole evaluation set. With ``report_dir`` (default: ``settings.report_dir``) an HTML
+    report and ``bench.json`` are written there.
+
+    Raises:
+        InvalidInput: no artifacts, or artifacts that do not share one input signature; no held-out data.
+        ConfigError: settings outside their rules (no batch sizes, runs < 1 ...).
+
+    Example:
+        >>> report = bench([load("kiln-repo/minilm/1"), load("kiln-repo/minilm/2")])  # doctest: +SKIP
+        >>> report.row("minilm v2 (int8-dynamic)", 32).rows_per_s  # doctest: +SKIP
+        812.4
+    """
+    settings = settings or resolve(BenchSettings, {})
+    _check_settings(settings)
+    check_comparable(artifacts)
+    include_source = settings.include_torch if include_source is None else include_source
+    if report_dir is None and settings.report_dir:
+        report_dir = Path(settings.report_dir)
+    batch_sizes = list(dict.fromkeys(settings.batch_sizes))
+    steps = len(batch_sizes) + 2
+
+    def step(message: str, done: int) -> None:
+        logger.info("bench: %s", message)
+        if progress is not None:
+            progress(message, done / steps)
+
+    first = artifacts[0]
+    step(f"loading {len(artifacts)} artifact(s) and held-out data", 0)
+    data = eval_set(first, limit=settings.samples)
+    candidates = build_candidates(artifacts, include_source=include_source)
+
+    timings: dict[tuple[str, int], tuple[float, float, float]] = {}
+    for i, batch_size in enumerate(batch_sizes, start=1):
+        step(f"timing batch size {batch_size} on {len(candidates)} engine(s)", i)
+        requests = [make_request(data, index) for index in request_windows(data.rows, batch_size)]
+        seconds = time_round_robin(
+            candidates, requests, batch_size, warmup_runs=settings.warmup_runs, runs=settings.runs
+        )
+        for name, values in seconds.items():
+            timings[name, batch_size] = latency_figures(values, batch_size)
+
+    step("measuring fidelity on the whole evaluation set", len(batch_sizes) + 1)
+    corpus, fidelity = _corpus_and_fidelity(first, candidates, data, max(batch_sizes))
+
+    report = BenchReport(
+        model=f"{first.name} v{first.version}",
+        task=first.manifest.task,
+        rows=[
+            BenchRow(cand.name, bs, *timings[cand.name, bs], size_bytes=cand.size_bytes, fidelity=fidelity[cand.name])
+            for bs in batch_sizes
+            for cand in candidates
+        ],
+        corpus=corpus,
+        hardware=probe(),
+        versions=package_versions(*VERSIONED_PACKAGES),
+        settings=settings_dict(settings) | {"include_source": include_source, "engines": [c.name for c in candidates]},
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    if report_dir is not None:
+        from kiln.bench.report import write_html
+
+        write_html(report, report_dir)
+    step("done", steps)
+    return report
+
+
+def _corpus_and_fidelity(
+    first: Artifact, candidates: list[Candidate], data: EvalSet, batch_size: int
+) -> tuple[list[CorpusThroughput], dict[str, dict[str, float]]]:
+    """Whole-set outputs of each engine (fidelity against ``candidates[0]``); for text also sentences/s."""
+    text = is_text(first)
+    request = make_request(data, slice(None))
+    passes = CORPUS_PASSES if text else 1
+    seconds, outputs = corpus_passes(candidates, request, batch_size, passes)
+    reference = outputs[candidates[0].name]
+    embedding = text or first.manifest.task == "embedding"
+    fidelity = {
+        name: fidelity_of(reference, out, task=first.manifest.task, embedding=embedding, labels=data.labels)
+        for name, out in outputs.items()
+    }
+    corpus = (
+        [CorpusThroughput(c.name, batch_size, data.rows, data.rows / seconds[c.name]) for c in candidates]
+        if text
+        else []
+    )
+    return corpus, fidelity
+
+
+def _check_settings(settings: BenchSettings) -> None:
+    rules: list[tuple[str, object, bool, str]] = [
+        (
+            "batch_sizes",
+            list(settings.batch_sizes),
+            bool(settings.batch_sizes) and min(settings.batch_sizes) >= 1,
+            "at least one batch size, each >= 1 (e.g. 1,8,32)",
+        ),
+        ("runs", settings.runs, settings.runs >= 1, "an integer >= 1"),
+        ("warmup_runs", settings.warmup_runs, settings.warmup_runs >= 0, "an integer >= 0"),
+        ("samples", settings.samples, settings.samples >= 1, "an integer >= 1"),
+    ]
+    for name, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(
+                f'bench setting "{name}" is {value}; it must be {rule}; fix --{name.replace("_", "-")} or '
+                f"KILN_{name.upper()}",
+                setting=name,
+                value=value,
+            )

@@ -1,0 +1,77 @@
+"""The ``kiln`` command: one thin module per verb, each calling the library function a user would call."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from kiln.cli._console import err_console
+from kiln.cli.bench import bench
+from kiln.cli.export import export
+from kiln.cli.inspect import inspect
+from kiln.cli.optimize import optimize
+from kiln.cli.quickstart import quickstart
+from kiln.errors import KilnError
+
+app = typer.Typer(
+    name="kiln",
+    help="Kiln: take a model from training to fast, measured production serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for verb in (export, optimize, bench, inspect, quickstart):
+    app.command(verb.__name__)(verb)
+
+EXIT_USER_ERROR = 2
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
+) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # ORT's quantizer logs advice on the root logger at WARNING; it is noise for a CLI user.
+        logging.getLogger().setLevel(max(level, logging.ERROR))
+        logging.getLogger("kiln").setLevel(level)
+
+
+def main() -> None:
+    """Entry point: a KilnError prints one line (value, rule, fix) and exits 2; --debug shows the traceback."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Kiln never downloads at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except KilnError as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if debug:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

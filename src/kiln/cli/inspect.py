@@ -1,0 +1,89 @@
+"""``kiln inspect``: an artifact's manifest as a readable table, or JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kiln.cli._console import console
+
+
+def inspect(
+    path: Path = typer.Argument(..., help="A model directory (latest version), a version directory or kiln.json."),
+    version: int = typer.Option(None, "--version", help="Version to show (default: latest)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show what Kiln knows about an artifact: signature, provenance, checks, benchmarks, hardware."""
+    from rich.table import Table
+
+    from kiln.artifact import load, versions
+
+    artifact = load(path, version)
+    data = artifact.manifest.to_dict()
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"{artifact.name} v{artifact.version}  ({artifact.path})", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("task", artifact.manifest.task)
+    table.add_row("model", f"{data['model']['file']}  {data['model']['size_bytes'] / 1e6:.2f} MB")
+    table.add_row("sha256", data["model"]["sha256"] + "  [green](verified)[/]")
+    table.add_row("created", data["created_at"])
+    table.add_row("inputs", _tensors(data["signature"]["inputs"]))
+    table.add_row("outputs", _tensors(data["signature"]["outputs"]))
+    if artifact.manifest.preprocessing:
+        table.add_row("preprocessing", _kv(artifact.manifest.preprocessing))
+    prov = artifact.manifest.provenance
+    table.add_row("source", _kv(prov.get("source", {})))
+    if prov.get("parent"):
+        table.add_row("parent", f"{prov['parent']['name']} v{prov['parent']['version']}")
+    for transform in prov.get("transforms", []):
+        steps = ", ".join(_step(s) for s in transform.get("steps", []))
+        table.add_row("transform", f"{transform['name']}: {steps}")
+    for check, figures in artifact.manifest.checks.items():
+        table.add_row(f"check: {check}", _check(figures))
+    for bench in artifact.manifest.benchmarks:
+        table.add_row("benchmark", _bench(bench))
+    hw = artifact.manifest.hardware
+    if hw:
+        flags = ", ".join(k for k, v in hw.get("isa", {}).items() if v)
+        table.add_row("hardware", f"{hw.get('cpu')} ({hw.get('usable_cores')} cores; {flags}); gpu={hw.get('gpu')}")
+    if artifact.manifest.eval_data:
+        table.add_row("held-out data", _kv(artifact.manifest.eval_data))
+    table.add_row("versions", ", ".join(str(v) for v in versions(artifact.path.parent)))
+    console.print(table)
+
+
+def _tensors(specs: list[dict[str, Any]]) -> str:
+    return "\n".join(f"{s['name']}: {s['datatype']} {s['shape']}" for s in specs)
+
+
+def _kv(data: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, "", {}))
+
+
+def _step(step: dict[str, Any]) -> str:
+    facts = step.get("facts", {})
+    fusions = facts.get("fusions")
+    detail = ", ".join(f"{k}x{v}" for k, v in fusions.items()) if fusions else _kv(step.get("settings", {}))
+    return f"{step['pass']}({detail})"
+
+
+def _check(figures: dict[str, Any]) -> str:
+    if "outputs" in figures:
+        worst = max((o["max_abs_error"] for o in figures["outputs"].values()), default=0.0)
+        return f"passed={figures.get('passed')} max|diff|={worst:.2e} atol={figures.get('atol')}"
+    return ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items() if k != "against"
+    )
+
+
+def _bench(bench: dict[str, Any]) -> str:
+    parts = [f"{bench.get('speedup', 0):.2f}x vs parent"] if "speedup" in bench else []
+    for bs, figures in bench.get("speed", {}).items():
+        parts.append(f"batch {bs}: {figures['rows_per_s']:.1f} rows/s")
+    return "; ".join(parts)

@@ -1,0 +1,65 @@
+"""``kiln optimize``: the accuracy-guarded, hardware-aware search over an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from kiln.cli._console import console, parse_ints, progress_bar
+
+
+def optimize(
+    model: Path = typer.Argument(..., help="A model directory (latest version) or a version directory."),
+    version: int = typer.Option(None, "--version", help="Version to optimize (default: latest)."),
+    max_accuracy_drop: float = typer.Option(
+        None, "--max-accuracy-drop", help="Largest relative task-accuracy loss allowed (default 0.01 = 1%)."
+    ),
+    min_cosine: float = typer.Option(None, "--min-cosine", help="Embedding guard: mean cosine to the parent."),
+    time_budget: float = typer.Option(None, "--time-budget", help="Seconds the search may spend (default 600)."),
+    recipes: str = typer.Option(None, "--recipes", help="Comma-separated recipe names (default: all that apply)."),
+    batch_sizes: str = typer.Option(None, "--batch-sizes", help="Batch sizes to measure, e.g. 1,32."),
+    target_batch_size: int = typer.Option(None, "--target-batch-size", help="Batch size the choice optimizes."),
+    calibration: Path = typer.Option(
+        None, "--calibration", help=".npz of calibration inputs (arrays named like the model inputs)."
+    ),
+    report: Path = typer.Option(None, "--report", help="Write the search report as JSON here."),
+    config: Path = typer.Option(None, "--config", help="TOML config file ([optimize] table)."),
+) -> None:
+    """Search fusion / INT8 / fp16 variants; keep the fastest that stays within the accuracy budget."""
+    from kiln.artifact import load
+    from kiln.config import OptimizeSettings, resolve
+    from kiln.optimize import load_calibration
+    from kiln.optimize import optimize as run_search
+
+    settings = resolve(
+        OptimizeSettings,
+        {
+            "max_accuracy_drop": max_accuracy_drop,
+            "min_cosine": min_cosine,
+            "time_budget_s": time_budget,
+            "recipes": tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else None,
+            "batch_sizes": parse_ints(batch_sizes, "--batch-sizes"),
+            "target_batch_size": target_batch_size,
+        },
+        config_file=config,
+    )
+    parent = load(model, version)
+    feeds = load_calibration(calibration) if calibration else None
+    with progress_bar(f"optimize {parent.name} v{parent.version}") as update:
+        result = run_search(parent, settings=settings, calibration=feeds, progress=update)
+    console.print(result.table())
+    if report:
+        result.write_json(report)
+        console.print(f"report: {report}")
+    if result.chosen is None:
+        console.print(
+            f"[yellow]kept {parent.name} v{parent.version}:[/] no candidate was both within budget and faster"
+        )
+        return
+    best = result.best
+    assert best is not None
+    console.print(
+        f"[green]chose[/] {best.recipe.name} -> {result.chosen.name} v{result.chosen.version} "
+        f"({best.speedup:.2f}x at batch {settings.target_batch_size}); next: kiln bench {result.chosen.path.parent}"
+    )

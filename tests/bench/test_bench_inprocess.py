@@ -1,0 +1,166 @@
+"""kiln.bench.bench on tiny real models: every engine x batch size timed, fidelity exact where it must be."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kiln import artifact as artifacts
+from kiln.bench import BenchReport, BenchSettings, bench
+from kiln.errors import ConfigError, InvalidInput
+
+Array = np.ndarray[Any, Any]
+
+
+def test_rows_for_every_engine_and_batch_size(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings
+) -> None:
+    report = bench(mlp_artifacts, settings=fast_settings)
+    names = ["mlp v1 (fp32)", "mlp v2 (resaved)", "mlp v3 (perturbed)"]
+    assert report.engines == names
+    assert sorted((r.engine, r.batch_size) for r in report.rows) == sorted((n, b) for n in names for b in (1, 4))
+    for row in report.rows:
+        assert row.rows_per_s == pytest.approx(row.batch_size / (row.p50_ms / 1e3))
+        assert 0 < row.p50_ms <= row.p99_ms
+        assert row.size_bytes == mlp_artifacts[0].model_path.stat().st_size
+    assert report.corpus == []  # sentences/s is for text models only
+    assert report.task == "classification"
+    assert report.settings["batch_sizes"] == [1, 4]
+    assert {"onnxruntime", "numpy", "onnx"} <= set(report.versions)
+    assert report.hardware["logical_cores"] >= 1
+
+
+def test_fidelity_is_exact_for_the_same_model_and_not_for_a_perturbed_one(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, heldout: tuple[Array, Array]
+) -> None:
+    report = bench(mlp_artifacts, settings=fast_settings)
+    reference = report.row("mlp v1 (fp32)", 4).fidelity
+    same = report.row("mlp v2 (resaved)", 4).fidelity
+    perturbed = report.row("mlp v3 (perturbed)", 1).fidelity
+    _, labels = heldout
+    assert reference["accuracy"] == pytest.approx(1 - len(labels[::4]) / len(labels))  # every 4th label is wrong
+    assert same["max_abs_error"] == 0.0
+    assert same["accuracy"] == reference["accuracy"]
+    assert perturbed["max_abs_error"] > 0.01
+    assert report.row("mlp v3 (perturbed)", 4).fidelity == perturbed  # one figure per engine
+
+
+def test_samples_limits_the_evaluation_set(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, heldout: tuple[Array, Array]
+) -> None:
+    settings = BenchSettings(batch_sizes=(2,), warmup_runs=0, runs=1, include_torch=False, samples=8)
+    report = bench(mlp_artifacts[:1], settings=settings)
+    x, labels = heldout
+    # accuracy over the first 8 rows: rows 0 and 4 carry a changed label
+    assert report.row("mlp v1 (fp32)", 2).fidelity["accuracy"] == pytest.approx(6 / 8)
+
+
+def test_pytorch_source_runs_beside_the_onnx_engines(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, torch_factory: Any
+) -> None:
+    report = bench(mlp_artifacts[:2], settings=fast_settings, include_source=True)
+    assert report.engines == ["mlp v1 (fp32)", "mlp v2 (resaved)", "pytorch-eager"]
+    torch_row = report.row("pytorch-eager", 4)
+    n_params = 4 * 8 + 8 + 8 * 3 + 3
+    assert torch_row.size_bytes == n_params * 4
+    assert torch_row.fidelity["max_abs_error"] < 1e-5
+    assert torch_row.fidelity["accuracy"] == report.row("mlp v1 (fp32)", 4).fidelity["accuracy"]
+    assert report.settings["include_source"] is True
+
+
+def test_source_is_skipped_when_it_cannot_be_rebuilt(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # no torch_factory fixture: the factory module does not exist, so only the ONNX engines run
+    report = bench(mlp_artifacts[:1], settings=fast_settings, include_source=True)
+    assert report.engines == ["mlp v1 (fp32)"]
+    assert "cannot rebuild the PyTorch source" in caplog.text
+
+
+def test_text_models_report_corpus_throughput_and_cosine(
+    text_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings
+) -> None:
+    settings = BenchSettings(batch_sizes=(1, 4), warmup_runs=1, runs=3, include_torch=False, samples=24)
+    report = bench(text_artifacts, settings=settings)
+    base, noisy = "bow v1 (fp32)", "bow v2 (noisy)"
+    assert report.engines == [base, noisy]
+    assert [(c.engine, c.texts, c.batch_size) for c in report.corpus] == [(base, 24, 4), (noisy, 24, 4)]
+    assert all(c.sentences_per_s > 0 for c in report.corpus)
+    assert report.row(base, 1).fidelity["mean_cosine"] == pytest.approx(1.0)
+    assert report.row(base, 1).fidelity["top10_overlap"] == 1.0
+    assert report.row(noisy, 1).fidelity["mean_cosine"] < 0.999
+
+
+def test_json_round_trips(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, tmp_path: Path
+) -> None:
+    report = bench(mlp_artifacts[:2], settings=fast_settings)
+    path = report.write_json(tmp_path / "out" / "bench.json")
+    assert BenchReport.from_dict(json.loads(path.read_text(encoding="utf-8"))) == report
+
+
+def test_table_has_the_documented_columns(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings
+) -> None:
+    from rich.console import Console
+
+    report = bench(mlp_artifacts[:2], settings=fast_settings)
+    table = report.table()
+    assert [str(c.header) for c in table.columns] == [
+        "engine",
+        "batch",
+        "p50 ms",
+        "p99 ms",
+        "rows/s",
+        "size",
+        "fidelity",
+    ]
+    assert table.row_count == 4
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(table)
+    assert "mlp v2 (resaved)" in console.export_text()
+
+
+def test_progress_reaches_one_and_report_dir_gets_the_html(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, tmp_path: Path
+) -> None:
+    calls: list[tuple[str, float]] = []
+    bench(
+        mlp_artifacts[:2],
+        settings=fast_settings,
+        report_dir=tmp_path / "report",
+        progress=lambda m, f: calls.append((m, f)),
+    )
+    fractions = [f for _, f in calls]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert any("batch size 4" in m for m, _ in calls)
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert (tmp_path / "report" / "bench.json").is_file()
+
+
+def test_no_artifacts_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match="no artifacts to benchmark .* pass at least one artifact"):
+        bench([])
+
+
+def test_artifacts_with_different_inputs_are_invalid_input(
+    mlp_artifacts: list[artifacts.Artifact], text_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings
+) -> None:
+    with pytest.raises(
+        InvalidInput,
+        match=r'model "bow" v1 takes inputs \[input_ids INT64, attention_mask INT64\]'
+        r".*share one input signature; pass versions of one model",
+    ):
+        bench([mlp_artifacts[0], text_artifacts[0]], settings=fast_settings)
+
+
+def test_settings_outside_their_rules_are_config_errors(mlp_artifacts: list[artifacts.Artifact]) -> None:
+    with pytest.raises(ConfigError, match='"batch_sizes" is \\[\\]; it must be at least one batch size'):
+        bench(mlp_artifacts[:1], settings=BenchSettings(batch_sizes=()))
+    with pytest.raises(ConfigError, match='"runs" is 0'):
+        bench(mlp_artifacts[:1], settings=BenchSettings(runs=0))
