@@ -42,8 +42,7 @@ BENCH_OFFSET = 2000  # the search evaluates on texts from 1000; calibration uses
 
 
 def prepare(repo: Path | None, workdir: Path) -> tuple[artifacts.Artifact, artifacts.Artifact, dict[str, Any]]:
-    from kiln.export import export
-    from kiln.export.hf import bundled_minilm_path
+    from kiln.export import bundled_minilm_path, export
     from kiln.optimize import optimize
 
     if repo is not None and (repo / "minilm").is_dir():
@@ -84,7 +83,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from kiln.export.hf import bundled_minilm_path
+    from kiln.export import bundled_minilm_path
 
     console = Console()
     texts = english_corpus(args.texts, offset=BENCH_OFFSET)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.config import BenchSettings, OptimizeSettings, RuntimeSettings, resolve, settings_dict
+from kiln.config import BenchSettings, OptimizeSettings, ServeSettings, resolve, settings_dict
 from kiln.errors import ConfigError
 
 
@@ -61,15 +61,16 @@ def test_tuples_parse_from_comma_lists() -> None:
     assert resolve(OptimizeSettings, {"batch_sizes": " 4 , 16 ,"}, environ={}).batch_sizes == (4, 16)
     recipes = resolve(OptimizeSettings, environ={"KILN_RECIPES": "int8-dynamic,fp16"}).recipes
     assert recipes == ("int8-dynamic", "fp16")
-    providers = resolve(RuntimeSettings, environ={"KILN_PROVIDERS": "CUDAExecutionProvider,CPUExecutionProvider"})
-    assert providers.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    keys = resolve(ServeSettings, environ={"KILN_API_KEYS": "alpha,beta"})
+    assert keys.api_keys == ("alpha", "beta")
 
 
 def test_numbers_parse_from_strings() -> None:
     settings = resolve(OptimizeSettings, environ={"KILN_MIN_SPEEDUP": "2", "KILN_EVAL_SAMPLES": "64"})
     assert settings.min_speedup == 2.0 and isinstance(settings.min_speedup, float)
     assert settings.eval_samples == 64
-    assert resolve(RuntimeSettings, environ={"KILN_INTRA_OP_THREADS": "4"}).intra_op_threads == 4
+    assert resolve(ServeSettings, environ={"KILN_INTRA_OP_THREADS": "4"}).intra_op_threads == 4
+    assert resolve(ServeSettings, environ={"KILN_P99_TARGET_MS": "150"}).p99_target_ms == 150.0
 
 
 def test_file_lists_become_tuples_and_ints_become_floats(tmp_path: Path) -> None:

@@ -3,9 +3,12 @@
 The verbs are imported lazily, so ``import kiln`` stays fast and has no side effects::
 
     import kiln
-    art = kiln.export(model, out="kiln-repo", name="digits", example_inputs=x)
-    result = kiln.optimize(art)
-    report = kiln.bench([art, result.chosen])
+    art = kiln.export_model(clf, out="kiln-repo", name="digits", example_inputs=x, eval_data=(x, y))
+    result = kiln.optimize_model(art)
+    report = kiln.bench_models([art, result.chosen])
+
+NOTE: the top-level names are ``export_model`` etc., not ``export``: ``kiln.export`` is the stage package, and
+Python binds a subpackage onto its parent when it is imported, which would shadow a function of the same name.
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "export": ("kiln.export", "export"),
-    "optimize": ("kiln.optimize", "optimize"),
-    "bench": ("kiln.bench", "bench"),
+    "export_model": ("kiln.export", "export"),
+    "optimize_model": ("kiln.optimize", "optimize"),
+    "bench_models": ("kiln.bench", "bench"),
     "load": ("kiln.artifact", "load"),
     "Artifact": ("kiln.artifact", "Artifact"),
     "KilnError": ("kiln.errors", "KilnError"),
 }
 
-__all__ = ["Artifact", "KilnError", "__version__", "bench", "export", "load", "optimize"]
+__all__ = ["Artifact", "KilnError", "__version__", "bench_models", "export_model", "load", "optimize_model"]
 
 
 def __getattr__(name: str) -> Any:

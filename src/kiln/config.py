@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
@@ -63,12 +63,32 @@ class BenchSettings:
 
 
 @dataclass(frozen=True)
-class RuntimeSettings:
-    """ONNX Runtime knobs; ``None`` lets the hardware probe decide."""
+class ServeSettings:
+    """How ``kiln serve`` runs a repository.
 
+    ``max_queue_delay_ms`` is the longest a request waits for batch-mates; with ``p99_target_ms`` set, the batcher
+    shortens that wait (down to 0) whenever its learned batch cost says waiting would break the target.
+    """
+
+    http_port: int = 8000
+    grpc_port: int = 8001
+    host: str = "127.0.0.1"
+    models: tuple[str, ...] = ()
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    p99_target_ms: float | None = None
+    max_queue_rows: int = 1024
+    instances: int = 1
     intra_op_threads: int | None = None
-    inter_op_threads: int = 1
-    providers: tuple[str, ...] = field(default_factory=tuple)
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_rows_per_request: int = 256
+    overload_status: int = 503
+    api_keys: tuple[str, ...] = ()
+    admin_enabled: bool = False
+    admin_keys: tuple[str, ...] = ()
+    version_policy_latest: int = 1
+    drain_timeout_s: float = 30.0
+    warmup: bool = True
 
 
 def _coerce(name: str, raw: Any, annotation: Any) -> Any:

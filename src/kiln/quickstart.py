@@ -18,7 +18,7 @@ from typing import Any
 from kiln.artifact import Artifact
 from kiln.bench import BenchReport, bench
 from kiln.config import BenchSettings, OptimizeSettings
-from kiln.export import export
+from kiln.export import bundled_minilm_path, export
 from kiln.optimize import OptimizeResult, optimize
 
 Progress = Callable[[str, float], None]
@@ -38,8 +38,6 @@ class RoadResult:
 
 
 def minilm_road(repo: Path, reports: Path, stage: Stage, *, fast: bool = False) -> RoadResult:
-    from kiln.export.hf import bundled_minilm_path
-
     exported = export(bundled_minilm_path(), out=repo, name="minilm")
     search = optimize(
         exported,

@@ -50,12 +50,9 @@ def test_fidelity_is_exact_for_the_same_model_and_not_for_a_perturbed_one(
     assert report.row("mlp v3 (perturbed)", 4).fidelity == perturbed  # one figure per engine
 
 
-def test_samples_limits_the_evaluation_set(
-    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, heldout: tuple[Array, Array]
-) -> None:
+def test_samples_limits_the_evaluation_set(mlp_artifacts: list[artifacts.Artifact]) -> None:
     settings = BenchSettings(batch_sizes=(2,), warmup_runs=0, runs=1, include_torch=False, samples=8)
     report = bench(mlp_artifacts[:1], settings=settings)
-    x, labels = heldout
     # accuracy over the first 8 rows: rows 0 and 4 carry a changed label
     assert report.row("mlp v1 (fp32)", 2).fidelity["accuracy"] == pytest.approx(6 / 8)
 
@@ -144,7 +141,7 @@ def test_progress_reaches_one_and_report_dir_gets_the_html(
 
 
 def test_no_artifacts_is_invalid_input() -> None:
-    with pytest.raises(InvalidInput, match="no artifacts to benchmark .* pass at least one artifact"):
+    with pytest.raises(InvalidInput, match=r"no artifacts to benchmark .* pass at least one artifact"):
         bench([])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -89,7 +90,7 @@ def bench(
             for cand in candidates
         ],
         corpus=corpus,
-        hardware=probe(),
+        hardware=copy.deepcopy(probe()),  # probe() is cached: never hand out its dict
         versions=package_versions(*VERSIONED_PACKAGES),
         settings=settings_dict(settings) | {"include_source": include_source, "engines": [c.name for c in candidates]},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -86,7 +86,7 @@ def export(
             raise InvalidInput("nothing to export: pass a SOURCE path, 'minilm', or --model package.module:factory")
         path: Path | str = source
         if source.lower() in BUNDLED_ALIASES:
-            from kiln.export.hf import bundled_minilm_path
+            from kiln.export import bundled_minilm_path
 
             path, name = bundled_minilm_path(), name or "minilm"
         with console.status(f"exporting {source} ..."):

@@ -49,6 +49,8 @@ def optimize(
     with progress_bar(f"optimize {parent.name} v{parent.version}") as update:
         result = run_search(parent, settings=settings, calibration=feeds, progress=update)
     console.print(result.table())
+    for fused in result.fusions():
+        console.print(f"fusions fired: {fused}")
     if report:
         result.write_json(report)
         console.print(f"report: {report}")

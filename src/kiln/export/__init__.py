@@ -24,10 +24,19 @@ from kiln.errors import InvalidInput, ModelNotFound, UnknownFormat
 from kiln.export import hf, onnx_file, sklearn
 from kiln.export import torch as torch_export
 from kiln.export.checks import check_parity, check_structure, signature_of
+from kiln.export.hf import bundled_minilm_path
 from kiln.export.pipeline import finalize
 from kiln.runtime import Engine, TorchEngine
 
-__all__ = ["ExportSettings", "check_parity", "check_structure", "export", "signature_of", "source_engine"]
+__all__ = [
+    "ExportSettings",
+    "bundled_minilm_path",
+    "check_parity",
+    "check_structure",
+    "export",
+    "signature_of",
+    "source_engine",
+]
 
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 Array = np.ndarray[Any, Any]

@@ -59,6 +59,17 @@ class OptimizeResult:
     def best(self) -> CandidateReport | None:
         return next((c for c in self.candidates if c.status == "chosen"), None)
 
+    def fusions(self) -> list[str]:
+        """Distinct fusion reports of the search, e.g. ``"Attention x6, SkipLayerNormalization x12"``."""
+        seen: list[str] = []
+        for candidate in self.candidates:
+            for step in candidate.history:
+                fused = step.get("facts", {}).get("fusions")
+                text = ", ".join(f"{op} x{count}" for op, count in (fused or {}).items())
+                if text and text not in seen:
+                    seen.append(text)
+        return seen
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "parent": self.parent.ref(),
