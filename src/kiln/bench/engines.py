@@ -16,7 +16,7 @@ import numpy as np
 from kiln.artifact import Artifact
 from kiln.data import EvalSet
 from kiln.errors import InvalidInput, KilnError
-from kiln.runtime import Engine, OrtEngine, TextEncoder, text_encoder_for
+from kiln.runtime import Engine, OrtEngine, TextEncoder, TorchEngine, text_encoder_for
 from kiln.types import Feeds, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -179,12 +179,9 @@ def load_source_engine(artifact: Artifact) -> Engine | None:
 
 def torch_parameter_bytes(engine: Engine) -> int:
     """Bytes of a PyTorch engine's parameters and buffers (0 when the engine holds no module)."""
-    # NOTE: TorchEngine keeps its module private; read it defensively rather than assume the attribute name.
-    module = getattr(engine, "module", None)
-    if module is None:
-        module = getattr(engine, "_module", None)
-    if module is None:
+    if not isinstance(engine, TorchEngine):
         return 0
+    module = engine.module
     tensors = [*module.parameters(), *module.buffers()]
     return int(sum(t.numel() * t.element_size() for t in tensors))
 

@@ -178,6 +178,7 @@ def _fidelity_svg(report: BenchReport) -> str | None:
         label="Pareto front",
         zorder=2,
     )
+    axes.margins(x=0.2, y=0.1)  # room for the engine names beside the points
     axes.set_xlabel(f"p50 latency at batch {batch} (ms)")
     axes.set_ylabel(points[0][3])
     axes.set_title("Fidelity vs latency (up and left is better)")

@@ -148,7 +148,9 @@ def primary_fidelity(fidelity: dict[str, float]) -> tuple[str, float] | None:
 def fidelity_text(fidelity: dict[str, float]) -> str:
     """A short cell for the fidelity column, e.g. ``cos 0.9991 (worst 0.9874)`` or ``acc 0.953, Δmax 1.2e-03``."""
     if "mean_cosine" in fidelity:
-        text = f"cos {fidelity['mean_cosine']:.4f} (worst {fidelity.get('worst_cosine', float('nan')):.4f})"
+        text = f"cos {fidelity['mean_cosine']:.4f}"
+        if "worst_cosine" in fidelity:
+            text += f" (worst {fidelity['worst_cosine']:.4f})"
         if "top10_overlap" in fidelity:
             text += f", top10 {fidelity['top10_overlap']:.2f}"
         return text

@@ -31,6 +31,11 @@ class TorchEngine:
         self._outputs = output_specs
 
     @property
+    def module(self) -> Any:
+        """The wrapped ``nn.Module`` (in eval mode, on the engine's device)."""
+        return self._module
+
+    @property
     def inputs(self) -> list[TensorSpec]:
         return self._inputs
 
