@@ -76,3 +76,11 @@ def tiny_artifact(
 ) -> artifacts.Artifact:
     """The tiny classifier written as version 1 of model "tiny" in a fresh repository."""
     return artifacts.write(repository, make_manifest(), tiny_onnx_model)
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(tmp_path_factory: pytest.TempPathFactory) -> artifacts.Artifact:
+    """all-MiniLM-L6-v2 from the bundled package, exported once per session (about half a minute)."""
+    from kiln.export import bundled_minilm_path, export
+
+    return export(bundled_minilm_path(), out=tmp_path_factory.mktemp("minilm-repo"), name="minilm")

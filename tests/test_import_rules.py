@@ -4,7 +4,7 @@
   only the core.
 - A stage imports the core, data, artifact, fidelity, runtime (any module), its own package, and another stage
   only through that stage's package (``from kiln.export import x``, never ``from kiln.export.torch import x``).
-- Nothing but the CLI imports ``kiln.cli``.
+- Nothing but the CLI (and ``kiln.__main__``, which runs it) imports ``kiln.cli``.
 - Heavy optional libraries are imported inside the function that needs them, never at module level.
 - Only ``kiln/serve/http.py`` and ``kiln/serve/grpc.py`` import a web or RPC framework.
 - ``import kiln`` pulls in no heavy library, starts no thread and sets up no logging.
@@ -143,7 +143,7 @@ def layer(module: str) -> str:
         return "shared"
     if parts[1] in STAGES:
         return f"stage:{parts[1]}"
-    if parts[1] == "cli":
+    if parts[1] == "cli" or module == "kiln.__main__":  # `python -m kiln` is the CLI's other door
         return "cli"
     return "unknown"
 

@@ -35,8 +35,11 @@ class ExportSettings:
 class OptimizeSettings:
     """How ``kiln optimize`` searches for a faster variant.
 
-    ``max_accuracy_drop`` is relative (0.01 = the variant keeps >= 99% of the parent's task accuracy);
-    ``min_cosine`` is the guard for embedding models (mean cosine against the parent on a real corpus).
+    ``max_accuracy_drop`` is relative (0.01 = the variant keeps >= 99% of the parent's task accuracy; a negative
+    value demands an improvement); ``min_cosine`` is the guard for embedding models (mean cosine against the parent
+    on a real corpus). ``objective`` is what the search maximises within that budget: ``"speed"`` (throughput at
+    ``target_batch_size``, and the variant must really be faster here) or ``"size"`` (the smallest file, e.g. for
+    edge deployment; speed is still measured and reported).
     """
 
     max_accuracy_drop: float = 0.01
@@ -48,6 +51,29 @@ class OptimizeSettings:
     eval_samples: int = 512
     measure_repeats: int = 5
     min_speedup: float = 1.03
+    objective: str = "speed"
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("speed", "size"):
+            raise ConfigError(
+                f'objective "{self.objective}" is unknown; use "speed" or "size"', objective=self.objective
+            )
+        if not -1.0 < self.max_accuracy_drop <= 1.0:
+            raise ConfigError(
+                f"max_accuracy_drop {self.max_accuracy_drop:g} is outside (-1, 1]; it is a relative drop, e.g. 0.01",
+                max_accuracy_drop=self.max_accuracy_drop,
+            )
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(
+                f"min_cosine {self.min_cosine:g} is outside [-1, 1]; e.g. 0.99", min_cosine=self.min_cosine
+            )
+        if self.measure_repeats < 1 or self.eval_samples < 1 or self.target_batch_size < 1:
+            raise ConfigError(
+                "measure_repeats, eval_samples and target_batch_size must be >= 1 "
+                f"(got {self.measure_repeats}, {self.eval_samples}, {self.target_batch_size})"
+            )
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"batch_sizes {list(self.batch_sizes)} must be positive integers, e.g. 1,32")
 
 
 @dataclass(frozen=True)

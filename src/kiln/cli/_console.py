@@ -27,7 +27,8 @@ def progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
         TimeElapsedColumn(),
         TextColumn("{task.fields[step]}"),
         console=err_console,
-        transient=False,
+        # Piped or captured stderr gets no bar at all: a frozen frame would read like a second error line.
+        transient=not err_console.is_terminal,
     ) as bar:
         task = bar.add_task(title, total=1.0, step="")
 

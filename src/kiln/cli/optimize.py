@@ -20,6 +20,9 @@ def optimize(
     recipes: str = typer.Option(None, "--recipes", help="Comma-separated recipe names (default: all that apply)."),
     batch_sizes: str = typer.Option(None, "--batch-sizes", help="Batch sizes to measure, e.g. 1,32."),
     target_batch_size: int = typer.Option(None, "--target-batch-size", help="Batch size the choice optimizes."),
+    objective: str = typer.Option(
+        None, "--objective", help="What to maximise within the budget: speed (default) or size."
+    ),
     calibration: Path = typer.Option(
         None, "--calibration", help=".npz of calibration inputs (arrays named like the model inputs)."
     ),
@@ -41,6 +44,7 @@ def optimize(
             "recipes": tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else None,
             "batch_sizes": parse_ints(batch_sizes, "--batch-sizes"),
             "target_batch_size": target_batch_size,
+            "objective": objective,
         },
         config_file=config,
     )
@@ -56,7 +60,8 @@ def optimize(
         console.print(f"report: {report}")
     if result.chosen is None:
         console.print(
-            f"[yellow]kept {parent.name} v{parent.version}:[/] no candidate was both within budget and faster"
+            f"[yellow]kept {parent.name} v{parent.version}:[/] no candidate was both within budget and "
+            + ("smaller" if settings.objective == "size" else "faster")
         )
         return
     best = result.best

@@ -36,7 +36,8 @@ def quickstart(
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
     console.print(f"report: {report_dir / 'index.html'}")
-    console.print(f"next: kiln inspect {out / 'minilm'}   |   kiln bench {out / 'minilm'}")
+    latest = results[0].search.chosen or results[0].exported
+    console.print(f"next: kiln inspect {latest.path.parent}   |   kiln bench {latest.path.parent}")
 
 
 class _Stages:

@@ -91,6 +91,11 @@ def export_module(
             with warnings.catch_warnings():
                 # NOTE: the legacy exporter is deprecated upstream but is still the one whose graphs ORT fuses.
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # Tracing warns on every Python branch over a tensor; under `-W error` such a warning would abort the
+                # trace. Dynamic axes are proven afterwards by the two-shape parity run, not by these warnings.
+                from torch.jit._trace import TracerWarning
+
+                warnings.simplefilter("ignore", TracerWarning)
                 torch.onnx.export(
                     module,
                     args,

@@ -6,6 +6,8 @@ quantized). Passes never touch artifacts; the search decides what becomes a vers
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -150,19 +152,22 @@ def quantize_static(
     }
     if method not in methods:
         raise KilnError(f'calibration method "{method}" is unknown; use one of {", ".join(methods)}')
-    ort_quantize_static(
-        str(src),
-        str(dst),
-        FeedsReader(calibration),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(op_types) if op_types else None,
-        per_channel=per_channel,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=methods[method],
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibMovingAverage": True}
-        | ({"CalibPercentile": 99.99} if method == "percentile" else {}),
-    )
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter):  # ORT's calibrators print() progress; keep it off the user's stdout
+        ort_quantize_static(
+            str(src),
+            str(dst),
+            FeedsReader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibMovingAverage": True}
+            | ({"CalibPercentile": 99.99} if method == "percentile" else {}),
+        )
+    logger.debug("calibration output: %s", chatter.getvalue())
     return {"quantized_nodes": _count_quantized(dst), "calibration_batches": len(calibration), "method": method}
 
 

@@ -69,6 +69,7 @@ def optimize(
     reference = workload.run(parent_engine, settings.target_batch_size)
     parent_figures = workload.fidelity(reference, reference)
     parent_score = parent_figures["score"]
+    parent_size = parent.model_path.stat().st_size
 
     def calibration_data() -> Sequence[Feeds]:
         return calibration if calibration is not None else _calibration_from(parent, workload, calibration_pool)
@@ -82,12 +83,25 @@ def optimize(
                 reports.append(CandidateReport.skipped(recipe, f"time budget of {settings.time_budget_s:g} s spent"))
                 continue
             reports.append(
-                _evaluate(recipe, builder, workload, parent_engine, reference, parent_score, batch_sizes, settings)
+                _evaluate(
+                    recipe,
+                    builder,
+                    workload,
+                    parent_engine,
+                    reference,
+                    parent_score,
+                    parent_size,
+                    batch_sizes,
+                    settings,
+                )
             )
         report("choosing", 1.0)
         _mark_front(reports)
         eligible = [r for r in reports if r.status == "eligible"]
-        best = max(eligible, key=lambda r: r.speedup, default=None)
+        if settings.objective == "size":
+            best = min(eligible, key=lambda r: r.size_bytes, default=None)
+        else:
+            best = max(eligible, key=lambda r: r.speedup, default=None)
         if best is None:
             guarded = [r for r in reports if r.figures]
             if guarded and not any(r.within_budget for r in guarded):
@@ -113,6 +127,7 @@ def _evaluate(
     parent_engine: Any,
     reference: Any,
     parent_score: float,
+    parent_size: int,
     batch_sizes: tuple[int, ...],
     settings: OptimizeSettings,
 ) -> CandidateReport:
@@ -145,6 +160,14 @@ def _evaluate(
     consistent = sum(r > 1.0 for r in ratios) > len(ratios) / 2
     if not candidate.within_budget:
         candidate.status, candidate.reason = "rejected", f"accuracy guard: {_score_text(workload.task, figures)}"
+    elif settings.objective == "size":
+        smaller = parent_size / candidate.size_bytes
+        candidate.status = "eligible" if smaller > 1.0 else "rejected"
+        candidate.reason = (
+            f"{smaller:.2f}x smaller, {candidate.speedup:.2f}x speed at batch {target}"
+            if smaller > 1.0
+            else f"not smaller than its parent ({candidate.size_bytes} vs {parent_size} bytes)"
+        )
     elif candidate.speedup < settings.min_speedup or not consistent:
         candidate.status = "rejected"
         candidate.reason = (

@@ -1,0 +1,170 @@
+"""The ``kiln`` command as users run it: a real subprocess, its exit code, stdout and stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln import artifact as artifacts
+
+EXIT_USER_ERROR = 2
+
+
+def kiln(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_every_verb() -> None:
+    result = kiln("--help")
+    assert result.returncode == 0
+    for verb in ("export", "optimize", "bench", "inspect", "quickstart"):
+        assert verb in result.stdout
+
+
+def test_missing_file_is_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.onnx"
+    assert_one_line_error(kiln("export", missing, "--out", tmp_path / "repo"), str(missing), "does not exist")
+
+    debug = kiln("--debug", "export", missing, "--out", tmp_path / "repo")
+    assert debug.returncode != 0
+    assert "Traceback" in debug.stderr and "ModelNotFound" in debug.stderr
+
+
+def test_export_then_inspect_as_table_and_json(tmp_path: Path, tiny_onnx_model: Path) -> None:
+    repo = tmp_path / "repo"
+    exported = kiln("export", tiny_onnx_model, "--out", repo, "--name", "tiny")
+    assert exported.returncode == 0, exported.stderr
+
+    table = kiln("inspect", repo / "tiny")
+    assert table.returncode == 0, table.stderr
+    assert "tiny" in table.stdout and "sha256" in table.stdout
+
+    as_json = json.loads(kiln("inspect", repo / "tiny", "--json").stdout)
+    assert as_json["name"] == "tiny" and as_json["version"] == 1
+    assert as_json["model"]["sha256"] == artifacts.load(repo / "tiny").sha256
+
+
+def test_tampered_model_file_is_refused_by_inspect(tiny_artifact: artifacts.Artifact) -> None:
+    data = bytearray(tiny_artifact.model_path.read_bytes())
+    data[-1] ^= 0xFF
+    tiny_artifact.model_path.write_bytes(bytes(data))
+    assert_one_line_error(kiln("inspect", tiny_artifact.path.parent), "sha256")
+
+
+def test_pytorch_factory_with_safetensors_weights(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n\n"
+        "def mlp():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+    )
+    torch.manual_seed(1)
+    trained = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    save_file(trained.state_dict(), tmp_path / "mlp.safetensors")
+
+    result = kiln(
+        "export",
+        "--model",
+        "my_models:mlp",
+        "--weights",
+        tmp_path / "mlp.safetensors",
+        "--example-shape",
+        "4,8",
+        "--out",
+        tmp_path / "repo",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    art = artifacts.load(tmp_path / "repo" / "mlp")
+    assert art.manifest.provenance["source"]["factory"] == "my_models:mlp"
+
+    from kiln.runtime import OrtEngine
+
+    x = torch.randn(5, 8)
+    (out,) = OrtEngine(art.model_path).run({art.manifest.signature.inputs[0].name: x.numpy()}).values()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), trained(x), atol=1e-5, rtol=1e-4)  # the weights, not init
+
+
+def test_pickle_needs_trust_pickle(tmp_path: Path) -> None:
+    import pickle
+
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    (tmp_path / "iris.pkl").write_bytes(pickle.dumps(LogisticRegression(max_iter=500).fit(x, y)))
+
+    assert_one_line_error(
+        kiln("export", tmp_path / "iris.pkl", "--dataset", "iris", "--out", tmp_path / "repo"), "--trust-pickle"
+    )
+    trusted = kiln("export", tmp_path / "iris.pkl", "--dataset", "iris", "--trust-pickle", "--out", tmp_path / "repo")
+    assert trusted.returncode == 0, trusted.stderr
+    assert artifacts.load(tmp_path / "repo" / "iris").manifest.eval_data["rows"] > 0
+
+
+def test_optimize_unknown_recipe_suggests_the_closest_and_writes_nothing(tiny_artifact: artifacts.Artifact) -> None:
+    model_dir = tiny_artifact.path.parent
+    assert_one_line_error(kiln("optimize", model_dir, "--recipes", "int8-dynamic-per-chanel"), "did you mean")
+    assert artifacts.versions(model_dir) == [1]
+
+
+@pytest.mark.slow
+def test_export_optimize_bench_road_with_an_unattainable_budget_first(tmp_path: Path) -> None:
+    repo, report = tmp_path / "repo", tmp_path / "report"
+    import pickle
+
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_breast_cancer(return_X_y=True)
+    model = make_pipeline(StandardScaler(), MLPClassifier((64,), max_iter=1000, random_state=0)).fit(x, y)
+    (tmp_path / "bc.pkl").write_bytes(pickle.dumps(model))
+    assert (
+        kiln("export", tmp_path / "bc.pkl", "--dataset", "breast_cancer", "--trust-pickle", "--out", repo).returncode
+        == 0
+    )
+
+    unattainable = kiln("optimize", repo / "bc", "--max-accuracy-drop", "-0.5", "--recipes", "int8-dynamic-per-channel")
+    assert_one_line_error(unattainable, "accuracy budget", "Nothing was written")
+    assert artifacts.versions(repo / "bc") == [1]
+
+    searched = kiln(
+        "optimize", repo / "bc", "--batch-sizes", "1,8", "--target-batch-size", "8", "--report", tmp_path / "s.json"
+    )
+    assert searched.returncode == 0, searched.stderr
+    assert "int8-static-minmax" in searched.stdout and (tmp_path / "s.json").is_file()
+
+    benched = kiln("bench", repo / "bc", "--batch-sizes", "1,8", "--runs", "3", "--warmup", "1", "--report-dir", report)
+    assert benched.returncode == 0, benched.stderr
+    html = (report / "index.html").read_text()
+    assert html.count("<svg") >= 2 and "onnxruntime" in benched.stdout.lower() + html.lower()
+    assert json.loads((report / "bench.json").read_text())["rows"]

@@ -1,0 +1,211 @@
+"""`kiln export` on real sources: scikit-learn, PyTorch (both exporters), Hugging Face MiniLM and .onnx files."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kiln import artifact as artifacts
+from kiln.config import ExportSettings
+from kiln.errors import ExportError, InvalidInput, ModelNotFound, ParityError, UnknownFormat, UnsupportedOpError
+from kiln.export import export
+from kiln.runtime import OrtEngine
+
+Array = np.ndarray[Any, Any]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Array, Array]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def fitted_pipeline(digits: tuple[Array, Array]) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = digits
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)).fit(x[:1200], y[:1200])
+
+
+def test_sklearn_pipeline_matches_predict_proba_at_any_batch(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
+) -> None:
+    x, y = digits
+    art = export(fitted_pipeline, out=tmp_path, name="digits", example_inputs=x[:64], eval_data=(x[1200:], y[1200:]))
+
+    assert (art.name, art.version, art.manifest.task) == ("digits", 1, "classification")
+    assert [s.name for s in art.manifest.signature.outputs] == ["label", "probabilities"]
+    assert art.manifest.signature.inputs[0].shape == (-1, 64)
+    engine = OrtEngine(art.model_path)
+    for rows in (1, 7, 300):  # dynamic batch: none of these is the example's 64
+        out = engine.run({"input": x[1200 : 1200 + rows]})
+        np.testing.assert_allclose(
+            out["probabilities"], fitted_pipeline.predict_proba(x[1200 : 1200 + rows]), atol=1e-4
+        )
+        np.testing.assert_array_equal(out["label"], fitted_pipeline.predict(x[1200 : 1200 + rows]))
+    assert art.manifest.checks["parity"]["passed"] is True
+    assert len(art.manifest.checks["parity"]["outputs"]["probabilities"]["shapes"]) == 2
+    assert art.manifest.eval_data["rows"] == len(x) - 1200
+    assert (tmp_path / "digits" / "config.pbtxt").is_file()
+
+
+def test_second_export_is_a_new_version_and_keeps_the_first(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
+) -> None:
+    x, _ = digits
+    first = export(fitted_pipeline, out=tmp_path, name="digits", example_inputs=x[:16])
+    before = first.model_path.read_bytes()
+    second = export(fitted_pipeline, out=tmp_path, name="digits", example_inputs=x[:16])
+
+    assert second.version == 2
+    assert first.model_path.read_bytes() == before
+    assert artifacts.versions(tmp_path / "digits") == [1, 2]
+
+
+def _mlp() -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_torch_module_keeps_a_dynamic_batch(tmp_path: Path, exporter: str) -> None:
+    import torch
+
+    module = _mlp()
+    settings = ExportSettings(exporter=exporter)
+    art = export(module, out=tmp_path, name="mlp", example_inputs=torch.randn(4, 8), settings=settings)
+
+    engine = OrtEngine(art.model_path)
+    name = art.manifest.signature.inputs[0].name
+    for rows in (1, 33):
+        x = np.random.default_rng(rows).normal(size=(rows, 8)).astype(np.float32)
+        (out,) = engine.run({name: x}).values()
+        with torch.no_grad():
+            np.testing.assert_allclose(out, module(torch.from_numpy(x)).numpy(), atol=1e-5)
+    assert art.manifest.provenance["source"]["framework"] == "pytorch"
+    assert art.manifest.settings["export"]["exporter"] == exporter
+
+
+def test_onnx_file_is_imported_as_a_checked_version(tmp_path: Path, tiny_onnx_model: Path) -> None:
+    art = export(tiny_onnx_model, out=tmp_path / "repo", name="tiny")
+
+    assert art.version == 1
+    assert art.manifest.signature.inputs[0].shape == (-1, 4)
+    assert art.manifest.provenance["opsets"]["ai.onnx"] == 17
+    assert artifacts.load(tmp_path / "repo" / "tiny").sha256 == art.sha256
+
+
+# --- bad inputs: each names the value, the rule and the fix, and writes nothing ------------------------------------
+
+
+def test_missing_file_is_model_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        export(tmp_path / "nope.onnx", out=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_unknown_format_names_the_suffix_and_the_formats(tmp_path: Path) -> None:
+    path = tmp_path / "model.txt"
+    path.write_text("not a model")
+    with pytest.raises(UnknownFormat, match=r'suffix "\.txt".*\.onnx'):
+        export(path, out=tmp_path / "repo")
+
+
+def test_garbage_onnx_is_an_export_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x00\x01 definitely not protobuf")
+    with pytest.raises(ExportError, match=r"broken\.onnx"):
+        export(path, out=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_pickle_is_refused_without_trust_pickle(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
+) -> None:
+    path = tmp_path / "clf.pkl"
+    path.write_bytes(pickle.dumps(fitted_pipeline))
+    with pytest.raises(InvalidInput, match="--trust-pickle"):
+        export(path, out=tmp_path / "repo", example_inputs=digits[0][:8])
+
+    art = export(path, out=tmp_path / "repo", example_inputs=digits[0][:8], trust_pickle=True)
+    assert art.name == "clf"
+
+
+def test_unfitted_estimator_is_refused(tmp_path: Path, digits: tuple[Array, Array]) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    with pytest.raises(InvalidInput, match="fit"):
+        export(LogisticRegression(), out=tmp_path / "repo", example_inputs=digits[0][:8])
+
+
+def test_unsupported_op_names_the_op_the_opset_and_the_fix(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("FancyGelu", ["x"], ["y"], domain="com.example")],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 3)])
+    model.ir_version = 8
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+
+    with pytest.raises(UnsupportedOpError, match=r'"FancyGelu".*opset 3.*custom-op') as caught:
+        export(path, out=tmp_path / "repo")
+    assert caught.value.details["op"] == "FancyGelu"
+    assert not (tmp_path / "repo").exists()
+
+
+def test_parity_failure_names_output_tolerance_and_worst_element_and_writes_nothing(tmp_path: Path) -> None:
+    import torch
+
+    class Sloppy(torch.nn.Module):
+        """exp() of large values: ONNX Runtime and PyTorch differ in the last bits, which a zero tolerance sees."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.exp(x * 7.3).sum(dim=1, keepdim=True)
+
+    settings = ExportSettings(exporter="torchscript", parity_atol=0.0, parity_rtol=0.0)
+    example = torch.linspace(0, 9, 64 * 16).reshape(64, 16)
+    with pytest.raises(ParityError) as caught:
+        export(Sloppy(), out=tmp_path / "repo", example_inputs=example, settings=settings)
+
+    message = str(caught.value)
+    assert "atol=0" in message and "worst" in message
+    assert caught.value.details["output"]
+    assert not (tmp_path / "repo").exists()
+
+
+# --- the real transformer -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_matches_sentence_transformers(minilm_artifact: artifacts.Artifact) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from kiln.data import english_corpus
+    from kiln.export import bundled_minilm_path
+    from kiln.runtime import text_encoder_for
+
+    texts = english_corpus(48, offset=2000)
+    expected = SentenceTransformer(str(bundled_minilm_path()), device="cpu").encode(texts, batch_size=16)
+    got = text_encoder_for(minilm_artifact, OrtEngine(minilm_artifact.model_path)).encode(texts, batch_size=16)
+
+    assert minilm_artifact.manifest.task == "embedding"
+    assert got.shape == expected.shape == (48, 384)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # normalisation is in the graph

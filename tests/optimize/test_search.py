@@ -1,0 +1,140 @@
+"""The accuracy-guarded search on real models: what it writes, what it rejects and why, and its bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kiln import artifact as artifacts
+from kiln.config import OptimizeSettings
+from kiln.errors import AccuracyBudgetError, CalibrationError, ConfigError
+from kiln.export import export
+from kiln.optimize import optimize
+
+# Small measurement settings: these tests check decisions and provenance, not speed (that is bench/'s job).
+QUICK = {"batch_sizes": (1, 8), "target_batch_size": 8, "measure_repeats": 2, "eval_samples": 256}
+
+
+@pytest.fixture
+def digits_mlp(tmp_path: Path) -> artifacts.Artifact:
+    """A real MLP classifier on the bundled digits, exported with its held-out set (the guard's data)."""
+    from sklearn.datasets import load_digits
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    model = make_pipeline(MinMaxScaler(), MLPClassifier((128,), max_iter=600, random_state=0)).fit(x[:1400], y[:1400])
+    return export(model, out=tmp_path / "repo", name="digits", example_inputs=x[:32], eval_data=(x[1400:], y[1400:]))
+
+
+def test_size_objective_writes_an_int8_child_with_full_provenance(digits_mlp: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(recipes=("int8-dynamic-per-channel",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(digits_mlp, settings=settings)
+
+    child = result.chosen
+    assert child is not None and child.version == 2
+    assert child.model_path.stat().st_size < digits_mlp.model_path.stat().st_size
+    prov = child.manifest.provenance
+    assert prov["parent"] == digits_mlp.ref()
+    assert prov["transforms"][-1]["name"] == "int8-dynamic-per-channel"
+    fidelity = child.manifest.checks["fidelity"]
+    assert fidelity["against"] == digits_mlp.ref() and fidelity["accuracy"] >= 0.9
+    bench = child.manifest.benchmarks[0]
+    assert bench["target_batch_size"] == 8 and bench["speedup"] > 0 and "cpu" in bench["hardware"]
+    assert child.manifest.settings["optimize"]["objective"] == "size"
+    assert (child.path / "assets" / "heldout.npz").is_file()  # the child can be guarded and benched in turn
+    assert artifacts.load(child.path.parent).version == 2  # sha256 verified on load
+
+
+def test_a_variant_that_is_not_faster_is_rejected_with_the_reason_and_nothing_is_written(
+    digits_mlp: artifacts.Artifact, tmp_path: Path
+) -> None:
+    settings = OptimizeSettings(recipes=("ort-extended", "int8-dynamic-per-channel"), min_speedup=1e6, **QUICK)  # type: ignore[arg-type]
+    result = optimize(digits_mlp, settings=settings)
+
+    assert result.chosen is None
+    assert [c.status for c in result.candidates] == ["rejected", "rejected"]
+    for candidate in result.candidates:
+        assert candidate.reason.startswith("not faster than its parent here"), candidate.reason
+        assert candidate.speed and candidate.parent_speed and candidate.figures
+    assert artifacts.versions(digits_mlp.path.parent) == [1]
+    report = json.loads(result.write_json(tmp_path / "search.json").read_text())
+    assert {c["recipe"]["name"] if isinstance(c["recipe"], dict) else c["recipe"] for c in report["candidates"]} == {
+        "ort-extended",
+        "int8-dynamic-per-channel",
+    }
+
+
+def test_an_unattainable_budget_says_the_best_found_and_changes_nothing(digits_mlp: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(recipes=("int8-dynamic-per-channel",), max_accuracy_drop=-0.5, **QUICK)  # type: ignore[arg-type]
+    with pytest.raises(AccuracyBudgetError, match=r"best found was int8-dynamic-per-channel with accuracy 0\.\d+"):
+        optimize(digits_mlp, settings=settings)
+    assert artifacts.versions(digits_mlp.path.parent) == [1]
+
+
+def test_calibration_of_the_wrong_shape_names_the_input_and_the_shapes(digits_mlp: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(recipes=("int8-static-minmax",), **QUICK)  # type: ignore[arg-type]
+    wrong: list[dict[str, Any]] = [{"input": np.zeros((4, 3), dtype=np.float32)}]
+    with pytest.raises(CalibrationError, match=r'"input".*64') as caught:
+        optimize(digits_mlp, settings=settings, calibration=wrong)
+    assert "3" in str(caught.value)
+    assert artifacts.versions(digits_mlp.path.parent) == [1]
+
+
+def test_static_int8_calibrates_itself_from_the_held_out_set_and_keeps_accuracy(digits_mlp: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(recipes=("int8-static-minmax",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(digits_mlp, settings=settings)
+
+    (candidate,) = result.candidates
+    assert candidate.figures["accuracy"] > 0.8, candidate.reason
+    (step,) = candidate.history
+    assert step["pass"] == "int8_static" and step["facts"]["quantized_nodes"] > 0
+    assert step["facts"]["calibration_batches"] >= 1  # no --calibration given: it came from the held-out set
+
+
+def test_a_spent_time_budget_skips_the_remaining_recipes(digits_mlp: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(recipes=("ort-extended",), time_budget_s=0.0, **QUICK)  # type: ignore[arg-type]
+    result = optimize(digits_mlp, settings=settings)
+    assert [(c.status, c.reason) for c in result.candidates] == [("skipped", "time budget of 0 s spent")]
+    assert result.chosen is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "rule"),
+    [
+        ("objective", "fast", '"speed" or "size"'),
+        ("max_accuracy_drop", 5.0, r"\(-1, 1\]"),
+        ("batch_sizes", (), "positive integers"),
+    ],
+)
+def test_settings_outside_their_rules_are_config_errors(field: str, value: Any, rule: str) -> None:
+    with pytest.raises(ConfigError, match=rule):
+        OptimizeSettings(**{field: value})
+
+
+@pytest.mark.slow
+def test_minilm_guard_rejects_per_tensor_int8_and_keeps_per_channel(minilm_artifact: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(
+        recipes=("fused-int8-dynamic", "fused-int8-dynamic-per-channel"),
+        eval_samples=64,
+        batch_sizes=(8,),
+        target_batch_size=8,
+        measure_repeats=1,
+        min_speedup=1e6,  # decide on the guard only; nothing is written
+    )
+    result = optimize(minilm_artifact, settings=settings)
+
+    per_tensor, per_channel = result.candidates
+    assert per_tensor.status == "rejected" and per_tensor.reason.startswith("accuracy guard: mean cosine")
+    assert per_tensor.figures["mean_cosine"] < 0.99
+    assert per_channel.figures["mean_cosine"] >= 0.99, per_channel.reason
+    assert per_channel.figures["top10_overlap"] > 0.8
+    fused = " ".join(result.fusions())
+    assert "Attention x6" in fused and "SkipLayerNormalization" in fused
+    assert artifacts.versions(minilm_artifact.path.parent) == [1]
