@@ -34,11 +34,17 @@ from rich.table import Table
 
 from kiln import artifact as artifacts
 from kiln._utils import package_versions
-from kiln.data import english_corpus
+from kiln.config import OptimizeSettings
+from kiln.data import CALIBRATION_TEXTS, TEXT_EVAL_OFFSET, english_corpus
 from kiln.fidelity import embedding_fidelity
 from kiln.runtime import OrtEngine, probe, text_encoder_for
 
-BENCH_OFFSET = 2000  # the search evaluates on texts from 1000; calibration uses texts before 1000
+
+def unseen_texts(limit: int) -> list[str]:
+    """Corpus paragraphs in natural order that the search neither calibrated nor evaluated on."""
+    seen_from = TEXT_EVAL_OFFSET - CALIBRATION_TEXTS
+    seen_to = TEXT_EVAL_OFFSET + OptimizeSettings().eval_samples
+    return (english_corpus(seen_from) + english_corpus(offset=seen_to))[:limit]
 
 
 def prepare(repo: Path | None, workdir: Path) -> tuple[artifacts.Artifact, artifacts.Artifact, dict[str, Any]]:
@@ -85,8 +91,8 @@ def main() -> None:
 
     from kiln.export import bundled_minilm_path
 
-    console = Console()
-    texts = english_corpus(args.texts, offset=BENCH_OFFSET)
+    console = Console(width=150)
+    texts = unseen_texts(args.texts)
     lengths = [len(t.split()) for t in texts]
     with tempfile.TemporaryDirectory() as tmp:
         fp32, chosen, search = prepare(args.repo, Path(tmp))
@@ -147,7 +153,7 @@ def main() -> None:
     result = {
         "benchmark": "optimize_minilm",
         "texts": len(texts),
-        "corpus": f"pydoc_data.topics paragraphs [{BENCH_OFFSET}:{BENCH_OFFSET + len(texts)}]",
+        "corpus": "pydoc_data.topics paragraphs the search never saw (natural order)",
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "rows": rows,

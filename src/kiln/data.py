@@ -90,6 +90,7 @@ def bundled_dataset(name: str, *, test_fraction: float = 0.25, seed: int = 0) ->
 HELDOUT_FILE = "heldout.npz"
 LABELS_KEY = "__labels__"
 TEXT_EVAL_OFFSET = 1000  # evaluation texts start here; calibration texts are taken before it
+CALIBRATION_TEXTS = 128  # calibration uses the texts just before TEXT_EVAL_OFFSET
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def test_settings_outside_their_rules_are_config_errors(field: str, value: Any, 
 @pytest.mark.slow
 def test_minilm_guard_rejects_per_tensor_int8_and_keeps_per_channel(minilm_artifact: artifacts.Artifact) -> None:
     settings = OptimizeSettings(
-        recipes=("fused-int8-dynamic", "fused-int8-dynamic-per-channel"),
+        recipes=("fused-int8-dynamic", "fused-int8-dynamic-per-channel", "fused-uint8-dynamic-per-channel"),
         eval_samples=64,
         batch_sizes=(8,),
         target_batch_size=8,
@@ -130,11 +130,13 @@ def test_minilm_guard_rejects_per_tensor_int8_and_keeps_per_channel(minilm_artif
     )
     result = optimize(minilm_artifact, settings=settings)
 
-    per_tensor, per_channel = result.candidates
+    per_tensor, per_channel, unsigned = result.candidates
     assert per_tensor.status == "rejected" and per_tensor.reason.startswith("accuracy guard: mean cosine")
     assert per_tensor.figures["mean_cosine"] < 0.99
     assert per_channel.figures["mean_cosine"] >= 0.99, per_channel.reason
     assert per_channel.figures["top10_overlap"] > 0.8
+    assert unsigned.history[-1]["settings"]["weight_type"] == "uint8"
+    assert unsigned.history[-1]["facts"]["quantized_nodes"] > 0 and unsigned.figures["mean_cosine"] > 0.9
     fused = " ".join(result.fusions())
     assert "Attention x6" in fused and "SkipLayerNormalization" in fused
     assert artifacts.versions(minilm_artifact.path.parent) == [1]

@@ -53,6 +53,11 @@ def transformer_recipes(num_heads: int = 0, hidden_size: int = 0) -> tuple[Recip
             (fuse, _dyn(True, True)),
             "fusions + INT8 dynamic, per-channel 7-bit weights (reduce_range: no int16 saturation without VNNI)",
         ),
+        Recipe(
+            "fused-uint8-dynamic-per-channel",
+            (fuse, _dyn(True, weight_type="uint8")),
+            "fusions + INT8 dynamic, per-channel unsigned weights (U8U8 kernels: ORT's advice when S8 loses accuracy)",
+        ),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from kiln import artifact as artifacts
 from kiln.config import OptimizeSettings, settings_dict
-from kiln.data import TEXT_EVAL_OFFSET, EvalSet, english_corpus, eval_set
+from kiln.data import CALIBRATION_TEXTS, TEXT_EVAL_OFFSET, EvalSet, english_corpus, eval_set
 from kiln.errors import AccuracyBudgetError, CalibrationError, InvalidInput
 from kiln.fidelity import pareto_front, relative_drop
 from kiln.optimize.build import RecipeBuilder
@@ -29,7 +29,7 @@ from kiln.types import Feeds
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
-_CALIBRATION_ROWS = 128
+_CALIBRATION_ROWS = CALIBRATION_TEXTS  # tabular models calibrate on as many held-out rows
 _CALIBRATION_BATCH = 16
 
 
