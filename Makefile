@@ -45,3 +45,19 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) kiln-repo kiln-report .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the shipped gRPC protocol modules (src/kiln/serve/proto/*_pb2.py, *_pb2.pyi) from the .proto files.
+# The sed moves their messages into Kiln's own descriptor pool (kiln/serve/proto/_pool.py), so they load beside
+# tritonclient's identically named inference.* messages in one process.
+PROTO_DIR := src/kiln/serve/proto
+.PHONY: proto
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src \
+		$(PROTO_DIR)/model_config.proto $(PROTO_DIR)/grpc_service.proto
+	sed -i.orig \
+		-e 's/^from google\.protobuf import descriptor_pool as _descriptor_pool$$/from kiln.serve.proto._pool import POOL as _KILN_POOL/' \
+		-e 's/_descriptor_pool\.Default()\.AddSerializedFile(/_KILN_POOL.AddSerializedFile(/' \
+		$(PROTO_DIR)/model_config_pb2.py $(PROTO_DIR)/grpc_service_pb2.py
+	rm -f $(PROTO_DIR)/*_pb2.py.orig
+	grep -q '_KILN_POOL.AddSerializedFile' $(PROTO_DIR)/model_config_pb2.py
+	grep -q '_KILN_POOL.AddSerializedFile' $(PROTO_DIR)/grpc_service_pb2.py

@@ -92,19 +92,23 @@ class BenchSettings:
 class ServeSettings:
     """How ``kiln serve`` runs a repository.
 
-    ``max_queue_delay_ms`` is the longest a request waits for batch-mates; with ``p99_target_ms`` set, the batcher
-    shortens that wait (down to 0) whenever its learned batch cost says waiting would break the target.
+    ``max_queue_delay_ms`` is the longest a request waits for batch-mates, and the batcher waits at all only where
+    its learned batch cost says a fuller batch makes a row markedly cheaper (a GPU, not two CPU cores); with
+    ``p99_target_ms`` set it also shortens that wait so a full batch still meets the target. ``grpc_port`` 0 turns
+    gRPC off. ``overload_status`` is what an overloaded server answers over HTTP: 503 (with Retry-After) or 429.
     """
 
     http_port: int = 8000
     grpc_port: int = 8001
     host: str = "127.0.0.1"
     models: tuple[str, ...] = ()
+    batching: bool = True
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     p99_target_ms: float | None = None
     max_queue_rows: int = 1024
-    instances: int = 1
+    default_timeout_ms: float | None = None
+    instances: int | None = None
     intra_op_threads: int | None = None
     max_request_bytes: int = 16 * 1024 * 1024
     max_rows_per_request: int = 256
@@ -115,6 +119,22 @@ class ServeSettings:
     version_policy_latest: int = 1
     drain_timeout_s: float = 30.0
     warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.overload_status not in (429, 503):
+            raise ConfigError(
+                f"overload_status {self.overload_status} is not allowed; use 503 (with Retry-After) or 429",
+                overload_status=self.overload_status,
+            )
+        if self.instances is not None and self.instances < 1:
+            raise ConfigError(f"instances is {self.instances}; it must be >= 1 (or unset: one per core on a CPU)")
+        for name in ("max_batch_size", "max_queue_rows", "max_rows_per_request", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 1", setting=name)
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(f"max_queue_delay_ms is {self.max_queue_delay_ms:g}; it must be >= 0")
+        if not 0 <= self.http_port < 65536 or not 0 <= self.grpc_port < 65536:
+            raise ConfigError(f"ports must be in 0..65535 (got http {self.http_port}, grpc {self.grpc_port})")
 
 
 def _coerce(name: str, raw: Any, annotation: Any) -> Any:

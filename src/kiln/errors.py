@@ -73,8 +73,20 @@ class AccuracyBudgetError(KilnError):
     """No optimized variant met the accuracy budget (or was faster than its parent)."""
 
 
+class PayloadTooLarge(InvalidInput):
+    """A request body is larger than the server accepts."""
+
+
 class Overloaded(KilnError):
-    """The system is at capacity; retry later."""
+    """The system is at capacity (or draining); retry later. ``details["retry_after_s"]`` says when."""
+
+
+class Unauthorized(KilnError):
+    """A request lacks a valid API key."""
+
+
+class Forbidden(KilnError):
+    """A request is not allowed at all here (e.g. admin endpoints that are disabled)."""
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

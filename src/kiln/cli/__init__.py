@@ -14,6 +14,7 @@ from kiln.cli.export import export
 from kiln.cli.inspect import inspect
 from kiln.cli.optimize import optimize
 from kiln.cli.quickstart import quickstart
+from kiln.cli.serve import serve
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -23,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for verb in (export, optimize, bench, inspect, quickstart):
+for verb in (export, optimize, bench, inspect, quickstart, serve):
     app.command(verb.__name__)(verb)
 
 EXIT_USER_ERROR = 2

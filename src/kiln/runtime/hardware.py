@@ -55,12 +55,14 @@ def probe() -> dict[str, Any]:
 
 
 def _cuda_device_present() -> bool:
-    try:
-        import torch
+    """Whether an NVIDIA device is usable, without importing torch when nothing has yet (that costs seconds,
+    and ``kiln serve`` must be ready in under three)."""
+    import sys
 
+    torch = sys.modules.get("torch")
+    if torch is not None:
         return bool(torch.cuda.is_available())
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        return False
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
 
 
 def default_intra_op_threads() -> int:

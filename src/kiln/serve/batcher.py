@@ -1,0 +1,314 @@
+"""Dynamic batching per model version: rows not requests, a bounded queue, deadlines, and a learned cost.
+
+The dispatch loop takes the oldest request's kind (requests are only stacked with others of the same input
+shapes), gathers queued requests of that kind up to ``max_batch_size`` rows, and asks the model's
+``BatchCostModel`` how to cut them into batches of least total time (text grouped by length, so batches carry
+little padding). It waits for batch-mates only when the cost model says a full batch makes a row markedly
+cheaper (a GPU) and the latency target leaves room; on a small CPU it learns that waiting does not pay and
+dispatches at once, so batching never makes the tail worse. Inference runs on worker threads (one per engine
+instance; ONNX Runtime releases the GIL), never on the event loop.
+
+Nothing here knows about HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from kiln.errors import Overloaded
+from kiln.serve.metrics import ModelMetrics
+from kiln.serve.model import ServedModel, Work
+from kiln.types import Feeds
+
+logger = logging.getLogger(__name__)
+
+# The batcher holds a request back for batch-mates only when a full batch makes a row at least this much cheaper
+# AND the engine would be at least this busy running requests one by one at the current arrival rate. Below that
+# load, waiting only adds latency: requests that arrive while the engine is busy are batched anyway.
+WAIT_PAYS_GAIN = 1.5
+WAIT_PAYS_UTILIZATION = 0.5
+_RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
+_TYPICAL_LENGTH = 32
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.005
+    p99_target_s: float | None = None
+    max_queue_rows: int = 1024
+    batching: bool = True
+
+
+@dataclass
+class _Pending:
+    work: Work
+    future: asyncio.Future[Feeds]
+    enqueued: float
+    deadline: float | None
+
+
+class Batcher:
+    """Queues validated requests of one model version and runs them in batches on worker threads.
+
+    Example:
+        >>> batcher = Batcher(model, BatchPolicy(max_batch_size=32), metrics)  # doctest: +SKIP
+        >>> batcher.start()  # doctest: +SKIP
+        >>> outputs = await batcher.submit(model.prepare(request, max_rows=256), timeout_s=None)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: ServedModel, policy: BatchPolicy, metrics: ModelMetrics) -> None:
+        self.model = model
+        self.policy = policy
+        self.metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._inflight = 0
+        self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        instances = len(model.engines)
+        self._free = asyncio.Semaphore(instances)
+        self._free_instances = list(range(instances))
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"kiln-{model.name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._last_arrival = 0.0
+        self._mean_gap_s = float("inf")  # smoothed time between arrivals
+        self._mean_rows = 1.0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher-{self.model.name}")
+
+    async def drain(self) -> None:
+        """Wait until every queued and running request has finished."""
+        while self._queue or self._inflight:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        """Drain, then stop the loop and the worker threads."""
+        self._closed = True
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def running_batches(self) -> int:
+        """Engine instances busy now."""
+        return self._inflight
+
+    # -- the request side ---------------------------------------------------------------------------------------
+    async def submit(self, work: Work, *, timeout_s: float | None) -> Feeds:
+        """Queue a request and wait for its outputs.
+
+        Raises:
+            Overloaded: the queue is full, or the request cannot finish before its deadline.
+        """
+        policy = self.policy
+        if self._queued_rows + work.rows > policy.max_queue_rows:
+            self.metrics.rejected("queue_full")
+            raise Overloaded(
+                f'model "{self.model.name}" has {self._queued_rows} rows queued and accepts at most '
+                f"{policy.max_queue_rows}; retry after a short wait or add capacity",
+                model=self.model.name,
+                retry_after_s=1,
+            )
+        now = time.perf_counter()
+        deadline = None
+        if timeout_s is not None:
+            deadline = now + timeout_s
+            expected = self._expected_wait_s() + self.model.cost.predict(work.rows, work.length)
+            if expected > timeout_s:
+                self.metrics.rejected("deadline")
+                raise Overloaded(
+                    f"request timeout is {timeout_s * 1000:.0f} ms but the queue ahead of it needs about "
+                    f"{expected * 1000:.0f} ms; retry later or allow a longer timeout",
+                    model=self.model.name,
+                    retry_after_s=1,
+                )
+        if self._closed:
+            raise Overloaded(
+                f'model "{self.model.name}" version {self.model.version} is being unloaded; retry',
+                model=self.model.name,
+                retry_after_s=1,
+            )
+        self._observe_arrival(now, work.rows)
+        future: asyncio.Future[Feeds] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(work, future, now, deadline))
+        self._queued_rows += work.rows
+        self.metrics.queue_depth(self._queued_rows)
+        self._arrived.set()
+        return await future
+
+    def _observe_arrival(self, now: float, rows: int) -> None:
+        if self._last_arrival:
+            gap = now - self._last_arrival
+            if self._mean_gap_s == float("inf"):
+                self._mean_gap_s = gap
+            else:
+                self._mean_gap_s += _RATE_SMOOTHING * (gap - self._mean_gap_s)
+            self._mean_rows += _RATE_SMOOTHING * (rows - self._mean_rows)
+        self._last_arrival = now
+
+    @property
+    def arrival_rows_per_s(self) -> float:
+        """Smoothed arrival rate in rows per second (0 before two arrivals)."""
+        return self._mean_rows / self._mean_gap_s if self._mean_gap_s > 0 else 0.0
+
+    def _expected_wait_s(self) -> float:
+        """Queue ahead of a new request, in seconds of predicted compute, spread over the engine instances."""
+        if not self._queued_rows and not self._inflight:
+            return 0.0
+        per_row = self.model.cost.predict(self.policy.max_batch_size, _TYPICAL_LENGTH) / self.policy.max_batch_size
+        return (self._queued_rows + self._inflight * self.policy.max_batch_size / 2) * per_row / len(self.model.engines)
+
+    # -- the dispatch side --------------------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._free.acquire()
+            if self.policy.batching and self._waiting_pays():
+                await self._gather_batch_mates()
+            taken = self._take()
+            if not taken:
+                self._free.release()
+                continue
+            instance = self._free_instances.pop()
+            self._inflight += 1
+            loop.run_in_executor(self._executor, self._run, taken, instance, loop)
+
+    def _waiting_pays(self) -> bool:
+        policy = self.policy
+        if policy.max_batch_size <= 1 or policy.max_queue_delay_s <= 0 or self._queued_rows >= policy.max_batch_size:
+            return False
+        cost = self.model.cost
+        if cost.batching_gain(policy.max_batch_size, _TYPICAL_LENGTH) < WAIT_PAYS_GAIN:
+            return False
+        busy_alone = self.arrival_rows_per_s * cost.predict(1, _TYPICAL_LENGTH) / len(self.model.engines)
+        return busy_alone >= WAIT_PAYS_UTILIZATION
+
+    async def _gather_batch_mates(self) -> None:
+        policy = self.policy
+        oldest = self._queue[0].enqueued
+        wait_s = policy.max_queue_delay_s
+        if policy.p99_target_s is not None:
+            full_batch_s = self.model.cost.predict(policy.max_batch_size, _TYPICAL_LENGTH)
+            wait_s = min(wait_s, max(0.0, policy.p99_target_s - full_batch_s) / 2)
+        until = oldest + wait_s
+        while self._queued_rows < policy.max_batch_size:
+            remaining = until - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        """The oldest request and queued requests of the same kind, up to ``max_batch_size`` rows."""
+        now = time.perf_counter()
+        while self._queue and self._expired(self._queue[0], now):
+            self._fail_expired(self._queue.popleft())
+        if not self._queue:
+            return []
+        limit = self.policy.max_batch_size if self.policy.batching else 1
+        first = self._queue.popleft()
+        taken, rows = [first], first.work.rows
+        if self.model.batchable:
+            kept: deque[_Pending] = deque()
+            while self._queue and rows < limit:
+                item = self._queue.popleft()
+                if self._expired(item, now):
+                    self._fail_expired(item)
+                elif item.work.key == first.work.key and rows + item.work.rows <= limit:
+                    taken.append(item)
+                    rows += item.work.rows
+                else:
+                    kept.append(item)
+            kept.extend(self._queue)
+            self._queue = kept
+        self._queued_rows -= sum(p.work.rows for p in taken)
+        self.metrics.queue_depth(self._queued_rows)
+        for pending in taken:
+            self.metrics.queued(now - pending.enqueued)
+        return taken
+
+    @staticmethod
+    def _expired(pending: _Pending, now: float) -> bool:
+        return pending.future.cancelled() or (pending.deadline is not None and now > pending.deadline)
+
+    def _fail_expired(self, pending: _Pending) -> None:
+        self._queued_rows -= pending.work.rows
+        if not pending.future.done():
+            self.metrics.rejected("deadline")
+            pending.future.set_exception(
+                Overloaded(
+                    f'request to model "{self.model.name}" waited {(time.perf_counter() - pending.enqueued) * 1000:.0f}'
+                    " ms in the queue and passed its deadline; retry later or allow a longer timeout",
+                    model=self.model.name,
+                    retry_after_s=1,
+                )
+            )
+
+    def _run(self, taken: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: cut the taken requests into batches by cost, run each, hand results back as they land."""
+        try:
+            if len(taken) == 1:
+                plans = [[0]]
+            else:
+                limit = self.policy.max_batch_size if self.policy.batching else 1
+                plans = self.model.cost.plan([p.work.length for p in taken], [p.work.rows for p in taken], limit)
+            for plan in plans:
+                group = [taken[i] for i in plan]
+                started = time.perf_counter()
+                try:
+                    results = self.model.execute([p.work for p in group], instance)
+                except Exception as exc:  # every waiter of a failed batch gets the error
+                    logger.exception("batch of %d requests failed on %s", len(group), self.model.name)
+                    loop.call_soon_threadsafe(_fail_all, group, exc)
+                    continue
+                compute_s = time.perf_counter() - started
+                rows = sum(p.work.rows for p in group)
+                self.metrics.batch(rows, compute_s)
+                loop.call_soon_threadsafe(_resolve_all, group, results)
+        finally:
+            loop.call_soon_threadsafe(self._finished, instance)
+
+    def _finished(self, instance: int) -> None:
+        self._inflight -= 1
+        self._free_instances.append(instance)
+        self._free.release()
+        if not self._queue and not self._inflight:
+            self._idle.set()
+
+
+def _resolve_all(group: list[_Pending], results: list[Feeds]) -> None:
+    for pending, result in zip(group, results, strict=True):
+        if not pending.future.done():
+            pending.future.set_result(result)
+
+
+def _fail_all(group: list[_Pending], exc: Exception) -> None:
+    for pending in group:
+        if not pending.future.done():
+            pending.future.set_exception(exc)

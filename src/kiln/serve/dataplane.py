@@ -1,0 +1,270 @@
+"""The transport-free core of ``kiln serve``: every V2 operation, for HTTP and gRPC alike.
+
+It holds the model repository, the batchers and the metrics; the transports decode a request, call one method
+here and encode what it returns. Errors are ``KilnError`` subclasses; each transport maps them to its status
+codes in one table. Nothing here knows about HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import kiln
+from kiln import artifact as artifacts
+from kiln.config import ServeSettings, settings_dict
+from kiln.errors import Forbidden, KilnError, Overloaded, Unauthorized
+from kiln.serve.batcher import BatchPolicy
+from kiln.serve.metrics import ServerMetrics
+from kiln.serve.protocol import InferRequest, InferResponse
+from kiln.serve.repository import LoadedVersion, ModelRepository
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "kiln"
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository", "schedule_policy")
+_TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
+
+
+class DataPlane:
+    """KServe V2 operations over a model repository.
+
+    Example:
+        >>> plane = DataPlane(Path("kiln-repo"), ServeSettings())  # doctest: +SKIP
+        >>> await plane.start()  # doctest: +SKIP
+        >>> response = await plane.infer("minilm", None, request)  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.policy = BatchPolicy(
+            max_batch_size=settings.max_batch_size if settings.batching else 1,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+            p99_target_s=settings.p99_target_ms / 1000 if settings.p99_target_ms else None,
+            max_queue_rows=settings.max_queue_rows,
+            batching=settings.batching,
+        )
+        self.repository = ModelRepository(
+            root,
+            self.policy,
+            self.metrics,
+            latest_versions=settings.version_policy_latest,
+            instances=settings.instances,
+            intra_op_threads=settings.intra_op_threads,
+            warmup=settings.warmup,
+        )
+        self._accepting = False
+        self._starting = True
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the configured models (all models in the repository when none are named), warm, then ready."""
+        names = list(self.settings.models) or artifacts.list_models(self.repository.root)
+        if not names:
+            raise KilnError(
+                f'repository "{self.repository.root}" holds no models; add one with `kiln export ... --out '
+                f"{self.repository.root}`"
+            )
+        for name in names:
+            await self.repository.load(name)
+        self._accepting = True
+        self._starting = False
+
+    async def drain(self) -> None:
+        """Stop accepting requests, then wait for every accepted one to be answered."""
+        self._accepting = False
+        self._starting = False
+        while self._inflight:
+            self._idle.clear()
+            await self._idle.wait()
+        await self.repository.drain()
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.repository.close()
+
+    # -- health and metadata --------------------------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._accepting and bool(self.repository.served())
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": kiln.__version__, "extensions": list(EXTENSIONS)}
+
+    def model_ready(self, name: str, version: str | None) -> bool:
+        try:
+            self.repository.get(name, version)
+        except KilnError:
+            return False
+        return self._accepting
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        loaded = self.repository.get(name, version)
+        model = loaded.model
+        return {
+            "name": name,
+            "versions": [str(v) for v in sorted(self.repository.served()[name])],
+            "platform": "onnxruntime_onnx",
+            "inputs": [_tensor_metadata(s.name, s.dtype, s.shape) for s in model.inputs],
+            "outputs": [_tensor_metadata(s.name, s.dtype, s.shape) for s in model.outputs],
+        }
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model's configuration in Triton's ``ModelConfig`` JSON form (config extension)."""
+        loaded = self.repository.get(name, version)
+        model = loaded.model
+        batched = model.batchable and self.policy.max_batch_size > 0
+
+        def dims(shape: tuple[int, ...]) -> list[int]:
+            return list(shape[1:] if batched else shape) or [1]
+
+        config: dict[str, Any] = {
+            "name": name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"latest": {"num_versions": self.repository.latest_versions}},
+            "max_batch_size": self.policy.max_batch_size if batched else 0,
+            "input": [
+                {"name": s.name, "data_type": _TRITON_TYPES[s.dtype], "dims": dims(s.shape)} for s in model.inputs
+            ],
+            "output": [
+                {"name": s.name, "data_type": _TRITON_TYPES[s.dtype], "dims": dims(s.shape)} for s in model.outputs
+            ],
+            "instance_group": [{"name": name, "kind": "KIND_CPU", "count": len(model.engines)}],
+            "parameters": {
+                "kiln_settings": {"string_value": orjson.dumps(_public_settings(self.settings)).decode()},
+                "kiln_batch_cost": {"string_value": str(model.cost.coefficients)},
+            },
+        }
+        if batched and self.policy.batching:
+            config["dynamic_batching"] = {
+                "max_queue_delay_microseconds": int(self.policy.max_queue_delay_s * 1e6),
+                "preferred_batch_size": [self.policy.max_batch_size],
+            }
+        return config
+
+    def statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
+        if name:
+            loaded = [self.repository.get(name, version)] if version else self.repository.served_versions(name)
+        else:
+            loaded = [lv for versions in self.repository.served().values() for lv in versions.values()]
+        return {"model_stats": [lv.metrics.triton_stats() for lv in loaded]}
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        return self.repository.index()
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    # -- auth -----------------------------------------------------------------------------------------------------
+    def authorize(self, bearer: str | None, *, admin: bool = False) -> None:
+        """Check an ``Authorization: Bearer`` token against the configured keys.
+
+        Raises:
+            Forbidden: ``admin`` and the admin endpoints are disabled.
+            Unauthorized: keys are configured and the token is missing or not one of them.
+        """
+        if admin and not self.settings.admin_enabled:
+            raise Forbidden(
+                "the repository endpoints (load/unload) are disabled; start the server with --admin and an admin "
+                "key (--admin-key or KILN_ADMIN_KEYS) to enable them"
+            )
+        keys = self.settings.admin_keys if admin else self.settings.api_keys
+        if admin and not keys:
+            raise Forbidden("admin endpoints need an admin key; none is configured (--admin-key)")
+        if not keys:
+            return
+        token = (bearer or "").strip()
+        if not token or not any(hmac.compare_digest(token, key) for key in keys):
+            kind = "an admin key" if admin else "an API key"
+            raise Unauthorized(
+                f"{'no' if not token else 'an unknown'} API key was sent; this endpoint needs {kind}: "
+                "send the header `Authorization: Bearer <key>`"
+            )
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """Validate, queue, batch, run and split one request.
+
+        Raises:
+            ModelNotFound: unknown model or version.
+            InvalidInput: the request does not fit the model's signature or the server's limits.
+            Overloaded: the server is draining, the queue is full, or the deadline cannot be met.
+        """
+        started = time.perf_counter()
+        if not self._accepting:
+            state = "is still loading its models" if self._starting else "is shutting down"
+            raise Overloaded(f"the server {state} and accepts no requests now; retry shortly or on another replica")
+        loaded = self.repository.get(name, version)
+        metrics = loaded.metrics
+        self._inflight += 1
+        metrics.inflight.inc()
+        try:
+            work = loaded.model.prepare(request, max_rows=self.settings.max_rows_per_request)
+            timeout_s = request.timeout_s
+            if timeout_s is None and self.settings.default_timeout_ms:
+                timeout_s = self.settings.default_timeout_ms / 1000
+            outputs = await loaded.batcher.submit(work, timeout_s=timeout_s)
+        except KilnError as exc:
+            metrics.finished(time.perf_counter() - started, "failure", _reason(exc))
+            raise
+        except Exception:
+            metrics.finished(time.perf_counter() - started, "failure", "internal")
+            raise
+        finally:
+            self._inflight -= 1
+            metrics.inflight.dec()
+            if not self._inflight:
+                self._idle.set()
+        metrics.finished(time.perf_counter() - started, "success")
+        return _response(loaded, request, outputs)
+
+
+def _response(loaded: LoadedVersion, request: InferRequest, outputs: dict[str, Any]) -> InferResponse:
+    binary = {out.name: out.binary for out in request.outputs}
+    return InferResponse(
+        model_name=loaded.model.name,
+        model_version=str(loaded.version),
+        outputs=outputs,
+        binary={name: binary.get(name, request.binary_output_default) for name in outputs},
+        id=request.id,
+    )
+
+
+def _public_settings(settings: ServeSettings) -> dict[str, Any]:
+    """Settings safe to show any client: never the keys."""
+    return {k: v for k, v in settings_dict(settings).items() if k not in ("api_keys", "admin_keys")}
+
+
+def _reason(exc: KilnError) -> str:
+    return type(exc).__name__.lower()
+
+
+def _tensor_metadata(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    return {"name": name, "datatype": dtype, "shape": list(shape)}

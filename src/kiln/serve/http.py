@@ -1,0 +1,372 @@
+"""KServe V2 over HTTP (plus Triton's binary tensor, configuration, statistics and repository extensions).
+
+The app is built from a visible list of routes; the only mapping from Kiln errors to HTTP status codes is
+``STATUS`` below. Every client mistake is a 4xx with ``{"error": "..."}``; a 500 means a bug in Kiln.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from kiln.config import ServeSettings
+from kiln.errors import (
+    ArtifactError,
+    ConfigError,
+    Forbidden,
+    InvalidInput,
+    KilnError,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from kiln.serve.codec import check_shape, from_bytes, from_json_data, numpy_dtype, to_bytes, to_json_data, v2_datatype
+from kiln.serve.dataplane import DataPlane
+from kiln.serve.protocol import InferRequest, InferResponse, RequestedOutput
+
+logger = logging.getLogger(__name__)
+
+HEADER_LENGTH = "inference-header-content-length"
+TIMEOUT_HEADER = "timeout-ms"
+_JSON = "application/json"
+
+# The one table from Kiln errors to HTTP status codes (most specific first). Overloaded uses the configured code.
+STATUS: list[tuple[type[KilnError], int]] = [
+    (PayloadTooLarge, 413),
+    (InvalidInput, 400),
+    (ConfigError, 400),
+    (ModelNotFound, 404),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (ArtifactError, 409),
+    (Overloaded, 503),
+]
+
+
+def status_of(exc: KilnError, overload_status: int) -> int:
+    if isinstance(exc, Overloaded):
+        return overload_status
+    for kind, code in STATUS:
+        if isinstance(exc, kind):
+            return code
+    return 500
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=_JSON, headers=headers)
+
+
+# -- request decoding -------------------------------------------------------------------------------------------
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading, when Content-Length says so)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"request body is {int(declared)} bytes; this server accepts at most {limit} bytes; split the request "
+            "or raise --max-request-bytes",
+            size=int(declared),
+            limit=limit,
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes; split the request", limit=limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise InvalidInput(f"request body is not valid {encoding} data ({exc}); send it uncompressed") from None
+        if len(body) > limit:
+            raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes; split the request", limit=limit)
+    elif encoding not in ("", "identity"):
+        raise InvalidInput(f'Content-Encoding "{encoding}" is not supported; use gzip, deflate or none')
+    return body
+
+
+def decode_infer(body: bytes, header_length: str | None, timeout_header: str | None) -> InferRequest:
+    """A V2 infer body (JSON, or JSON header + binary tensors) -> ``InferRequest``."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is {header_length!r} but the body has {len(body)} bytes; it must "
+                "be the byte length of the JSON header at the start of the body"
+            )
+        split = int(header_length)
+        header_bytes, binary = body[:split], memoryview(body)[split:]
+    else:
+        header_bytes, binary = body, memoryview(b"")
+    try:
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON ({exc}); send a KServe V2 inference request") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
+        raise InvalidInput('request must be a JSON object with a non-empty "inputs" list (KServe V2 inference)')
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be a JSON object')
+    inputs: dict[str, Any] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for i, tensor in enumerate(header["inputs"]):
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise InvalidInput(f'inputs[{i}] must be an object with a "name", "datatype", "shape" and "data"')
+        name = tensor["name"]
+        if name in inputs:
+            raise InvalidInput(f'input "{name}" appears twice; send each input once', input=name)
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str):
+            raise InvalidInput(f'input "{name}" has no "datatype"; add one, e.g. "FP32" or "BYTES"', input=name)
+        numpy_dtype(datatype, name)
+        shape = check_shape(name, tensor.get("shape"))
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidInput(
+                    f'input "{name}" declares binary_data_size {size!r} but only {len(binary) - offset} binary '
+                    "bytes remain after the JSON header",
+                    input=name,
+                )
+            inputs[name] = from_bytes(name, datatype, shape, binary[offset : offset + size])
+            offset += size
+        elif "data" in tensor:
+            inputs[name] = from_json_data(name, datatype, shape, tensor["data"])
+        else:
+            raise InvalidInput(f'input "{name}" has neither "data" nor binary_data_size; send its values', input=name)
+        datatypes[name] = datatype
+    if offset != len(binary):
+        raise InvalidInput(
+            f"{len(binary) - offset} binary bytes follow the inputs' declared binary_data_size; they must add up "
+            "to the bytes after the JSON header"
+        )
+    outputs = []
+    for out in header.get("outputs") or []:
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise InvalidInput('each entry of "outputs" must be an object with a "name"')
+        outputs.append(RequestedOutput(out["name"], bool((out.get("parameters") or {}).get("binary_data", False))))
+    return InferRequest(
+        inputs=inputs,
+        outputs=outputs,
+        id=str(header.get("id", "")),
+        parameters=parameters,
+        binary_output_default=bool(parameters.get("binary_data_output", False)),
+        timeout_s=_timeout_s(parameters.get("timeout"), timeout_header),
+        datatypes=datatypes,
+    )
+
+
+def _timeout_s(parameter: Any, header: str | None) -> float | None:
+    """``parameters.timeout`` is in microseconds (Triton's unit); the ``Timeout-Ms`` header in milliseconds."""
+    if header is not None:
+        try:
+            value = float(header)
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            raise InvalidInput(f"Timeout-Ms header is {header!r}; send a positive number of milliseconds")
+        return value / 1000
+    if parameter is None:
+        return None
+    if not isinstance(parameter, int | float) or parameter <= 0:
+        raise InvalidInput(f'parameter "timeout" is {parameter!r}; send a positive number of microseconds')
+    return float(parameter) / 1e6
+
+
+def encode_infer(response: InferResponse) -> Response:
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in response.outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape)}
+        if response.binary.get(name):
+            blob = to_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif array.dtype.kind in "fiub":
+            entry["data"] = array.reshape(-1)  # orjson writes numpy arrays natively
+        else:
+            entry["data"] = to_json_data(array)
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        body["id"] = response.id
+    body["outputs"] = outputs
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return Response(header, media_type=_JSON)
+    return Response(
+        b"".join([header, *blobs]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+# -- the app ------------------------------------------------------------------------------------------------------
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
+def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
+    """The Starlette app for a data plane: V2 routes, extensions, ``/metrics``, and the error table."""
+    settings: ServeSettings = plane.settings
+
+    def version_of(request: Request) -> str | None:
+        value: str | None = request.path_params.get("version")
+        return value
+
+    async def live(request: Request) -> Response:
+        return _json({"live": plane.live()}, 200 if plane.live() else 503)
+
+    async def ready(request: Request) -> Response:
+        ok = plane.ready()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return _json(plane.server_metadata())
+
+    async def model_metadata(request: Request) -> Response:
+        plane.authorize(_bearer(request))
+        return _json(plane.model_metadata(request.path_params["model"], version_of(request)))
+
+    async def model_ready(request: Request) -> Response:
+        ok = plane.model_ready(request.path_params["model"], version_of(request))
+        return _json({"name": request.path_params["model"], "ready": ok}, 200 if ok else 400)
+
+    async def model_config(request: Request) -> Response:
+        plane.authorize(_bearer(request))
+        return _json(plane.model_config(request.path_params["model"], version_of(request)))
+
+    async def model_stats(request: Request) -> Response:
+        plane.authorize(_bearer(request))
+        return _json(plane.statistics(request.path_params.get("model"), version_of(request)))
+
+    async def infer(request: Request) -> Response:
+        plane.authorize(_bearer(request))
+        plane.repository.get(request.path_params["model"], version_of(request))  # 404 before reading a body
+        body = await read_body(request, settings.max_request_bytes)
+        decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(TIMEOUT_HEADER))
+        response = await plane.infer(request.path_params["model"], version_of(request), decoded)
+        return encode_infer(response)
+
+    async def repository_index(request: Request) -> Response:
+        plane.authorize(_bearer(request))
+        return _json(plane.repository_index())
+
+    async def repository_load(request: Request) -> Response:
+        plane.authorize(_bearer(request), admin=True)
+        await plane.repository.load(request.path_params["model"])
+        return _json({})
+
+    async def repository_unload(request: Request) -> Response:
+        plane.authorize(_bearer(request), admin=True)
+        await plane.repository.unload(request.path_params["model"])
+        return _json({})
+
+    async def metrics(request: Request) -> Response:
+        return Response(plane.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def kiln_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, KilnError)
+        status = status_of(exc, settings.overload_status)
+        headers: dict[str, str] = {}
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(int(exc.details.get("retry_after_s", 1)))
+        elif isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        if status >= 500 and not isinstance(exc, Overloaded):
+            logger.error("request %s %s failed: %s", request.method, request.url.path, exc)
+        return _json({"error": exc.message}, status, headers)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _json({"error": f"internal error ({type(exc).__name__}); the server log has the details"}, 500)
+
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", model_stats, methods=["GET"]),
+        Route(model, model_metadata, methods=["GET"]),
+        Route(versioned, model_metadata, methods=["GET"]),
+        Route(f"{model}/ready", model_ready, methods=["GET"]),
+        Route(f"{versioned}/ready", model_ready, methods=["GET"]),
+        Route(f"{model}/config", model_config, methods=["GET"]),
+        Route(f"{versioned}/config", model_config, methods=["GET"]),
+        Route(f"{model}/stats", model_stats, methods=["GET"]),
+        Route(f"{versioned}/stats", model_stats, methods=["GET"]),
+        Route(f"{model}/infer", infer, methods=["POST"]),
+        Route(f"{versioned}/infer", infer, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={KilnError: kiln_error, Exception: internal_error, 404: _not_found, 405: _bad_method},
+    )
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _json(
+        {
+            "error": f"no route for {request.method} {request.url.path}; see the KServe V2 protocol (e.g. POST "
+            "/v2/models/{model}/infer)"
+        },
+        404,
+    )
+
+
+async def _bad_method(request: Request, exc: Exception) -> Response:
+    return _json({"error": f"{request.method} is not allowed on {request.url.path}"}, 405)
+
+
+async def run_http(plane: DataPlane, sock: Any, *, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve the app on a bound socket until SIGINT/SIGTERM; then finish in-flight requests and return.
+
+    uvicorn stops accepting, lets every open request complete, then ``on_shutdown`` runs (the gRPC server's
+    grace period and the data plane's drain).
+    """
+    import contextlib
+
+    import uvicorn
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        yield
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    app = build_app(plane, lifespan=lifespan)
+    config = uvicorn.Config(
+        app,
+        loop="none",  # the caller owns the (uvloop) event loop
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(plane.settings.drain_timeout_s),
+        limit_concurrency=None,
+    )
+    server = uvicorn.Server(config)
+    await server.serve(sockets=[sock])

@@ -1,0 +1,228 @@
+"""The served model repository: which versions are loaded, and swapping them without dropping a request.
+
+A load builds the new versions' engines and warms them up on a worker thread while the old versions keep
+serving; only when the new ones are warm does one assignment make them visible, after which the versions that
+left the policy (latest-N) drain their queues and close. A request that already holds an old version finishes
+on it; a new request sees the new set. ``kiln.artifact.load`` verifies every model file's sha256 on the way in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln import artifact as artifacts
+from kiln.errors import KilnError, ModelNotFound, did_you_mean
+from kiln.serve.batcher import Batcher, BatchPolicy
+from kiln.serve.metrics import ModelMetrics, ServerMetrics
+from kiln.serve.model import ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedVersion:
+    model: ServedModel
+    batcher: Batcher
+    metrics: ModelMetrics
+    load_s: float  # build + warm-up
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+
+@dataclass
+class _Failure:
+    version: int | None
+    reason: str
+
+
+class ModelRepository:
+    """Loads, serves and swaps versions of the models in one repository directory.
+
+    Example:
+        >>> repo = ModelRepository(Path("kiln-repo"), policy, ServerMetrics())  # doctest: +SKIP
+        >>> await repo.load("minilm")  # doctest: +SKIP
+        [2]
+        >>> repo.get("minilm").model.version  # doctest: +SKIP
+        2
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        policy: BatchPolicy,
+        metrics: ServerMetrics,
+        *,
+        latest_versions: int = 1,
+        instances: int | None = None,
+        intra_op_threads: int | None = None,
+        warmup: bool = True,
+    ) -> None:
+        if not root.is_dir():
+            raise ModelNotFound(f'model repository "{root}" does not exist; pass a directory made by `kiln export`')
+        self.root = root
+        self.policy = policy
+        self.metrics = metrics
+        self.latest_versions = max(1, latest_versions)
+        self.instances = instances
+        self.intra_op_threads = intra_op_threads
+        self.warmup = warmup
+        self._served: dict[str, dict[int, LoadedVersion]] = {}
+        self._failures: dict[str, _Failure] = {}
+        self._lock = asyncio.Lock()
+
+    # -- queries (synchronous: no await between finding a version and queueing on it) ---------------------------
+    def get(self, name: str, version: str | int | None = None) -> LoadedVersion:
+        """The loaded version ``version`` of ``name`` (the newest loaded when ``None``)."""
+        served = self._served.get(name)
+        if not served:
+            known = sorted(set(self._served) | set(artifacts.list_models(self.root)))
+            state = "" if name not in known else " (it is in the repository but not loaded; load it first)"
+            raise ModelNotFound(
+                f'model "{name}" is not served here{did_you_mean(name, known)}{state}; '
+                f"served models: {', '.join(sorted(self._served)) or 'none'}",
+                model=name,
+            )
+        if version is None or version == "":
+            return served[max(served)]
+        number = _version_number(name, version)
+        if number not in served:
+            raise ModelNotFound(
+                f'model "{name}" has no loaded version {version}; loaded versions: {sorted(served)}',
+                model=name,
+                version=str(version),
+            )
+        return served[number]
+
+    def served(self) -> dict[str, dict[int, LoadedVersion]]:
+        return self._served
+
+    def served_versions(self, name: str) -> list[LoadedVersion]:
+        self.get(name)  # raises ModelNotFound with a suggestion
+        return [self._served[name][v] for v in sorted(self._served[name])]
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every model in the repository directory and every loaded version, with its state."""
+        entries: list[dict[str, Any]] = []
+        for name in sorted(set(artifacts.list_models(self.root)) | set(self._served) | set(self._failures)):
+            loaded = self._served.get(name, {})
+            for version in sorted(loaded):
+                entries.append({"name": name, "version": str(version), "state": "READY", "reason": ""})
+            failure = self._failures.get(name)
+            if failure is not None:
+                failed = "" if failure.version is None else str(failure.version)
+                entries.append({"name": name, "version": failed, "state": "UNAVAILABLE", "reason": failure.reason})
+            elif not loaded:
+                entries.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"})
+        return entries
+
+    # -- control ------------------------------------------------------------------------------------------------
+    async def load(self, name: str) -> list[int]:
+        """Load (or reload) the latest-N versions of ``name``; returns the versions now served.
+
+        The previous versions keep serving until the new ones are warm. A version already loaded and still in
+        the policy is kept as it is (not rebuilt).
+        """
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ModelNotFound(f'"{name}" is not a model name; a model is a directory directly inside the repository')
+        async with self._lock:
+            wanted = artifacts.versions(self.root / name)[-self.latest_versions :]
+            if not wanted:
+                known = artifacts.list_models(self.root)
+                raise ModelNotFound(
+                    f'model "{name}" is not in repository "{self.root}"{did_you_mean(name, known)}; '
+                    f"available: {', '.join(known) or 'none'}",
+                    model=name,
+                )
+            current = self._served.get(name, {})
+            fresh: dict[int, LoadedVersion] = {}
+            for version in wanted:
+                if version in current:
+                    continue
+                try:
+                    fresh[version] = await asyncio.to_thread(self._build, name, version)
+                except KilnError as exc:
+                    self._failures[name] = _Failure(version, exc.message)
+                    for loaded in fresh.values():
+                        await loaded.batcher.close()
+                    raise
+            for loaded in fresh.values():
+                loaded.batcher.start()
+            keep = {v: lv for v, lv in current.items() if v in wanted}
+            self._served = {**self._served, name: {**keep, **fresh}}  # one assignment: the swap
+            self._failures.pop(name, None)
+            retired = [lv for v, lv in current.items() if v not in wanted]
+        for loaded in retired:
+            await loaded.batcher.close()
+            logger.info("unloaded %s version %d", name, loaded.version)
+        return sorted(self._served[name])
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests are refused at once; queued and running ones finish."""
+        async with self._lock:
+            if name not in self._served:
+                raise ModelNotFound(
+                    f'model "{name}" is not loaded{did_you_mean(name, self._served)}; '
+                    f"loaded: {', '.join(sorted(self._served)) or 'none'}",
+                    model=name,
+                )
+            retired = self._served[name]
+            self._served = {k: v for k, v in self._served.items() if k != name}
+        for loaded in retired.values():
+            await loaded.batcher.close()
+
+    async def reload(self) -> None:
+        """Bring every served model to its latest-N versions on disk (SIGHUP)."""
+        for name in list(self._served):
+            try:
+                await self.load(name)
+            except KilnError as exc:
+                logger.error("reload of %s failed, the loaded versions keep serving: %s", name, exc)
+
+    async def drain(self) -> None:
+        for served in list(self._served.values()):
+            for loaded in served.values():
+                await loaded.batcher.drain()
+
+    async def close(self) -> None:
+        served, self._served = self._served, {}
+        for versions in served.values():
+            for loaded in versions.values():
+                await loaded.batcher.close()
+
+    def _build(self, name: str, version: int) -> LoadedVersion:
+        started = time.perf_counter()
+        artifact = artifacts.load(self.root / name, version)
+        model = ServedModel(artifact, instances=self.instances, intra_op_threads=self.intra_op_threads)
+        if self.warmup:
+            model.warmup(self.policy.max_batch_size)
+        metrics = self.metrics.for_model(name, version)
+        batcher = Batcher(model, self.policy, metrics)
+        load_s = time.perf_counter() - started
+        fixed, per_token, _ = model.cost.coefficients
+        logger.info(
+            "loaded %s version %d in %.2f s (warm-up included); batch cost: %.2f ms + %.3f ms/token",
+            name,
+            version,
+            load_s,
+            fixed * 1e3,
+            per_token * 1e3,
+        )
+        return LoadedVersion(model, batcher, metrics, load_s)
+
+
+def _version_number(name: str, version: str | int) -> int:
+    try:
+        return int(version)
+    except (TypeError, ValueError):
+        raise ModelNotFound(
+            f'model "{name}" version "{version}" is not a version number; versions are 1, 2, 3 ...',
+            model=name,
+            version=str(version),
+        ) from None

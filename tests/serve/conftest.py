@@ -1,0 +1,181 @@
+"""A real ``kiln serve`` for the serve tests: the data plane and its transports on free ports, in this process.
+
+The server runs on its own event loop (uvloop, as ``kiln serve`` does) in a background thread, so a test calls
+it with the ordinary blocking clients (``tritonclient.grpc`` / ``tritonclient.http``) from the test thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvloop
+
+from kiln.config import ServeSettings
+from kiln.serve import DataPlane
+from kiln.serve.grpc import GrpcServer, start_grpc
+
+T = TypeVar("T")
+_START_TIMEOUT_S = 120.0  # MiniLM's load and warm-up on a busy 2-core machine
+_STOP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class RunningServer:
+    """A started server. ``grpc_url``/``http_url`` are ``host:port``, what tritonclient's clients take."""
+
+    plane: DataPlane
+    loop: asyncio.AbstractEventLoop
+    grpc: GrpcServer
+    grpc_url: str
+    http_url: str | None = None
+    _stops: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list, repr=False)
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
+        """Run ``coroutine`` on the server's event loop (e.g. ``server.call(server.plane.repository.load("m"))``)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread, closed by ``close``."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="kiln-test-server", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(_STOP_TIMEOUT_S)
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())  # asyncio.to_thread's workers
+        self.loop.close()
+
+
+async def _start(root: Path, settings: ServeSettings, http: bool) -> RunningServer:
+    plane = DataPlane(root, settings)
+    stops: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    try:
+        stops.append(plane.close)
+        await plane.start()
+        grpc_server = await start_grpc(plane, settings.host, 0)
+        stops.append(lambda: grpc_server.stop(grace_s=5.0))
+        http_url = None
+        if http:
+            http_url, stop_http = await _start_http(plane, settings.host)
+            stops.append(stop_http)
+    except BaseException:
+        await _run_stops(stops)
+        raise
+    url = f"{settings.host}:{grpc_server.port}"
+    return RunningServer(plane, asyncio.get_running_loop(), grpc_server, url, http_url, stops)
+
+
+async def _start_http(plane: DataPlane, host: str) -> tuple[str, Callable[[], Coroutine[Any, Any, None]]]:
+    import uvicorn
+
+    from kiln.serve.http import build_app
+    from kiln.serve.server import bind
+
+    sock = bind(host, 0)
+    config = uvicorn.Config(build_app(plane), loop="none", lifespan="off", access_log=False, log_level="warning")
+    uvicorn_server = uvicorn.Server(config)
+    task = asyncio.create_task(uvicorn_server.serve(sockets=[sock]))
+    while not uvicorn_server.started:
+        if task.done():
+            task.result()  # raises why it did not start
+        await asyncio.sleep(0.01)
+
+    async def stop() -> None:
+        uvicorn_server.should_exit = True
+        await task
+        sock.close()
+
+    return f"{host}:{sock.getsockname()[1]}", stop
+
+
+async def _run_stops(stops: list[Callable[[], Coroutine[Any, Any, None]]]) -> None:
+    for stop in reversed(stops):  # HTTP, then gRPC (each finishes its calls in flight), then the data plane
+        await stop()
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., RunningServer]]:
+    """``start_server(root, settings=None, *, http=False) -> RunningServer``: serve the repository ``root``.
+
+    gRPC always (on a free port; ``settings.grpc_port`` is ignored), HTTP too with ``http=True``. Every server
+    started in a test is drained and stopped when the test ends.
+    """
+    threads: list[tuple[_LoopThread, RunningServer]] = []
+
+    def start(root: Path, settings: ServeSettings | None = None, *, http: bool = False) -> RunningServer:
+        thread = _LoopThread()
+        try:
+            server = asyncio.run_coroutine_threadsafe(
+                _start(root, settings or ServeSettings(), http), thread.loop
+            ).result(_START_TIMEOUT_S)
+        except BaseException:
+            thread.close()
+            raise
+        threads.append((thread, server))
+        return server
+
+    yield start
+    for thread, server in threads:
+        try:
+            server.call(_run_stops(server._stops), _STOP_TIMEOUT_S)
+        finally:
+            thread.close()
+
+
+SLOW_HIDDEN = 2048
+
+
+@pytest.fixture
+def slow_repo(tmp_path: Path) -> Path:
+    """A repository with model "slow": a real ONNX MLP (4 -> 2048 -> 2048 -> 3 softmax), about a millisecond per
+    row on two cores, so queues form without sleeping anywhere. ``input`` FP32 [-1, 4] -> ``probabilities``."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln import artifact as artifacts
+    from kiln.types import Signature, TensorSpec
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, SLOW_HIDDEN)).astype(np.float32) / 2
+    w2 = rng.normal(size=(SLOW_HIDDEN, SLOW_HIDDEN)).astype(np.float32) / SLOW_HIDDEN**0.5
+    w3 = rng.normal(size=(SLOW_HIDDEN, 3)).astype(np.float32) / SLOW_HIDDEN**0.5
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "w1"], ["h1"]),
+            helper.make_node("Relu", ["h1"], ["a1"]),
+            helper.make_node("MatMul", ["a1", "w2"], ["h2"]),
+            helper.make_node("Relu", ["h2"], ["a2"]),
+            helper.make_node("MatMul", ["a2", "w3"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "slow.onnx"
+    onnx.save(model, str(path))
+    signature = Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("probabilities", "FP32", (-1, 3)),)
+    )
+    repo = tmp_path / "slow-repo"
+    artifacts.write(repo, artifacts.Manifest(name="slow", signature=signature, task="classification"), path)
+    return repo

@@ -1,0 +1,47 @@
+"""kiln.serve.codec: V2 tensors in JSON and binary form, and the errors a client gets for malformed ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.errors import InvalidInput
+from kiln.serve.codec import decode_texts, from_bytes, from_json_data, to_bytes, to_json_data
+
+
+def test_json_data_flat_or_nested_gives_the_same_tensor() -> None:
+    flat = from_json_data("x", "INT32", (2, 3), [1, 2, 3, 4, 5, 6])
+    nested = from_json_data("x", "INT32", (2, 3), [[1, 2, 3], [4, 5, 6]])
+    assert flat.dtype == np.int32 and flat.shape == (2, 3)
+    np.testing.assert_array_equal(flat, nested)
+
+
+@pytest.mark.parametrize("dtype", ["FP32", "FP64", "FP16", "INT8", "INT64", "UINT16", "BOOL"])
+def test_binary_round_trip_for_every_numeric_datatype(dtype: str) -> None:
+    from kiln.types import V2_TO_NUMPY
+
+    array = (np.arange(12) % 3).astype(V2_TO_NUMPY[dtype]).reshape(3, 4)
+    np.testing.assert_array_equal(from_bytes("x", dtype, (3, 4), to_bytes(array)), array)
+
+
+def test_bytes_round_trip_and_utf8_text() -> None:
+    array = np.array([b"hello", "wörld".encode(), b""], dtype=np.object_)
+    back = from_bytes("text", "BYTES", (3,), to_bytes(array))
+    assert list(back) == list(array)
+    assert decode_texts("text", back) == ["hello", "wörld", ""]
+    assert to_json_data(back) == ["hello", "wörld", ""]
+
+
+def test_malformed_tensors_name_the_input_and_the_rule() -> None:
+    with pytest.raises(InvalidInput, match=r'input "x" has 5 elements but shape \[2, 3\] needs 6'):
+        from_json_data("x", "FP32", (2, 3), [1, 2, 3, 4, 5])
+    with pytest.raises(InvalidInput, match=r'input "x" has 8 bytes of binary data but shape \[3\] of FP32 needs 12'):
+        from_bytes("x", "FP32", (3,), b"\0" * 8)
+    with pytest.raises(InvalidInput, match=r'input "x" has datatype "FLOAT32", which is not a KServe V2 datatype'):
+        from_json_data("x", "FLOAT32", (1,), [1.0])
+    with pytest.raises(InvalidInput, match=r'input "x" has data that is not FP32'):
+        from_json_data("x", "FP32", (2,), ["a", "b"])
+    with pytest.raises(InvalidInput, match=r"BYTES element 0 claims 100 bytes but only 2 remain"):
+        from_bytes("t", "BYTES", (1,), b"\x64\0\0\0ab")
+    with pytest.raises(InvalidInput, match=r"element 1 is not valid UTF-8"):
+        decode_texts("t", np.array([b"ok", b"\xff\xfe"], dtype=np.object_))

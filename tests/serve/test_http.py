@@ -1,0 +1,201 @@
+"""kiln serve over HTTP, driven by the reference client (``tritonclient.http``) and by raw HTTP for bad input.
+
+The server is the real one (data plane, batcher, Starlette app under uvicorn) on a free port; see conftest.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from kiln import artifact as artifacts
+from kiln.config import ServeSettings
+
+Array = np.ndarray[Any, Any]
+
+
+def expected(x: Array, weights: tuple[Array, Array]) -> Array:
+    logits = x @ weights[0] + weights[1]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Any]:
+    """A raw POST; returns (status, headers, parsed JSON body) whatever the status."""
+    request = urllib.request.Request(f"http://{url}{path}", data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def infer_body(data: list[Any], shape: list[int], name: str = "input", datatype: str = "FP32") -> bytes:
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+
+@pytest.fixture
+def tiny_server(start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact) -> Any:
+    return start_server(tiny_artifact.repository, ServeSettings(max_rows_per_request=64), http=True)
+
+
+def test_health_metadata_config_and_index_through_tritonclient(tiny_server: Any) -> None:
+    client = httpclient.InferenceServerClient(tiny_server.http_url)
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "kiln" and "binary_tensor_data" in meta["extensions"]
+    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "1")
+    assert not client.is_model_ready("tiny", "7")
+    model = client.get_model_metadata("tiny")
+    assert model["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    config = client.get_model_config("tiny")
+    assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [4]
+    assert "api_keys" not in config["parameters"]["kiln_settings"]["string_value"]
+    index = client.get_model_repository_index()
+    assert {"name": "tiny", "version": "1", "state": "READY", "reason": ""} in index
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_infer_json_and_binary_match_numpy(tiny_server: Any, tiny_weights: tuple[Array, Array], binary: bool) -> None:
+    client = httpclient.InferenceServerClient(tiny_server.http_url)
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary)]
+    for version in ("", "1"):
+        result = client.infer("tiny", [tensor], model_version=version, outputs=outputs)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected(x, tiny_weights), rtol=1e-5)
+        assert result.get_response()["model_version"] == "1"
+
+
+def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(
+    tiny_server: Any, tiny_weights: tuple[Array, Array]
+) -> None:
+    rng = np.random.default_rng(2)
+    requests = [rng.normal(size=(int(rows), 4)).astype(np.float32) for rows in rng.integers(1, 9, size=60)]
+
+    def call(x: Array) -> Array:
+        client = httpclient.InferenceServerClient(tiny_server.http_url)
+        tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        out: Array = client.infer("tiny", [tensor]).as_numpy("probabilities")
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, requests))
+    for x, result in zip(requests, results, strict=True):
+        assert result.shape == (len(x), 3)
+        np.testing.assert_allclose(result, expected(x, tiny_weights), rtol=1e-5)
+    stats = httpclient.InferenceServerClient(tiny_server.http_url).get_inference_statistics("tiny")
+    entry = stats["model_stats"][0]
+    assert entry["inference_count"] == sum(len(x) for x in requests)
+    assert entry["inference_stats"]["success"]["count"] == len(requests)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (infer_body([1, 2, 3, 4], [1, 4], name="inptu"), 400, r'input "inptu" is not an input .*did you mean "input"'),
+        (infer_body([1, 2, 3, 4], [1, 4], datatype="FP64"), 400, r'input "input" has datatype FP64; .* expects FP32'),
+        (infer_body([1, 2, 3], [1, 3]), 400, r'input "input" has shape \[1, 3\]; model "tiny" expects \[-1, 4\]'),
+        (infer_body([1, 2, 3], [1, 4]), 400, r"has 3 elements but shape \[1, 4\] needs 4"),
+        (infer_body([0.0] * 4 * 65, [65, 4]), 400, r"at most 64 rows per request; split the request"),
+        (b"{not json", 400, r"not valid JSON"),
+        (b'{"inputs": []}', 400, r'non-empty "inputs" list'),
+        (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4]}]}).encode(), 400, "neither"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_json_error_that_names_the_value(
+    tiny_server: Any, body: bytes, status: int, message: str
+) -> None:
+    code, _, payload = post(tiny_server.http_url, "/v2/models/tiny/infer", body)
+    assert code == status
+    assert set(payload) == {"error"}
+    assert re.search(message, payload["error"]), payload["error"]
+
+
+def test_unknown_model_version_and_route_are_404s_with_suggestions(tiny_server: Any) -> None:
+    body = infer_body([1, 2, 3, 4], [1, 4])
+    code, _, payload = post(tiny_server.http_url, "/v2/models/tiyn/infer", body)
+    assert code == 404 and 'did you mean "tiny"' in payload["error"]
+    code, _, payload = post(tiny_server.http_url, "/v2/models/tiny/versions/9/infer", body)
+    assert code == 404 and "no loaded version 9" in payload["error"]
+    code, _, payload = post(tiny_server.http_url, "/v2/modles/tiny/infer", body)
+    assert code == 404 and "no route" in payload["error"]
+
+
+def test_binary_header_errors_and_oversized_bodies(start_server: Callable[..., Any], tiny_artifact: Any) -> None:
+    server = start_server(tiny_artifact.repository, ServeSettings(max_request_bytes=2048), http=True)
+    header = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}}]}
+    ).encode()
+    code, _, payload = post(
+        server.http_url,
+        "/v2/models/tiny/infer",
+        header + b"\0" * 12,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert code == 400 and "binary_data_size 16 but only 12" in payload["error"]
+    code, _, payload = post(server.http_url, "/v2/models/tiny/infer", b"x" * 4096)
+    assert code == 413 and "at most 2048 bytes" in payload["error"]
+
+
+def test_api_keys_and_admin_endpoints(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact, tiny_onnx_model: Path, make_manifest: Any
+) -> None:
+    server = start_server(tiny_artifact.repository, ServeSettings(api_keys=("s3cret",)), http=True)
+    body = infer_body([1, 2, 3, 4], [1, 4])
+    code, headers, payload = post(server.http_url, "/v2/models/tiny/infer", body)
+    assert code == 401 and "Authorization: Bearer" in payload["error"] and headers["www-authenticate"] == "Bearer"
+    code, _, _ = post(server.http_url, "/v2/models/tiny/infer", body, {"Authorization": "Bearer wrong"})
+    assert code == 401
+    code, _, _ = post(server.http_url, "/v2/models/tiny/infer", body, {"Authorization": "Bearer s3cret"})
+    assert code == 200
+    code, _, payload = post(
+        server.http_url, "/v2/repository/models/tiny/unload", b"", {"Authorization": "Bearer s3cret"}
+    )
+    assert code == 403 and "--admin" in payload["error"]
+
+    admin = start_server(
+        tiny_artifact.repository, ServeSettings(admin_enabled=True, admin_keys=("root-key",)), http=True
+    )
+    client = httpclient.InferenceServerClient(admin.http_url)
+    with pytest.raises(InferenceServerException, match="API key"):
+        client.unload_model("tiny")
+    auth = {"Authorization": "Bearer root-key"}
+    client.unload_model("tiny", headers=auth)
+    assert not client.is_model_ready("tiny")
+    code, _, payload = post(admin.http_url, "/v2/models/tiny/infer", body)
+    assert code == 404 and "not loaded" in payload["error"]
+    artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model)  # version 2 appears on disk
+    client.load_model("tiny", headers=auth)
+    assert client.get_model_metadata("tiny")["versions"] == ["2"]
+
+
+def test_metrics_expose_histograms_by_model_and_version(tiny_server: Any) -> None:
+    for _ in range(3):
+        assert post(tiny_server.http_url, "/v2/models/tiny/infer", infer_body([1, 2, 3, 4], [1, 4]))[0] == 200
+    post(tiny_server.http_url, "/v2/models/tiny/infer", infer_body([1], [1, 1]))
+    with urllib.request.urlopen(f"http://{tiny_server.http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'kiln_request_duration_seconds_count{model="tiny",outcome="success",version="1"} 3.0' in text
+    assert 'kiln_request_duration_seconds_count{model="tiny",outcome="failure",version="1"} 1.0' in text
+    assert 'kiln_request_failures_total{model="tiny",reason="invalidinput",version="1"} 1.0' in text
+    for family in (
+        "kiln_queue_duration_seconds_bucket",
+        "kiln_compute_duration_seconds_bucket",
+        "kiln_batch_size_rows",
+    ):
+        assert f"{family}" in text and 'model="tiny"' in text
+    assert 'kiln_queue_depth_rows{model="tiny",version="1"} 0.0' in text

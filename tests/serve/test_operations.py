@@ -1,0 +1,181 @@
+"""Operating kiln serve: overload (503/429 + Retry-After), deadlines, version swaps under load, SIGHUP, SIGTERM.
+
+The "slow" real ONNX model of conftest.py makes queues form without sleeping anywhere.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kiln import artifact as artifacts
+from kiln.config import ServeSettings
+
+ROWS = 64
+
+
+def infer(url: str, rows: int = ROWS, *, model: str = "slow", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """POST one request of ``rows`` rows; (status, (headers, body))."""
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 4], "data": [0.5] * (rows * 4)}]}
+    ).encode()
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, (dict(response.headers), json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        return exc.code, (dict(exc.headers), json.loads(exc.read()))
+
+
+def burst(url: str, count: int, rows: int = ROWS, **kwargs: Any) -> list[tuple[int, Any]]:
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: infer(url, rows, **kwargs), range(count)))
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_full_queue_answers_overload_with_retry_after_and_never_crashes(
+    start_server: Callable[..., Any], slow_repo: Path, status: int
+) -> None:
+    settings = ServeSettings(max_queue_rows=2 * ROWS, overload_status=status, max_batch_size=ROWS)
+    server = start_server(slow_repo, settings, http=True)
+    results = burst(server.http_url, 24)
+    codes = [code for code, _ in results]
+    assert set(codes) <= {200, status}, codes
+    assert codes.count(200) >= 2 and codes.count(status) >= 1, codes
+    for code, (headers, body) in results:
+        if code == status:
+            assert headers["retry-after"] == "1"
+            assert "accepts at most 128" in body["error"]
+    assert infer(server.http_url)[0] == 200  # the queue drained; the server serves on
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once(
+    start_server: Callable[..., Any], slow_repo: Path
+) -> None:
+    server = start_server(slow_repo, ServeSettings(), http=True)
+    code, (headers, body) = infer(server.http_url, headers={"Timeout-Ms": "0.001"})
+    assert code == 503 and "timeout" in body["error"] and headers["retry-after"] == "1"
+    code, (_, body) = infer(server.http_url, headers={"Timeout-Ms": "soon"})
+    assert code == 400 and "positive number of milliseconds" in body["error"]
+    assert infer(server.http_url, headers={"Timeout-Ms": "60000"})[0] == 200
+
+
+def test_swapping_versions_under_load_fails_no_request(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact, tiny_onnx_model: Path, make_manifest: Any
+) -> None:
+    server = start_server(tiny_artifact.repository, ServeSettings(), http=True)
+    outcomes: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            code, (_, body) = infer(server.http_url, 3, model="tiny")
+            outcomes.append((code, body.get("model_version", body.get("error", ""))))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model)
+    assert server.call(server.plane.repository.load("tiny")) == [2]
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes and all(code == 200 for code, _ in outcomes), [o for o in outcomes if o[0] != 200][:3]
+    versions = [version for _, version in outcomes]
+    assert versions[0] == "1" and versions[-1] == "2"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_cli(repo: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    kiln = Path(sys.executable).parent / "kiln"
+    process = subprocess.Popen(
+        [str(kiln), "serve", str(repo), "--http-port", str(port), "--grpc-port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    url = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log, _ = process.communicate()
+            raise AssertionError(f"kiln serve exited {process.returncode}: {log.decode()}")
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:  # refused, reset or timed out while it starts
+            time.sleep(0.05)
+    _kill(process)
+    raise AssertionError("kiln serve did not become ready in 60 s")
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.communicate(timeout=30)  # closes the pipe
+
+
+@pytest.mark.e2e
+def test_sigterm_finishes_every_in_flight_request_and_exits_zero(slow_repo: Path) -> None:
+    process, url = _start_cli(slow_repo, "--max-batch-size", str(ROWS))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(infer, url) for _ in range(16)]
+            time.sleep(0.15)  # every request is in the server (most of them queued) when the signal lands
+            process.send_signal(signal.SIGTERM)
+            codes = [future.result()[0] for future in futures]
+        assert codes == [200] * 16
+        log, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert "drained and stopped" in log.decode()
+    finally:
+        _kill(process)
+
+
+@pytest.mark.e2e
+def test_sighup_swaps_in_a_new_version_and_the_cli_reports_ready_time(slow_repo: Path, tmp_path: Path) -> None:
+    process, url = _start_cli(slow_repo)
+    try:
+        artifacts.write(
+            slow_repo,
+            artifacts.Manifest(name="slow", signature=artifacts.load(slow_repo / "slow").manifest.signature),
+            slow_repo / "slow" / "1" / "model.onnx",
+        )
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        version = ""
+        while time.monotonic() < deadline and version != "2":
+            code, (_, body) = infer(url, 1)
+            assert code == 200
+            version = body["model_version"]
+        assert version == "2"
+        process.send_signal(signal.SIGTERM)
+        log, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        assert "ready in" in log.decode() and "loaded slow version 2" in log.decode()
+    finally:
+        _kill(process)
