@@ -6,6 +6,8 @@ The verbs are imported lazily, so ``import kiln`` stays fast and has no side eff
     art = kiln.export_model(clf, out="kiln-repo", name="digits", example_inputs=x, eval_data=(x, y))
     result = kiln.optimize_model(art)
     report = kiln.bench_models([art, result.chosen])
+    trained = kiln.train_model(kiln.TrainSettings(dataset="digits", epochs=5))  # a TrainResult with its artifact
+    kiln.serve("kiln-repo", http_port=8000)  # blocks until SIGTERM
 
 NOTE: the top-level names are ``export_model`` etc., not ``export``: ``kiln.export`` is the stage package, and
 Python binds a subpackage onto its parent when it is imported, which would shadow a function of the same name.
@@ -22,12 +24,26 @@ _LAZY = {
     "export_model": ("kiln.export", "export"),
     "optimize_model": ("kiln.optimize", "optimize"),
     "bench_models": ("kiln.bench", "bench"),
+    "train_model": ("kiln.train", "train"),
+    "TrainSettings": ("kiln.train", "TrainSettings"),
+    "serve": ("kiln.serve", "serve"),
     "load": ("kiln.artifact", "load"),
     "Artifact": ("kiln.artifact", "Artifact"),
     "KilnError": ("kiln.errors", "KilnError"),
 }
 
-__all__ = ["Artifact", "KilnError", "__version__", "bench_models", "export_model", "load", "optimize_model"]
+__all__ = [
+    "Artifact",
+    "KilnError",
+    "TrainSettings",
+    "__version__",
+    "bench_models",
+    "export_model",
+    "load",
+    "optimize_model",
+    "serve",
+    "train_model",
+]
 
 
 def __getattr__(name: str) -> Any:

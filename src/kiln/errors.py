@@ -77,6 +77,18 @@ class PayloadTooLarge(InvalidInput):
     """A request body is larger than the server accepts."""
 
 
+class CheckpointError(KilnError):
+    """A training checkpoint is missing, unreadable, corrupt, or was written by a different run."""
+
+
+class NonFiniteLoss(KilnError):
+    """The loss became NaN or infinite; the optimiser was not stepped with it."""
+
+
+class TrainingDiverged(NonFiniteLoss):
+    """Training stopped on a NaN/inf loss; the last good checkpoint was kept."""
+
+
 class Overloaded(KilnError):
     """The system is at capacity (or draining); retry later. ``details["retry_after_s"]`` says when."""
 

@@ -15,6 +15,7 @@ from kiln.cli.inspect import inspect
 from kiln.cli.optimize import optimize
 from kiln.cli.quickstart import quickstart
 from kiln.cli.serve import serve
+from kiln.cli.train import train
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -24,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for verb in (export, optimize, bench, inspect, quickstart, serve):
+for verb in (export, optimize, bench, inspect, quickstart, serve, train):
     app.command(verb.__name__)(verb)
 
 EXIT_USER_ERROR = 2

@@ -8,7 +8,18 @@ import platform
 from pathlib import Path
 from typing import Any
 
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "f16c")
+_ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "f16c",
+)
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

@@ -1,0 +1,85 @@
+"""Gradient accumulation with the loss normalised by the rows/tokens of the *whole* window.
+
+Averaging each micro-batch's mean loss (what ``loss / grad_accum_steps`` does) weights a short micro-batch's
+tokens more than a long one's: with variable-length data the accumulated gradient is then not the gradient of
+the big batch. Here every micro-batch contributes ``sum of its per-token losses / tokens in the whole window``,
+so k accumulated micro-batches give exactly the gradient of one batch holding all their rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln.errors import KilnError, NonFiniteLoss
+
+Batch = dict[str, torch.Tensor]
+LossSum = Callable[[nn.Module, Batch], torch.Tensor]  # summed (not averaged) loss of one micro-batch
+CountFn = Callable[[Batch], int]  # what the loss is normalised by: rows, or non-padding tokens
+
+
+@dataclass(frozen=True)
+class WindowLoss:
+    """The mean loss of one accumulation window and what it was normalised by."""
+
+    loss: float
+    count: int
+
+
+def count_rows(batch: Batch) -> int:
+    return int(batch["y"].shape[0])
+
+
+def count_tokens(batch: Batch) -> int:
+    """Non-padding tokens of a batch with an ``attention_mask`` (1 = token, 0 = padding)."""
+    return int(batch["attention_mask"].sum().item())
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    loss_sum: LossSum,
+    *,
+    count: CountFn = count_rows,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    no_sync: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    global_count: Callable[[int], int] = lambda n: n,
+    world_size: int = 1,
+    after_backward: Callable[[int], None] | None = None,
+) -> WindowLoss:
+    """Run forward/backward over ``micro_batches``, leaving in ``.grad`` the gradient of the window's mean loss.
+
+    ``global_count`` sums the window's count over data-parallel ranks; since DDP *averages* gradients over
+    ``world_size`` ranks, each rank scales its loss by ``world_size / global count`` to get the global mean.
+    ``no_sync`` wraps every micro-batch but the last (DDP all-reduces only once per window).
+    ``after_backward(i)`` runs after micro-batch ``i``'s backward (the goodput sizer reads gradient norms there).
+
+    Raises:
+        NonFiniteLoss: a micro-batch's loss is NaN/inf; raised before its backward, so the weights stay good.
+    """
+    local = sum(count(b) for b in micro_batches)
+    total = global_count(local)
+    if total <= 0:
+        raise KilnError("an accumulation window holds no rows/tokens; the batches are empty", count=total)
+    scale = world_size / total
+    summed = 0.0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else no_sync():
+            with autocast():
+                loss = loss_sum(model, batch) * scale  # this micro-batch's share of the window's mean
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"the loss is {value} on micro-batch {i} of the window", loss=value)
+            backward(loss)
+        if after_backward is not None:
+            after_backward(i)
+        summed += value
+    return WindowLoss(loss=summed / world_size, count=total)

@@ -1,0 +1,201 @@
+"""Training data: a scikit-learn bundled dataset or a CSV file, as float32 features and checked targets."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.data import bundled_dataset
+from kiln.errors import InvalidInput, did_you_mean
+
+Array = np.ndarray[Any, Any]
+_MAX_AUTO_CLASSES = 50  # an integer target with more distinct values than this is treated as regression
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Features ``[N, F]`` float32 and targets (int64 class ids, or float32 values) split into train and test."""
+
+    name: str
+    task: str  # "classification" | "regression"
+    x_train: Array
+    y_train: Array
+    x_test: Array
+    y_test: Array
+    feature_names: tuple[str, ...]
+    labels: tuple[str, ...]  # class names, in class-id order (empty for regression)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's output: one logit per class, or 1 for regression."""
+        return len(self.labels) if self.task == "classification" else 1
+
+
+def load_train_data(
+    dataset: str,
+    *,
+    task: str = "auto",
+    target: str = "",
+    features: tuple[str, ...] = (),
+    test_fraction: float = 0.25,
+    seed: int = 0,
+) -> TrainData:
+    """Load ``dataset`` (a bundled name or a ``.csv`` path) and split it; clear errors for bad input.
+
+    Example:
+        >>> data = load_train_data("iris")
+        >>> data.task, data.num_features, data.num_outputs
+        ('classification', 4, 3)
+    """
+    if dataset.lower().endswith(".csv"):
+        data = _load_csv(Path(dataset), task, target, features, test_fraction, seed)
+    else:
+        if target or features:
+            raise InvalidInput(
+                f'target/features select columns of a CSV file, but dataset "{dataset}" is a bundled dataset; '
+                "remove them or point dataset at a .csv file",
+                dataset=dataset,
+            )
+        bundled = bundled_dataset(dataset, test_fraction=test_fraction, seed=seed)
+        if task not in ("auto", bundled.task):
+            raise InvalidInput(
+                f'dataset "{dataset}" is a {bundled.task} dataset, but task is "{task}"; set task = "{bundled.task}"',
+                dataset=dataset,
+            )
+        width = bundled.x_train.shape[1]
+        labels = bundled.target_names
+        if bundled.task == "classification" and not labels:
+            labels = tuple(str(c) for c in np.unique(bundled.y_train))
+        data = TrainData(
+            dataset,
+            bundled.task,
+            bundled.x_train,
+            bundled.y_train,
+            bundled.x_test,
+            bundled.y_test,
+            tuple(f"f{i}" for i in range(width)),
+            labels,
+        )
+    _check_finite(data)
+    return data
+
+
+def _load_csv(
+    path: Path, task: str, target: str, features: tuple[str, ...], test_fraction: float, seed: int
+) -> TrainData:
+    if not path.is_file():
+        raise InvalidInput(f'dataset file "{path}" does not exist; pass an existing .csv file', path=str(path))
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) < 3:
+        raise InvalidInput(f'"{path}" has {max(len(rows) - 1, 0)} data rows; training needs at least 2', path=str(path))
+    header = [h.strip() for h in rows[0]]
+    if not target:
+        raise InvalidInput(
+            f'"{path}" is a CSV file, so the target column must be named; set target = "<column>" (columns: '
+            f"{', '.join(header)})",
+            path=str(path),
+        )
+    for column in (target, *features):
+        if column not in header:
+            raise InvalidInput(
+                f'column "{column}" is not in "{path}"{did_you_mean(column, header)}; its columns are '
+                f"{', '.join(header)}",
+                column=column,
+            )
+    chosen = list(features) or [h for h in header if h != target]
+    if target in chosen:
+        raise InvalidInput(f'column "{target}" is both the target and a feature; remove it from features')
+    body = rows[1:]
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise InvalidInput(
+                f'"{path}" line {number} has {len(row)} fields but the header has {len(header)}; fix the row',
+                path=str(path),
+                line=number,
+            )
+    columns = [header.index(c) for c in chosen]
+    x = np.empty((len(body), len(chosen)), dtype=np.float32)
+    for number, row in enumerate(body, start=2):
+        for j, col in enumerate(columns):
+            try:
+                x[number - 2, j] = float(row[col])
+            except ValueError as exc:
+                raise InvalidInput(
+                    f'"{path}" line {number}, column "{chosen[j]}" holds {row[col]!r}, not a number; features must '
+                    "be numeric (encode categories as numbers, or leave the column out of features)",
+                    path=str(path),
+                    line=number,
+                    column=chosen[j],
+                ) from exc
+    raw_target = [row[header.index(target)].strip() for row in body]
+    task, y, labels = _targets(raw_target, task, path, target)
+    from sklearn.model_selection import train_test_split
+
+    stratify = y if task == "classification" and np.bincount(y).min() >= 2 else None
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    return TrainData(path.stem, task, x_train, y_train, x_test, y_test, tuple(chosen), labels)
+
+
+def _targets(raw: list[str], task: str, path: Path, target: str) -> tuple[str, Array, tuple[str, ...]]:
+    numeric: list[float] | None
+    try:
+        numeric = [float(v) for v in raw]
+    except ValueError:
+        numeric = None
+    if task == "regression":
+        if numeric is None:
+            bad = next(v for v in raw if not _is_float(v))
+            raise InvalidInput(
+                f'target column "{target}" of "{path}" holds {bad!r}; regression needs numeric targets; '
+                'use task = "classification" for class names',
+                column=target,
+            )
+        return task, np.asarray(numeric, dtype=np.float32), ()
+    integral = numeric is not None and all(float(v).is_integer() for v in numeric)
+    if task == "auto":
+        distinct = len(set(raw))
+        task = "classification" if numeric is None or (integral and distinct <= _MAX_AUTO_CLASSES) else "regression"
+        if task == "regression":
+            return task, np.asarray(numeric, dtype=np.float32), ()
+    if numeric is not None and integral:
+        classes = sorted({int(v) for v in numeric})
+        names = tuple(str(c) for c in classes)
+        index = {c: i for i, c in enumerate(classes)}
+        return task, np.asarray([index[int(v)] for v in numeric], dtype=np.int64), names
+    names = tuple(sorted(set(raw)))
+    index_s = {c: i for i, c in enumerate(names)}
+    return task, np.asarray([index_s[v] for v in raw], dtype=np.int64), names
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_finite(data: TrainData) -> None:
+    for split, x in (("train", data.x_train), ("test", data.x_test)):
+        bad = np.argwhere(~np.isfinite(x))
+        if len(bad):
+            row, col = (int(v) for v in bad[0])
+            raise InvalidInput(
+                f'dataset "{data.name}" ({split} split) has a non-finite value ({x[row, col]}) in feature '
+                f'"{data.feature_names[col]}" ({len(bad)} such values); clean or drop those rows',
+                dataset=data.name,
+                feature=data.feature_names[col],
+            )
+    if data.task == "regression" and not np.isfinite(data.y_train).all():
+        raise InvalidInput(f'dataset "{data.name}" has non-finite regression targets; clean or drop those rows')

@@ -1,0 +1,114 @@
+"""The end of every run: the trained model through ``kiln.export`` (parity gate included) into a repository.
+
+``kiln.export.export`` writes its own provenance (the source framework) but has no slot for how the model was
+trained, so the model is exported into a temporary repository first, then written as the next version of the
+real one with ``provenance.train``, ``settings.train`` and ``checks.train`` added. The ONNX file is the one the
+parity gate checked, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln import artifact as artifacts
+from kiln.config import ExportSettings, settings_dict
+from kiln.export import export
+from kiln.train.data import TrainData
+from kiln.train.settings import TrainSettings
+from kiln.train.text import TextBatcher, TextClassifier, TextData, merge_lora
+
+_EXAMPLE_ROWS = 8
+
+
+def export_trained(
+    model: nn.Module,
+    data: TrainData,
+    settings: TrainSettings,
+    *,
+    export_settings: ExportSettings | None,
+    provenance: dict[str, Any],
+) -> artifacts.Artifact:
+    """Export ``model`` (on CPU, float32) with the held-out set, and record the training run in its manifest."""
+    output = "logits" if data.task == "classification" else "prediction"
+    with tempfile.TemporaryDirectory(prefix="kiln-train-export-") as tmp:
+        staged = export(
+            model.eval(),
+            out=Path(tmp),
+            name=settings.run_name,
+            example_inputs=torch.from_numpy(data.x_test[:_EXAMPLE_ROWS]),
+            input_names=["input"],
+            output_names=[output],
+            task=data.task,
+            eval_data=(data.x_test, data.y_test),
+            labels=list(data.labels) or None,
+            settings=export_settings,
+        )
+        return _republish(staged, settings, provenance)
+
+
+def export_text(
+    model: nn.Module,
+    batcher: TextBatcher,
+    data: TextData,
+    ids_test: list[list[int]],
+    settings: TrainSettings,
+    *,
+    export_settings: ExportSettings | None,
+    provenance: dict[str, Any],
+) -> artifacts.Artifact:
+    """Merge LoRA adapters, export ``(input_ids, attention_mask) -> logits`` with the tokenizer as an asset."""
+    assert isinstance(model, TextClassifier)
+    model = merge_lora(model).eval()
+    sample = TextBatcher.pad(ids_test[:_EXAMPLE_ROWS])
+    # NOTE: Hugging Face encoders go through TorchScript, as in `kiln export` (the graph ORT's fuser knows).
+    chosen = dataclasses.replace(export_settings or ExportSettings(), exporter="torchscript")
+    with tempfile.TemporaryDirectory(prefix="kiln-train-export-") as tmp:
+        staged = export(
+            model,
+            out=Path(tmp),
+            name=settings.run_name,
+            example_inputs=sample,
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "logits": {0: "batch"},
+            },
+            task="classification",
+            labels=list(data.labels),
+            settings=chosen,
+        )
+        preprocessing = {"kind": "text", "tokenizer": "tokenizer/tokenizer.json", "max_length": batcher.max_length}
+        return _republish(
+            staged,
+            settings,
+            provenance | {"lora_merged": bool(settings.lora_rank)},
+            preprocessing=preprocessing,
+            extra_assets={"tokenizer/tokenizer.json": batcher.tokenizer_file},
+        )
+
+
+def _republish(
+    staged: artifacts.Artifact,
+    settings: TrainSettings,
+    provenance: dict[str, Any],
+    *,
+    preprocessing: dict[str, Any] | None = None,
+    extra_assets: dict[str, Path | bytes] | None = None,
+) -> artifacts.Artifact:
+    manifest = dataclasses.replace(staged.manifest)
+    manifest.provenance = {**manifest.provenance, "train": provenance}
+    manifest.settings = {**manifest.settings, "train": settings_dict(settings)}
+    manifest.checks = {**manifest.checks, "train": provenance["metrics"]}
+    if preprocessing:
+        manifest.preprocessing = preprocessing
+    assets: dict[str, Path | bytes] = {
+        p.relative_to(staged.assets_dir).as_posix(): p for p in staged.assets_dir.rglob("*") if p.is_file()
+    }
+    return artifacts.write(Path(settings.out), manifest, staged.model_path, assets=assets | (extra_assets or {}))

@@ -1,0 +1,272 @@
+"""``train(settings)``: data -> model -> loop (checkpointed, tracked) -> evaluation -> a Kiln artifact."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln import artifact as artifacts
+from kiln.config import ExportSettings, settings_dict
+from kiln.errors import CheckpointError, ConfigError, TrainingDiverged
+from kiln.train.checkpoint import Checkpointer
+from kiln.train.distributed import is_worker, launch, load_artifact, write_result
+from kiln.train.goodput import GoodputSizer
+from kiln.train.loop import StepStats, Trainer, make_accelerator
+from kiln.train.settings import TrainSettings, changed_identity
+from kiln.train.tracking import make_tracker
+from kiln.train.workload import prepare_workload
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What one run produced: the artifact (``None`` with ``export = false``), metrics and where things went."""
+
+    settings: TrainSettings
+    artifact: artifacts.Artifact | None
+    metrics: dict[str, float]
+    steps: int
+    checkpoint: Path | None
+    tracking_run_id: str | None
+    resumed_from_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    batch_size_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> Any:
+        """A rich Table of the final figures (the CLI prints it)."""
+        from rich.table import Table
+
+        table = Table(title=f"kiln train: {self.settings.run_name}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in self.metrics.items():
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(
+            "steps", str(self.steps) + (f" (resumed at {self.resumed_from_step})" if self.resumed_from_step else "")
+        )
+        for change in self.batch_size_changes:
+            table.add_row(f"batch size @ step {change['step']}", f"{change['from']} -> {change['to']}")
+        table.add_row("checkpoint", str(self.checkpoint) if self.checkpoint else "-")
+        table.add_row("artifact", f"{self.artifact.path}" if self.artifact else "- (export = false)")
+        table.add_row("mlflow run", self.tracking_run_id or "- (track = false)")
+        return table
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters and the head
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
+    warmup, kind = settings.warmup_steps, settings.schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def train(
+    settings: TrainSettings,
+    *,
+    export_settings: ExportSettings | None = None,
+    on_step: Callable[[StepStats], None] | None = None,
+    result_file: Path | None = None,
+) -> TrainResult:
+    """Train the model ``settings`` describe and write it as a Kiln artifact.
+
+    ``on_step`` receives a :class:`StepStats` after every optimiser step (loss, lr, samples/s, ETA); with
+    ``nproc`` > 1 the steps run in worker processes and ``on_step`` is not called. ``result_file`` is for those
+    workers: rank 0 writes its result record there.
+
+    Raises:
+        ConfigError: a setting is invalid, or a resume changes a setting that shapes the optimisation path.
+        InvalidInput: unknown dataset/column, labels that do not fit the model's output.
+        CheckpointError: nothing to resume from, a corrupt checkpoint, or a fresh run over an existing one.
+        TrainingDiverged: the loss became NaN/inf (the message names the last good checkpoint).
+
+    Example:
+        >>> result = train(TrainSettings(dataset="iris", epochs=2, track=False, export=False,
+        ...                              checkpoint_dir=str(tmp_path / "ckpt")))  # doctest: +SKIP
+        >>> result.metrics["test_accuracy"] > 0.5  # doctest: +SKIP
+        True
+    """
+    if settings.nproc > 1 and not is_worker():
+        return _result_from_record(settings, launch(settings, export_settings))
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    work = prepare_workload(settings, export_settings)
+    model, sampler = work.model, work.sampler
+    optimizer = _optimizer(model, settings)
+    steps_per_epoch = math.ceil(len(sampler) / settings.grad_accum_steps)
+    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total_steps))
+    accelerator = make_accelerator(settings.device, settings.mixed_precision)
+    sizer = (
+        GoodputSizer(base_batch=settings.batch_size, max_batch=settings.max_batch_size or 16 * settings.batch_size)
+        if settings.adaptive_batch
+        else None
+    )
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        sampler,
+        work.tensors,
+        work.loss_sum,
+        accelerator=accelerator,
+        collate=work.collate,
+        grad_accum_steps=settings.grad_accum_steps,
+        sizer=sizer,
+        noise_every=settings.noise_every,
+        optimizer_kind=settings.optimizer,
+    )
+
+    checkpointer = Checkpointer(settings.checkpoint_path, keep=settings.keep_checkpoints)
+    resumed_step, run_id = _resume(trainer, checkpointer, settings)
+    main = bool(accelerator.is_main_process)  # rank 0 alone checkpoints, tracks and exports
+    accelerator.wait_for_everyone()  # no rank may see rank 0's first checkpoint as "an existing run"
+    tracker = make_tracker(
+        settings.track and main, settings.tracking_uri, settings.experiment, run_name=settings.run_name, run_id=run_id
+    )
+    if run_id is None:
+        tracker.log_params(settings_dict(settings) | {"total_steps": total_steps, "train_rows": work.train_rows})
+        tracker.log_dict(settings_dict(settings), "train_settings.json")
+
+    history: list[dict[str, float]] = []
+
+    def report(stats: StepStats) -> None:
+        if stats.step % settings.log_every == 0 or stats.step == stats.total_steps:
+            row = {"loss": stats.loss, "lr": stats.lr, "samples_per_s": stats.samples_per_s}
+            row["batch_size"] = float(stats.batch_size)
+            tracker.log_metrics(row, stats.step)
+            history.append({"step": float(stats.step), **row})
+            logger.info("step %d/%d loss %.4f", stats.step, stats.total_steps, stats.loss)
+        if on_step is not None:
+            on_step(stats)
+
+    try:
+        saved = trainer.fit(
+            total_steps,
+            checkpointer=checkpointer if main else None,
+            checkpoint_every=settings.checkpoint_every,
+            extra_state=lambda: {"settings": settings_dict(settings), "tracking_run_id": tracker.run_id},
+            on_step=report,
+            stop_at_epoch=settings.epochs if settings.adaptive_batch and not settings.max_steps else None,
+        )
+    except TrainingDiverged:
+        tracker.finish("FAILED")
+        raise
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+
+    final_model = accelerator.unwrap_model(trainer.model).to("cpu").float()
+    metrics = work.evaluate(final_model) | work.extra_metrics
+    if "teacher_test_accuracy" in metrics:
+        metrics["accuracy_vs_teacher"] = metrics["test_accuracy"] - metrics["teacher_test_accuracy"]
+    metrics["final_loss"] = history[-1]["loss"] if history else float("nan")
+    tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, trainer.step)
+    artifact = None
+    if settings.export and main:
+        artifact = work.export(
+            final_model,
+            {
+                "settings": settings_dict(settings),
+                "metrics": metrics,
+                "steps": trainer.step,
+                "resumed_from_step": resumed_step,
+                "checkpoint": str(saved.path) if saved else None,
+                "mlflow_run_id": tracker.run_id,
+                "teacher": settings.teacher or None,
+                "batch_size_changes": sizer.changes if sizer else [],
+            },
+        )
+        tracker.set_tags({"kiln.artifact": str(artifact.path), "kiln.artifact.sha256": artifact.sha256})
+        tracker.log_dict(artifact.manifest.to_dict(), "kiln.json")
+    tracker.finish()
+    result = TrainResult(
+        settings=settings,
+        artifact=artifact,
+        metrics=metrics,
+        steps=trainer.step,
+        checkpoint=saved.path if saved else None,
+        tracking_run_id=tracker.run_id,
+        resumed_from_step=resumed_step,
+        history=history,
+        batch_size_changes=sizer.changes if sizer else [],
+    )
+    if result_file is not None and main:
+        write_result(result_file, _record(result))
+    return result
+
+
+def _record(result: TrainResult) -> dict[str, Any]:
+    return {
+        "artifact": str(result.artifact.path) if result.artifact else None,
+        "metrics": result.metrics,
+        "steps": result.steps,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "tracking_run_id": result.tracking_run_id,
+        "resumed_from_step": result.resumed_from_step,
+        "history": result.history,
+        "batch_size_changes": result.batch_size_changes,
+    }
+
+
+def _result_from_record(settings: TrainSettings, record: dict[str, Any]) -> TrainResult:
+    return TrainResult(
+        settings=settings,
+        artifact=load_artifact(record),
+        metrics=record["metrics"],
+        steps=int(record["steps"]),
+        checkpoint=Path(record["checkpoint"]) if record["checkpoint"] else None,
+        tracking_run_id=record["tracking_run_id"],
+        resumed_from_step=int(record["resumed_from_step"]),
+        history=record["history"],
+        batch_size_changes=record["batch_size_changes"],
+    )
+
+
+def _resume(trainer: Trainer, checkpointer: Checkpointer, settings: TrainSettings) -> tuple[int, str | None]:
+    """Load the checkpoint ``settings.resume`` names (``"latest"`` or a path): ``(step, tracking run id)``."""
+    if not settings.resume:
+        existing = checkpointer.latest()
+        if existing is not None:
+            raise CheckpointError(
+                f'"{checkpointer.directory}" already holds a checkpoint of a run (step {existing.step}); resume it '
+                "with --resume, or choose another checkpoint_dir (nothing was overwritten)",
+                path=str(checkpointer.directory),
+            )
+        return 0, None
+    state = checkpointer.load(None if settings.resume == "latest" else Path(settings.resume))
+    changed = changed_identity(state.get("settings", {}), settings_dict(settings))
+    if changed:
+        saved = state["settings"]
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {settings_dict(settings)[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume: these settings differ from the checkpoint's ({detail}), so the run would not continue "
+            "the same way; restore them, or start a new run in another checkpoint_dir",
+            changed=changed,
+        )
+    trainer.load_state_dict(state)
+    logger.info("resumed from step %d", trainer.step)
+    run_id = state.get("tracking_run_id") if settings.track else None
+    return trainer.step, run_id

@@ -1,0 +1,228 @@
+"""``TrainSettings``: everything one ``kiln train`` run needs, typed, frozen and resolved in one place.
+
+A config file holds a ``[train]`` table (and optionally an ``[export]`` table for the final export)::
+
+    [train]
+    dataset = "digits"
+    model = "mlp"
+    epochs = 5
+
+Resolve it with :func:`load_train_settings` (CLI flag > ``KILN_*`` environment > file > default); a misspelled
+key is refused with the closest known key suggested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kiln.config import ExportSettings, resolve
+from kiln.errors import ConfigError, did_you_mean
+
+TASKS = ("auto", "classification", "regression")
+BUILTIN_MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Settings that may change between a run and its resume: they steer bookkeeping, not the optimisation path.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "max_steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "checkpoint_dir",
+        "resume",
+        "track",
+        "tracking_uri",
+        "experiment",
+        "out",
+        "name",
+        "export",
+        "log_every",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How ``kiln train`` builds, trains, checkpoints, tracks and exports one model.
+
+    Data: ``dataset`` is a scikit-learn bundled dataset (``digits``, ``iris``, ``wine``, ``breast_cancer``,
+    ``diabetes``) or a ``.csv`` file with a ``target`` column (``features`` default to every other column).
+    Model: ``"mlp"`` (``hidden_sizes``), ``"cnn"`` (square images such as digits' 8x8), or a
+    ``package.module:factory`` returning an ``nn.Module`` that maps a float batch ``[N, features]`` to
+    ``[N, classes]`` logits (or ``[N, 1]`` for regression). The optimiser steps once per ``grad_accum_steps``
+    micro-batches of ``batch_size`` rows; the loss of the whole window is divided by its row count, not by
+    the number of micro-batches. ``cpu_threads`` > 0 sets torch's intra-op threads (small models on a busy
+    machine often run faster on 1 thread than on all cores; 0 keeps torch's default). ``checkpoint_every`` is
+    in optimiser steps (0: only at exit). ``nproc`` > 1 trains data-parallel on this machine under torchrun
+    (gloo on CPU): each global batch of ``batch_size`` rows is split across the processes.
+    Text: a ``.jsonl`` dataset (``text_column``, ``target`` default ``"label"``) with ``model = "minilm"`` (the
+    bundled all-MiniLM-L6-v2) or a local Hugging Face directory; texts are truncated to ``max_length`` tokens,
+    ``max_tokens`` > 0 batches by token budget instead of ``batch_size`` rows, ``lora_rank`` > 0 trains LoRA
+    adapters (merged into the weights before export) instead of the whole encoder.
+    ``adaptive_batch`` lets the goodput sizer double the batch (up to ``max_batch_size``, default 16x
+    ``batch_size``; the lr follows: linear for SGD, square root for Adam) at epoch starts while that raises
+    measured progress per second; the gradient noise scale is measured every ``noise_every`` steps.
+    ``teacher`` (a Kiln artifact directory, or a ``package.module:factory``) turns on distillation:
+    ``distill_alpha`` * T² * KL(teacher/T || student/T) + (1 - ``distill_alpha``) * cross-entropy.
+
+    Example:
+        >>> TrainSettings(dataset="iris", hidden_sizes=(16,), epochs=2).batch_size
+        32
+    """
+
+    dataset: str = "digits"
+    task: str = "auto"
+    target: str = ""
+    features: tuple[str, ...] = ()
+    test_fraction: float = 0.25
+    text_column: str = "text"
+    max_length: int = 128
+    max_tokens: int = 0
+    lora_rank: int = 0
+    model: str = "mlp"
+    hidden_sizes: tuple[int, ...] = (64,)
+    dropout: float = 0.0
+    epochs: int = 5
+    max_steps: int = 0
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    mixed_precision: str = "no"
+    device: str = "auto"
+    cpu_threads: int = 0
+    nproc: int = 1
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = ""
+    log_every: int = 10
+    out: str = "kiln-repo"
+    name: str = ""
+    export: bool = True
+    track: bool = True
+    tracking_uri: str = ""
+    experiment: str = "kiln"
+    adaptive_batch: bool = False
+    max_batch_size: int = 0
+    noise_every: int = 4
+    teacher: str = ""
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        _check_choice("device", self.device, DEVICES)
+        text = self.dataset.lower().endswith(".jsonl")
+        if not text and self.model not in BUILTIN_MODELS and ":" not in self.model:
+            raise ConfigError(
+                f'model "{self.model}" is neither a built-in model ({", ".join(BUILTIN_MODELS)}) nor a '
+                'package.module:factory; e.g. model = "mlp" or model = "mypkg.models:build"',
+                model=self.model,
+            )
+        positive = {
+            "batch_size": self.batch_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "keep_checkpoints": self.keep_checkpoints,
+            "log_every": self.log_every,
+            "nproc": self.nproc,
+            "max_length": self.max_length,
+        }
+        non_negative = {
+            "epochs": self.epochs,
+            "max_steps": self.max_steps,
+            "checkpoint_every": self.checkpoint_every,
+            "warmup_steps": self.warmup_steps,
+            "cpu_threads": self.cpu_threads,
+            "max_tokens": self.max_tokens,
+            "lora_rank": self.lora_rank,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} is {value}; it must be >= 1", setting=key, value=value)
+        for key, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{key} is {value}; it must be >= 0", setting=key, value=value)
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("epochs and max_steps are both 0; set epochs (e.g. 5) or max_steps (e.g. 500)")
+        if self.lr <= 0:
+            raise ConfigError(f"lr is {self.lr:g}; it must be > 0, e.g. 1e-3", setting="lr", value=self.lr)
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"test_fraction is {self.test_fraction:g}; it must be in (0, 1), e.g. 0.25")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout is {self.dropout:g}; it must be in [0, 1)")
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            raise ConfigError(
+                f"distill_alpha {self.distill_alpha:g} must be in [0, 1] and distill_temperature "
+                f"{self.distill_temperature:g} > 0"
+            )
+        if any(h < 1 for h in self.hidden_sizes):
+            raise ConfigError(f"hidden_sizes {list(self.hidden_sizes)} must be positive widths, e.g. [64, 32]")
+        if self.adaptive_batch and (self.schedule != "constant" or self.grad_accum_steps != 1):
+            raise ConfigError(
+                'adaptive_batch changes the steps per epoch, so it needs schedule = "constant" '
+                f'(got "{self.schedule}"; warmup_steps is fine) and grad_accum_steps = 1 (got {self.grad_accum_steps})'
+            )
+        if self.max_batch_size and self.max_batch_size < self.batch_size:
+            raise ConfigError(f"max_batch_size {self.max_batch_size} is below batch_size {self.batch_size}")
+        if self.noise_every < 1:
+            raise ConfigError(f"noise_every is {self.noise_every}; it must be >= 1")
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise ConfigError('mixed_precision "fp16" needs a GPU; on CPU use "bf16" or "no"')
+
+    @property
+    def run_name(self) -> str:
+        """``name``, or the dataset's name (a CSV file's stem)."""
+        return self.name or Path(self.dataset).stem.replace(".", "-")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir or f"kiln-checkpoints/{self.run_name}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f'{key} "{value}" is unknown{did_you_mean(value, choices)}; use one of {", ".join(choices)}',
+            setting=key,
+            value=value,
+        )
+
+
+def load_train_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[TrainSettings, ExportSettings]:
+    """Resolve the ``[train]`` and ``[export]`` tables of ``config_file`` under ``overrides`` (``None`` = unset).
+
+    Example:
+        >>> settings, _ = load_train_settings(None, {"dataset": "iris", "epochs": 1}, environ={})
+        >>> settings.dataset, settings.epochs
+        ('iris', 1)
+    """
+    train = resolve(TrainSettings, overrides, config_file=config_file, section="train", environ=environ)
+    export = resolve(ExportSettings, {}, config_file=config_file, section="export", environ=environ)
+    return train, export
+
+
+def changed_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Settings that differ between a checkpoint and this run and would change the optimisation path."""
+    names = [f.name for f in fields(TrainSettings)]
+    return [k for k in names if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current.get(k)]

@@ -1,0 +1,203 @@
+"""Text classification: a JSONL file, a local Hugging Face encoder (the bundled MiniLM), optional LoRA.
+
+Rows are tokenised once; each batch is padded only to its own longest row, so with the token-budget sampler
+(``max_tokens``) a batch of short texts holds many rows and a batch of long ones few. The loss is summed per
+row and divided by the rows of the whole accumulation window, so batches of different sizes weigh each row
+the same. LoRA adapters (through PEFT) are merged into the base weights before export: the artifact is a plain
+encoder + head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kiln.errors import InvalidInput, KilnError, ModelNotFound, did_you_mean
+from kiln.train.accumulate import Batch
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_ENCODERS = ("minilm",)
+PEFT_INSTALL_HINT = 'pip install "peft>=0.13"'
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Texts with int64 class ids, split into train and test."""
+
+    name: str
+    texts_train: list[str]
+    y_train: np.ndarray[Any, Any]
+    texts_test: list[str]
+    y_test: np.ndarray[Any, Any]
+    labels: tuple[str, ...]
+
+
+def load_jsonl(path: Path, text_column: str, target: str, test_fraction: float, seed: int) -> TextData:
+    """Rows of ``{"<text_column>": "...", "<target>": label}``; clear errors for missing keys or bad lines."""
+    if not path.is_file():
+        raise InvalidInput(f'dataset file "{path}" does not exist; pass an existing .jsonl file', path=str(path))
+    texts: list[str] = []
+    raw_labels: list[str] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f'"{path}" line {number} is not valid JSON ({exc.msg})', line=number) from exc
+            for key in (text_column, target):
+                if key not in row:
+                    raise InvalidInput(
+                        f'"{path}" line {number} has no key "{key}"{did_you_mean(key, row)}; its keys are '
+                        f"{', '.join(row)} (set text_column / target)",
+                        line=number,
+                        key=key,
+                    )
+            texts.append(str(row[text_column]))
+            raw_labels.append(str(row[target]))
+    if len(texts) < 4:
+        raise InvalidInput(f'"{path}" has {len(texts)} rows; training needs at least 4', path=str(path))
+    labels = tuple(sorted(set(raw_labels)))
+    y = np.asarray([labels.index(v) for v in raw_labels], dtype=np.int64)
+    from sklearn.model_selection import train_test_split
+
+    stratify = y if np.bincount(y).min() >= 2 else None
+    index_train, index_test = train_test_split(
+        np.arange(len(texts)), test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    return TextData(
+        path.stem,
+        [texts[i] for i in index_train],
+        y[index_train],
+        [texts[i] for i in index_test],
+        y[index_test],
+        labels,
+    )
+
+
+def encoder_path(spec: str) -> Path:
+    """``"minilm"`` -> the bundled all-MiniLM-L6-v2 directory; otherwise a local Hugging Face directory."""
+    if spec in BUNDLED_ENCODERS:
+        from kiln.export import bundled_minilm_path
+
+        return Path(bundled_minilm_path())
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ModelNotFound(
+            f'"{spec}" is not a Hugging Face model directory (no config.json); for text use model = "minilm" or a '
+            "local directory with config.json, the weights and tokenizer.json",
+            path=spec,
+        )
+    return path
+
+
+class TextClassifier(nn.Module):
+    """Encoder -> mean pooling over real tokens -> linear head: ``(input_ids, attention_mask) -> logits``."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
+        out: torch.Tensor = self.head(pooled)  # (B, C)
+        return out
+
+
+def build_text_model(path: Path, num_labels: int, lora_rank: int) -> TextClassifier:
+    """The encoder at ``path`` (eager attention: the graph ORT fuses) with a head; LoRA adapters when asked."""
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(path), attn_implementation="eager")
+    if lora_rank:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as exc:
+            raise KilnError(f"lora_rank needs PEFT, which is not installed; {PEFT_INSTALL_HINT}") from exc
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=["query", "value"])
+        with warnings.catch_warnings():
+            # NOTE: peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            encoder = get_peft_model(encoder, config)
+        trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+        logger.info("LoRA rank %d: %d trainable encoder parameters", lora_rank, trainable)
+    return TextClassifier(encoder, int(encoder.config.hidden_size), num_labels)
+
+
+def merge_lora(model: TextClassifier) -> TextClassifier:
+    """Fold LoRA adapters into the base weights (a no-op without them): the exported graph has no adapters."""
+    merge = getattr(model.encoder, "merge_and_unload", None)
+    if merge is not None:
+        model.encoder = merge()
+    return model
+
+
+class TextBatcher:
+    """Tokenises texts once; ``collate(rows)`` pads the chosen rows to their own longest row."""
+
+    def __init__(self, path: Path, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelNotFound(f'"{path}" has no tokenizer.json (a fast tokenizer is needed)', path=str(path))
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=max_length)
+        self.tokenizer_file = tokenizer_file
+        self.max_length = max_length
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]
+
+    @staticmethod
+    def pad(ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(row) for row in ids)
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collate_fn(ids: list[list[int]], labels: np.ndarray[Any, Any]) -> Any:
+    y = torch.from_numpy(labels)
+
+    def collate(rows: Sequence[int]) -> Batch:
+        return TextBatcher.pad([ids[i] for i in rows]) | {"y": y[torch.as_tensor(rows, dtype=torch.long)]}
+
+    return collate
+
+
+def text_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    logits = model(batch["input_ids"], batch["attention_mask"]).float()
+    return nn.functional.cross_entropy(logits, batch["y"], reduction="sum")
+
+
+def evaluate_text(model: nn.Module, ids: list[list[int]], labels: np.ndarray[Any, Any], batch: int = 64) -> float:
+    """Held-out accuracy, in length-sorted batches (little padding)."""
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
+            feeds = TextBatcher.pad([ids[i] for i in rows])
+            predicted = model(feeds["input_ids"], feeds["attention_mask"]).argmax(dim=1).numpy()
+            correct += int((predicted == labels[rows]).sum())
+    return correct / len(ids)

@@ -1,0 +1,33 @@
+"""``python -m kiln.train.worker SPEC.json``: one rank of a data-parallel run (torchrun starts one per process).
+
+Not imported by ``kiln.train``, so ``python -m`` runs it fresh (see :mod:`kiln.train.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from kiln.config import ExportSettings, resolve
+from kiln.errors import KilnError
+from kiln.train.runner import train
+from kiln.train.settings import TrainSettings
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    settings = resolve(TrainSettings, spec["train"], environ={})
+    export_settings = resolve(ExportSettings, spec["export"], environ={})
+    try:
+        train(settings, export_settings=export_settings, result_file=Path(spec["result"]))
+    except KilnError as exc:
+        # a worker process's entry point, like the CLI: one line, exit code 2
+        print(f"error (rank {os.environ.get('RANK', '?')}): {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

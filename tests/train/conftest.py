@@ -1,0 +1,49 @@
+"""Fixtures for the train tests: small settings, this folder on the import path for model factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kiln.train import TrainSettings
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: 2 OpenMP threads fight (25x slower steps measured), 1 does not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def factories_on_path(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put ``kiln_train_test_models`` on ``sys.path`` for in-process runs; returns the folder (for PYTHONPATH)."""
+    monkeypatch.syspath_prepend(str(HERE))
+    return HERE
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., TrainSettings]:
+    """Settings for a quick, quiet run in ``tmp_path``: no tracking and no export unless a test asks for them."""
+
+    def make(**overrides: Any) -> TrainSettings:
+        base: dict[str, Any] = {
+            "dataset": "iris",
+            "hidden_sizes": (16,),
+            "epochs": 2,
+            "track": False,
+            "export": False,
+            "checkpoint_dir": str(tmp_path / "ckpt"),
+            "out": str(tmp_path / "repo"),
+        }
+        return TrainSettings(**(base | overrides))
+
+    return make

@@ -1,0 +1,93 @@
+"""Goodput-aware batch size: the noise-scale estimator against the exact value, the sizer's choices, a real run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kiln.data import bundled_dataset
+from kiln.errors import ConfigError
+from kiln.train import TrainSettings, train
+from kiln.train.goodput import GoodputSizer, NoiseScale, efficiency
+
+
+def test_noise_scale_estimate_matches_the_exact_value_on_real_data() -> None:
+    """Least squares on diabetes at a fixed weight: per-row gradients give the exact tr(Σ)/|G|² to compare with."""
+    data = bundled_dataset("diabetes")
+    x = torch.from_numpy(data.x_train).double()
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.from_numpy(data.y_train).double()
+    y = (y - y.mean()) / y.std()
+    w = torch.full((x.shape[1],), 0.05, dtype=torch.float64)
+    per_row = 2 * (x @ w - y)[:, None] * x  # (N, F): gradient of each row's squared error
+    mean = per_row.mean(0)
+    exact = float(((per_row - mean) ** 2).sum(1).mean() / mean.pow(2).sum())
+
+    def grad_sq(rows: torch.Tensor) -> float:
+        return float(per_row[rows].mean(0).pow(2).sum())
+
+    gen = torch.Generator().manual_seed(0)
+    estimate = NoiseScale(decay=0.995)
+    for _ in range(3000):
+        rows = torch.randint(len(x), (64,), generator=gen)  # i.i.d. rows, as the estimator assumes
+        estimate.update(grad_sq(rows[:8]), 8, grad_sq(rows), 64)
+    assert estimate.value is not None
+    assert estimate.value == pytest.approx(exact, rel=0.25), (estimate.value, exact)
+
+
+def test_efficiency_is_one_at_the_base_and_falls_with_the_batch() -> None:
+    assert efficiency(32, 32, 100.0) == 1.0
+    assert efficiency(64, 32, 100.0) == pytest.approx(132 / 164)
+    assert efficiency(64, 32, 1e6) == pytest.approx(1.0, abs=1e-4)  # huge noise scale: bigger costs nothing
+    assert efficiency(64, 32, math.inf) == 1.0
+
+
+def _sizer_with_noise(scale: float, base: int = 16) -> GoodputSizer:
+    sizer = GoodputSizer(base_batch=base, max_batch=256)
+    sizer.noise.grad_sq, sizer.noise.trace, sizer.noise.updates = 1.0, scale, 10_000  # settled EMA
+    return sizer
+
+
+def test_sizer_explores_upward_while_the_noise_scale_is_large() -> None:
+    sizer = _sizer_with_noise(500.0)
+    sizer.observe_throughput(16, 10_000.0)
+    assert sizer.decide(step=100) == 32
+    assert sizer.changes[-1]["from"] == 16 and sizer.changes[-1]["to"] == 32
+    assert sizer.lr_factor("sgd") == 2.0 and sizer.lr_factor("adamw") == pytest.approx(math.sqrt(2))
+
+
+def test_sizer_stays_when_the_noise_scale_is_small() -> None:
+    sizer = _sizer_with_noise(10.0)
+    sizer.observe_throughput(16, 10_000.0)
+    assert sizer.decide(step=100) == 16 and not sizer.changes
+
+
+def test_sizer_goes_back_when_the_bigger_batch_was_not_faster() -> None:
+    sizer = _sizer_with_noise(100.0)
+    sizer.observe_throughput(16, 10_000.0)
+    assert sizer.decide(step=1) == 32
+    sizer.observe_throughput(32, 10_500.0)  # 5% more rows/s cannot pay for 32 rows' lower efficiency
+    assert sizer.decide(step=2) == 16
+
+
+def test_adaptive_run_grows_the_batch_and_records_why(make_settings: Callable[..., TrainSettings]) -> None:
+    result = train(make_settings(dataset="digits", hidden_sizes=(128,), batch_size=8, epochs=4, adaptive_batch=True))
+    assert result.metrics["test_accuracy"] >= 0.9
+    assert result.batch_size_changes, "the batch never grew"
+    first = result.batch_size_changes[0]
+    assert first["to"] == 2 * first["from"] and first["noise_scale"] >= 2 * first["from"]
+    sizes = [int(h["batch_size"]) for h in result.history]
+    assert sizes[0] == 8 and max(sizes) > 8
+    # the lr followed the batch (Adam: square root)
+    last = result.history[-1]
+    assert last["lr"] == pytest.approx(1e-3 * math.sqrt(last["batch_size"] / 8), rel=1e-6)
+
+
+def test_adaptive_batch_refuses_a_decaying_schedule() -> None:
+    with pytest.raises(
+        ConfigError, match='adaptive_batch changes the steps per epoch, so it needs schedule = "constant"'
+    ):
+        TrainSettings(adaptive_batch=True, schedule="cosine")

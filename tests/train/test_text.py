@@ -1,0 +1,103 @@
+"""Text classification on real paragraphs: MiniLM + LoRA, token-budget batches, export with the tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.errors import ConfigError, InvalidInput
+from kiln.runtime import OrtEngine
+from kiln.train import Checkpointer, TrainSettings, train
+from kiln.train.text import TextBatcher, encoder_path, load_jsonl
+
+GROUPS = {"strings": ("string-methods", "formatstrings", "strings"), "errors": ("exceptions", "try", "raise")}
+
+
+@pytest.fixture
+def topics_jsonl(tmp_path: Path) -> Path:
+    """Paragraphs of Python's help topics, labelled by topic group (strings vs errors): ~250 real rows."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "topics.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for label, keys in GROUPS.items():
+            for key in keys:
+                for block in topics[key].split("\n\n"):
+                    text = " ".join(block.split())
+                    if len(text) >= 40:
+                        fh.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path
+
+
+def test_jsonl_missing_key_suggests_the_closest(topics_jsonl: Path) -> None:
+    with pytest.raises(InvalidInput, match=r'line 1 has no key "txt" \(did you mean "text"\?\)'):
+        load_jsonl(topics_jsonl, "txt", "label", 0.25, 0)
+
+
+def test_a_tabular_model_on_text_is_refused(make_settings: Callable[..., TrainSettings], topics_jsonl: Path) -> None:
+    with pytest.raises(ConfigError, match=r'a \.jsonl text dataset needs a text encoder: model = "minilm"'):
+        train(make_settings(dataset=str(topics_jsonl), model="mlp"))
+
+
+def test_lora_trains_only_the_adapters_and_the_head(
+    make_settings: Callable[..., TrainSettings], topics_jsonl: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        dataset=str(topics_jsonl), model="minilm", max_length=32, max_tokens=512, lora_rank=4, max_steps=3, lr=1e-2
+    )
+    train(settings)
+    state = Checkpointer(tmp_path / "ckpt").load()
+    from safetensors.torch import load_file
+
+    base = load_file(str(encoder_path("minilm") / "model.safetensors"))
+    # PEFT wraps the frozen projection as `...query.base_layer.weight`
+    trained_base = state["model"]["encoder.base_model.model.encoder.layer.0.attention.self.query.base_layer.weight"]
+    assert torch.equal(trained_base, base["encoder.layer.0.attention.self.query.weight"])  # frozen
+    lora_b = [v for k, v in state["model"].items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: it moved
+    assert state["sampler"]["epoch"] == 0 and state["sampler"]["position"] == 3  # 3 token-budget batches used
+
+
+@pytest.mark.slow
+def test_text_classifier_exports_with_its_tokenizer_and_merged_lora(
+    make_settings: Callable[..., TrainSettings], topics_jsonl: Path
+) -> None:
+    settings = make_settings(
+        dataset=str(topics_jsonl),
+        model="minilm",
+        max_length=64,
+        max_tokens=1024,
+        lora_rank=8,
+        epochs=2,
+        lr=2e-3,
+        export=True,
+        checkpoint_every=0,
+    )
+    result = train(settings)
+    assert result.metrics["test_accuracy"] >= 0.9
+    art = result.artifact
+    assert art is not None
+    manifest = art.manifest
+    assert manifest.preprocessing == {"kind": "text", "tokenizer": "tokenizer/tokenizer.json", "max_length": 64}
+    assert manifest.provenance["train"]["lora_merged"] is True
+    assert (art.assets_dir / "tokenizer" / "tokenizer.json").is_file()
+    import onnx
+
+    names = [i.name for i in onnx.load(str(art.model_path)).graph.initializer]
+    assert not [n for n in names if "lora" in n.lower()]  # merged: no adapter weights left in the graph
+    # held-out texts, tokenised with the artifact's own tokenizer, padded per batch (sequence axis really dynamic)
+    data = load_jsonl(topics_jsonl, "text", "label", settings.test_fraction, settings.seed)
+    batcher = TextBatcher(art.assets_dir / "tokenizer", 64)
+    ids = batcher.encode(data.texts_test)
+    engine = OrtEngine(art.model_path)
+    predicted = []
+    for start in range(0, len(ids), 16):
+        feeds = {k: v.numpy() for k, v in TextBatcher.pad(ids[start : start + 16]).items()}
+        predicted.append(engine.run(feeds)["logits"].argmax(axis=1))
+    accuracy = float((np.concatenate(predicted) == data.y_test).mean())
+    assert accuracy == pytest.approx(result.metrics["test_accuracy"], abs=1.5 / len(ids))

@@ -1,0 +1,151 @@
+"""``kiln.train.train`` on real bundled data and CSV files, and the clear errors bad input gets."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln.data import bundled_dataset
+from kiln.errors import ConfigError, InvalidInput
+from kiln.train import Checkpointer, StepStats, TrainingDiverged, TrainSettings, load_train_settings, train
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "kiln" / "train" / "examples"
+
+
+def test_iris_classification_learns_and_reports_progress(make_settings: Callable[..., TrainSettings]) -> None:
+    seen: list[StepStats] = []
+    result = train(make_settings(epochs=25, lr=1e-2, batch_size=16), on_step=seen.append)
+    assert result.metrics["test_accuracy"] >= 0.85
+    assert result.steps == 25 * 7 and [s.step for s in seen] == list(range(1, 176))  # 112 rows: 7 batches of 16
+    assert seen[-1].eta_s == 0.0 and seen[0].eta_s > 0 and seen[-1].samples_per_s > 0
+    assert seen[-1].loss < seen[0].loss
+    assert result.checkpoint is not None and result.checkpoint.name == "step-00000175.pt"
+
+
+def test_bf16_autocast_on_cpu_still_learns(make_settings: Callable[..., TrainSettings]) -> None:
+    result = train(make_settings(dataset="digits", epochs=3, lr=3e-3, mixed_precision="bf16", device="cpu"))
+    assert result.metrics["test_accuracy"] >= 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_on_gpu_learns(make_settings: Callable[..., TrainSettings], precision: str) -> None:
+    """fp16 goes through Accelerate's gradient scaler (the non-plain path); bf16 through autocast alone."""
+    result = train(make_settings(dataset="digits", epochs=3, lr=3e-3, mixed_precision=precision, device="cuda"))
+    assert result.metrics["test_accuracy"] >= 0.9
+
+
+def test_diabetes_regression_predicts_in_target_units(make_settings: Callable[..., TrainSettings]) -> None:
+    result = train(make_settings(dataset="diabetes", epochs=30, lr=3e-3, hidden_sizes=(32,)))
+    assert result.metrics["test_r2"] > 0.3
+    assert 40 < result.metrics["test_rmse"] < 70  # the target spans 25..346; a mean predictor scores ~77
+
+
+def _write_csv(path: Path, rows: list[list[object]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    return path
+
+
+@pytest.fixture
+def wine_csv(tmp_path: Path) -> Path:
+    """The bundled wine data written as a CSV with named columns and string class labels."""
+    data = bundled_dataset("wine", test_fraction=0.5)
+    x = [*data.x_train, *data.x_test]
+    y = [*data.y_train, *data.y_test]
+    header = [f"chem_{i}" for i in range(x[0].shape[0])] + ["cultivar"]
+    names = ["barolo", "grignolino", "barbera"]
+    return _write_csv(tmp_path / "wine.csv", [header] + [[*map(float, r), names[c]] for r, c in zip(x, y, strict=True)])
+
+
+def test_csv_with_string_labels_trains(make_settings: Callable[..., TrainSettings], wine_csv: Path) -> None:
+    result = train(make_settings(dataset=str(wine_csv), target="cultivar", epochs=20, lr=1e-2))
+    assert result.metrics["test_accuracy"] >= 0.85
+
+
+def test_csv_unknown_column_suggests_the_closest(make_settings: Callable[..., TrainSettings], wine_csv: Path) -> None:
+    with pytest.raises(InvalidInput, match=r'column "cultivr" is not in .*\(did you mean "cultivar"\?\)'):
+        train(make_settings(dataset=str(wine_csv), target="cultivr"))
+
+
+def test_csv_non_numeric_feature_names_line_and_column(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    path = _write_csv(tmp_path / "bad.csv", [["a", "b", "y"], [1, 2, 0], [3, "n/a", 1], [5, 6, 0]])
+    with pytest.raises(InvalidInput, match=r'line 3, column "b" holds \'n/a\', not a number'):
+        train(make_settings(dataset=str(path), target="y"))
+
+
+def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..., TrainSettings]) -> None:
+    with pytest.raises(InvalidInput, match=r'dataset "digit" is not bundled \(did you mean "digits"\?\)'):
+        train(make_settings(dataset="digit"))
+
+
+def test_model_output_that_does_not_fit_the_labels(
+    make_settings: Callable[..., TrainSettings], factories_on_path: Path
+) -> None:
+    settings = make_settings(dataset="digits", model="kiln_train_test_models:three_class_head")
+    with pytest.raises(InvalidInput, match=r"returns shape \[4, 3\] .* needs \[4, 10\] \(10 classes\)"):
+        train(settings)
+    with pytest.raises(InvalidInput, match=r"returned a dict, not a torch nn\.Module"):
+        train(make_settings(dataset="digits", model="kiln_train_test_models:not_a_module"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    settings = make_settings(dataset="diabetes", optimizer="sgd", lr=20.0, epochs=5, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match=r"the loss is (nan|inf).*last good checkpoint is .*step-00000002\.pt"):
+        train(settings)
+    good = Checkpointer(tmp_path / "ckpt").load()
+    assert good["step"] == 2
+    assert all(v.isfinite().all() for v in good["model"].values())
+
+
+def test_config_typo_suggests_the_closest_key(tmp_path: Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text('[train]\ndataset = "iris"\nepocs = 3\n')
+    with pytest.raises(ConfigError, match=r'unknown key "epocs" \(did you mean "epochs"\?\)'):
+        load_train_settings(config, environ={})
+
+
+def test_bad_choice_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match=r'schedule "cosin" is unknown \(did you mean "cosine"\?\)'):
+        TrainSettings(schedule="cosin")
+
+
+def test_precedence_flag_over_environment_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\ndataset = "wine"\nepochs = 3\nlr = 0.5\n\n[export]\nexporter = "torchscript"\n')
+    settings, export = load_train_settings(config, {"epochs": 9}, environ={"KILN_LR": "0.25"})
+    assert (settings.dataset, settings.epochs, settings.lr, export.exporter) == ("wine", 9, 0.25, "torchscript")
+
+
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
+def test_every_shipped_example_resolves(example: str) -> None:
+    settings, _ = load_train_settings(EXAMPLES / f"{example}.toml", environ={})
+    assert settings.dataset in {"digits", "iris", "wine", "breast_cancer", "diabetes"}
+
+
+def test_cli_config_typo_is_one_line_with_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text('[train]\ndataset = "iris"\nbatch_sise = 8\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln", "train", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'unknown key "batch_sise" (did you mean "batch_size"?)' in lines[0]
