@@ -2,6 +2,8 @@
 
 1. all-MiniLM-L6-v2 from the bundled package -> export -> optimize (guarded search) -> bench.
 2. A scikit-learn MLP trained on the bundled digits -> export -> optimize with the accuracy guard -> bench.
+3. ``kiln serve`` on that repository, in its own process: real English sentences at a few Poisson rates from
+   the load generator, then SIGTERM, a drain, and exit code 0.
 
 Writes the repository (``kiln-repo/``) and the reports (``kiln-report/index.html`` linking one page per model).
 """
@@ -16,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from kiln.artifact import Artifact
-from kiln.bench import BenchReport, bench
+from kiln.bench import BenchReport, LoadReport, LoadSettings, bench, load_test
 from kiln.config import BenchSettings, OptimizeSettings
+from kiln.errors import KilnError
 from kiln.export import bundled_minilm_path, export
 from kiln.optimize import OptimizeResult, optimize
 
@@ -82,6 +85,37 @@ def digits_road(repo: Path, reports: Path, stage: Stage, *, fast: bool = False) 
     return RoadResult("digits", exported, search, report, reports / "digits" / "index.html")
 
 
+@dataclass
+class ServeResult:
+    """The demo's serving step: the server's start-to-ready time, the load it took, and how it stopped."""
+
+    ready_s: float
+    load: LoadReport
+    exit_code: int
+    report_path: Path
+
+
+def serve_road(repo: Path, reports: Path, stage: Stage, *, fast: bool = False, model: str = "minilm") -> ServeResult:
+    """Serve ``repo`` in a child process and load ``model`` at a few Poisson rates; the server must drain to 0."""
+    from kiln.serve import ServerProcess
+
+    settings = LoadSettings(rates=(5.0, 20.0) if fast else (10.0, 25.0, 50.0), duration_s=3.0 if fast else 6.0)
+    with ServerProcess(repo, "--models", model) as server:
+        report = load_test(
+            server.url,
+            model,
+            settings=settings,
+            label=f"kiln serve {model}",
+            report_dir=reports / "serve",
+            progress=stage(f"serve {model}"),
+        )
+        exit_code = server.stop()
+    if exit_code != 0:
+        raise KilnError(f"kiln serve exited with code {exit_code} after SIGTERM; its log:\n{server.log}")
+    assert server.ready_s is not None
+    return ServeResult(server.ready_s, report, exit_code, reports / "serve" / "index.html")
+
+
 def quickstart(
     repo: Path = Path("kiln-repo"),
     reports: Path = Path("kiln-report"),
@@ -90,7 +124,10 @@ def quickstart(
     fast: bool = False,
     models: tuple[str, ...] = ("minilm", "digits"),
 ) -> list[RoadResult]:
-    """Run the demo road for each model; ``repo`` is created fresh (an earlier demo's repo is replaced)."""
+    """Run the demo road for each model; ``repo`` is created fresh (an earlier demo's repo is replaced).
+
+    ``serve_road`` is the next step: the CLI runs it on the same repository.
+    """
     stage = stage or (lambda _title: lambda _msg, _frac: None)
     if (repo / "minilm").is_dir() or (repo / "digits").is_dir():
         shutil.rmtree(repo)

@@ -44,4 +44,7 @@ def test_quickstart_runs_both_roads_and_writes_repo_and_report(tmp_path: Path) -
         bench = json.loads((tmp_path / "kiln-report" / name / "bench.json").read_text())
         assert bench["rows"]
     assert "Kiln quickstart" in result.stdout and "next: kiln inspect" in result.stdout
+    assert "kiln serve: ready in" in result.stdout and "(exit code 0)" in result.stdout
+    load = json.loads((tmp_path / "kiln-report" / "serve" / "load.json").read_text())
+    assert [step["errors"] for step in load["reports"][0]["steps"]] == [{}, {}]
     assert "Number of histogram bins" not in result.stdout  # ORT's calibration chatter stays out

@@ -693,13 +693,12 @@ def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(slow_repo: Path, 
         if batcher.running_batches:
             break
         time.sleep(0.01)
-    queued_before = batcher.queued_rows
     client.async_infer("slow", [tensor(x)], callback)
-    for _ in range(500):  # until the small one waits in the queue behind them
-        if batcher.queued_rows > queued_before:
+    for _ in range(500):  # until the small one waits in the queue behind them (big ones are 256 rows each)
+        if batcher.queued_rows % 256 == 2:
             break
-        time.sleep(0.01)
-    assert batcher.queued_rows >= 2
+        time.sleep(0.002)
+    assert batcher.queued_rows % 256 == 2
     server.call(server.grpc.stop(grace_s=10.0))
     for _ in range(4):
         assert finished.acquire(timeout=30)

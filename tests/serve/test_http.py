@@ -199,3 +199,52 @@ def test_metrics_expose_histograms_by_model_and_version(tiny_server: Any) -> Non
     ):
         assert f"{family}" in text and 'model="tiny"' in text
     assert 'kiln_queue_depth_rows{model="tiny",version="1"} 0.0' in text
+
+
+@pytest.mark.slow
+def test_minilm_text_over_http_batched_equals_the_in_process_encoder(
+    start_server: Callable[..., Any], minilm_artifact: artifacts.Artifact
+) -> None:
+    from kiln.data import english_corpus
+    from kiln.runtime import OrtEngine, text_encoder_for
+
+    server = start_server(minilm_artifact.repository, ServeSettings(), http=True)
+    encoder = text_encoder_for(minilm_artifact, OrtEngine(minilm_artifact.model_path))
+    texts = english_corpus(48, offset=1200)
+    requests = [texts[i : i + n] for i, n in zip(range(0, 48, 4), [1, 3, 4, 2] * 3, strict=True)]
+
+    def call(batch: list[str]) -> Array:
+        client = httpclient.InferenceServerClient(server.http_url)
+        tensor = httpclient.InferInput("text", [len(batch)], "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode() for t in batch], dtype=np.object_), binary_data=True)
+        out: Array = client.infer("minilm", [tensor]).as_numpy("sentence_embedding")
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, requests))
+    for batch, result in zip(requests, results, strict=True):
+        np.testing.assert_allclose(result, encoder.encode(batch), atol=1e-4)
+
+    ids = encoder.tokenizer.encode(texts[:2])
+    feeds = encoder.tokenizer.pad(ids, [s.name for s in encoder.engine.inputs])
+    body = {
+        "inputs": [
+            {"name": name, "datatype": "INT64", "shape": list(array.shape), "data": array.reshape(-1).tolist()}
+            for name, array in feeds.items()
+        ]
+    }
+    code, _, payload = post(server.http_url, "/v2/models/minilm/infer", json.dumps(body).encode())
+    assert code == 200
+    embedding = np.array(payload["outputs"][0]["data"], dtype=np.float32).reshape(2, -1)
+    np.testing.assert_allclose(embedding, encoder.encode(texts[:2]), atol=1e-4)
+
+    bad = b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}]}'
+    code, _, payload = post(
+        server.http_url,
+        "/v2/models/minilm/infer",
+        bad + b"\x02\0\0\0\xff\xfe",
+        {"Inference-Header-Content-Length": str(len(bad))},
+    )
+    assert code == 400 and "not valid UTF-8" in payload["error"]
+    code, _, payload = post(server.http_url, "/v2/models/minilm/infer", infer_body([1.0], [1], name="text"))
+    assert code == 400 and "expects BYTES" in payload["error"]

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +20,7 @@ import pytest
 
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings
+from kiln.serve import ServerProcess
 
 ROWS = 64
 
@@ -101,71 +98,27 @@ def test_swapping_versions_under_load_fails_no_request(
     assert versions[0] == "1" and versions[-1] == "2"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _start_cli(repo: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    kiln = Path(sys.executable).parent / "kiln"
-    process = subprocess.Popen(
-        [str(kiln), "serve", str(repo), "--http-port", str(port), "--grpc-port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-    )
-    url = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log, _ = process.communicate()
-            raise AssertionError(f"kiln serve exited {process.returncode}: {log.decode()}")
-        try:
-            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=1) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:  # refused, reset or timed out while it starts
-            time.sleep(0.05)
-    _kill(process)
-    raise AssertionError("kiln serve did not become ready in 60 s")
-
-
-def _kill(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.communicate(timeout=30)  # closes the pipe
-
-
 @pytest.mark.e2e
 def test_sigterm_finishes_every_in_flight_request_and_exits_zero(slow_repo: Path) -> None:
-    process, url = _start_cli(slow_repo, "--max-batch-size", str(ROWS))
-    try:
+    with ServerProcess(slow_repo, "--max-batch-size", str(ROWS)) as server:
+        url = server.url.removeprefix("http://")
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(infer, url) for _ in range(16)]
             time.sleep(0.15)  # every request is in the server (most of them queued) when the signal lands
-            process.send_signal(signal.SIGTERM)
+            server.send(signal.SIGTERM)
             codes = [future.result()[0] for future in futures]
         assert codes == [200] * 16
-        log, _ = process.communicate(timeout=60)
-        assert process.returncode == 0
-        assert "drained and stopped" in log.decode()
-    finally:
-        _kill(process)
+        assert server.stop() == 0
+    assert "drained and stopped" in server.log
 
 
 @pytest.mark.e2e
-def test_sighup_swaps_in_a_new_version_and_the_cli_reports_ready_time(slow_repo: Path, tmp_path: Path) -> None:
-    process, url = _start_cli(slow_repo)
-    try:
-        artifacts.write(
-            slow_repo,
-            artifacts.Manifest(name="slow", signature=artifacts.load(slow_repo / "slow").manifest.signature),
-            slow_repo / "slow" / "1" / "model.onnx",
-        )
-        process.send_signal(signal.SIGHUP)
+def test_sighup_swaps_in_a_new_version_and_the_cli_reports_ready_time(slow_repo: Path) -> None:
+    with ServerProcess(slow_repo) as server:
+        url = server.url.removeprefix("http://")
+        model = artifacts.load(slow_repo / "slow")
+        artifacts.write(slow_repo, model.manifest, model.model_path)
+        server.send(signal.SIGHUP)
         deadline = time.monotonic() + 30
         version = ""
         while time.monotonic() < deadline and version != "2":
@@ -173,9 +126,5 @@ def test_sighup_swaps_in_a_new_version_and_the_cli_reports_ready_time(slow_repo:
             assert code == 200
             version = body["model_version"]
         assert version == "2"
-        process.send_signal(signal.SIGTERM)
-        log, _ = process.communicate(timeout=60)
-        assert process.returncode == 0
-        assert "ready in" in log.decode() and "loaded slow version 2" in log.decode()
-    finally:
-        _kill(process)
+        assert server.stop() == 0
+    assert "ready in" in server.log and "loaded slow version 2" in server.log

@@ -17,15 +17,17 @@ def quickstart(
     report_dir: Path = typer.Option(Path("kiln-report"), "--report-dir", help="Where the HTML reports go."),
     fast: bool = typer.Option(False, "--fast", help="Fewer repeats: a smoke run, not figures to quote."),
     model: list[str] = typer.Option(["minilm", "digits"], "--model", help="Which demo roads to run."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Skip the serving step."),
 ) -> None:
-    """MiniLM and a digits classifier: export -> optimize -> bench, with a summary and the next command."""
+    """MiniLM and a digits classifier: export -> optimize -> bench -> serve under load, with a summary."""
     from rich.table import Table
 
     from kiln.quickstart import quickstart as run
-    from kiln.quickstart import summary_rows
+    from kiln.quickstart import serve_road, summary_rows
 
     with _Stages() as stage:
         results = run(out, report_dir, stage=stage, fast=fast, models=tuple(model))
+        served = None if no_serve else serve_road(out, report_dir, stage, fast=fast, model=results[0].name)
     for result in results:
         console.print(result.search.table())
     table = Table(title="Kiln quickstart")
@@ -35,9 +37,17 @@ def quickstart(
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
+    if served is not None:
+        console.print(served.load.table())
+        console.print(
+            f"kiln serve: ready in {served.ready_s:.2f} s; stopped with SIGTERM after draining (exit code "
+            f"{served.exit_code}); load report: {served.report_path}"
+        )
     console.print(f"report: {report_dir / 'index.html'}")
     latest = results[0].search.chosen or results[0].exported
-    console.print(f"next: kiln inspect {latest.path.parent}   |   kiln bench {latest.path.parent}")
+    console.print(
+        f"next: kiln inspect {latest.path.parent}   |   kiln bench {latest.path.parent}   |   kiln serve {out}"
+    )
 
 
 class _Stages:

@@ -11,6 +11,7 @@ from kiln.config import ServeSettings
 from kiln.serve.batcher import Batcher, BatchPolicy
 from kiln.serve.costmodel import BatchCostModel
 from kiln.serve.dataplane import DataPlane
+from kiln.serve.process import ServerProcess, free_port
 from kiln.serve.protocol import InferRequest, InferResponse, RequestedOutput
 from kiln.serve.repository import ModelRepository
 from kiln.serve.server import serve, serve_async
@@ -25,6 +26,8 @@ __all__ = [
     "ModelRepository",
     "RequestedOutput",
     "ServeSettings",
+    "ServerProcess",
+    "free_port",
     "serve",
     "serve_async",
 ]

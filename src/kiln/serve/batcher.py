@@ -1,12 +1,13 @@
 """Dynamic batching per model version: rows not requests, a bounded queue, deadlines, and a learned cost.
 
-The dispatch loop takes the oldest request's kind (requests are only stacked with others of the same input
-shapes), gathers queued requests of that kind up to ``max_batch_size`` rows, and asks the model's
-``BatchCostModel`` how to cut them into batches of least total time (text grouped by length, so batches carry
-little padding). It waits for batch-mates only when the cost model says a full batch makes a row markedly
-cheaper (a GPU) and the latency target leaves room; on a small CPU it learns that waiting does not pay and
-dispatches at once, so batching never makes the tail worse. Inference runs on worker threads (one per engine
-instance; ONNX Runtime releases the GIL), never on the event loop.
+When an engine instance is free, the dispatch loop looks at the oldest request and the queued requests that can
+be stacked with it (same input shapes), up to ``max_batch_size`` rows, asks the model's ``BatchCostModel`` how
+to cut them into batches of least total time (text grouped by length, so batches carry little padding), and
+takes the batch that holds the oldest request; the rest wait for the next free instance. It holds requests back
+for batch-mates only when the cost model says a full batch makes a row markedly cheaper (a GPU) *and* the
+arrival rate would keep the engine busy; on two CPU cores it learns that waiting does not pay and dispatches at
+once, so batching never makes the tail worse. Inference runs on worker threads (one per engine instance; ONNX
+Runtime releases the GIL), never on the event loop.
 
 Nothing here knows about HTTP or gRPC.
 """
@@ -225,28 +226,46 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Pending]:
-        """The oldest request and queued requests of the same kind, up to ``max_batch_size`` rows."""
+        """The next batch: the oldest request plus the queued requests the cost model says to run with it.
+
+        Candidates are queued requests of the oldest one's kind in arrival order, up to ``max_batch_size`` rows
+        or this instance's share of the backlog (queued rows over free instances), whichever is smaller; the cost
+        model cuts them into batches of least total time, and the batch holding the oldest request is taken. The
+        others stay queued for the next free instance, so no instance idles while another works through a backlog.
+        """
         now = time.perf_counter()
         while self._queue and self._expired(self._queue[0], now):
             self._fail_expired(self._queue.popleft())
         if not self._queue:
             return []
         limit = self.policy.max_batch_size if self.policy.batching else 1
+        # Share the backlog among the free engine instances: two requests and two idle instances run side by side,
+        # never as one batch while the other instance idles (on a CPU that is slower for both).
+        limit = min(limit, max(1, -(-self._queued_rows // max(1, len(self._free_instances)))))
         first = self._queue.popleft()
-        taken, rows = [first], first.work.rows
-        if self.model.batchable:
+        candidates, rows = [first], first.work.rows
+        if self.model.batchable and limit > 1:
             kept: deque[_Pending] = deque()
             while self._queue and rows < limit:
                 item = self._queue.popleft()
                 if self._expired(item, now):
                     self._fail_expired(item)
                 elif item.work.key == first.work.key and rows + item.work.rows <= limit:
-                    taken.append(item)
+                    candidates.append(item)
                     rows += item.work.rows
                 else:
                     kept.append(item)
             kept.extend(self._queue)
             self._queue = kept
+        taken = candidates
+        if len(candidates) > 2 or (len(candidates) == 2 and candidates[0].work.length != candidates[1].work.length):
+            lengths, counts = [p.work.length for p in candidates], [p.work.rows for p in candidates]
+            plan = self.model.cost.plan(lengths, counts, max(limit, first.work.rows))
+            chosen = set(next(batch for batch in plan if 0 in batch))
+            taken = [p for i, p in enumerate(candidates) if i in chosen]
+            returned = [p for i, p in enumerate(candidates) if i not in chosen]
+            if returned:  # back into the queue in arrival order
+                self._queue = deque(sorted([*returned, *self._queue], key=lambda p: p.enqueued))
         self._queued_rows -= sum(p.work.rows for p in taken)
         self.metrics.queue_depth(self._queued_rows)
         for pending in taken:
@@ -270,27 +289,18 @@ class Batcher:
                 )
             )
 
-    def _run(self, taken: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: cut the taken requests into batches by cost, run each, hand results back as they land."""
+    def _run(self, group: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: run one batch on engine ``instance`` and hand the results back to the event loop."""
         try:
-            if len(taken) == 1:
-                plans = [[0]]
-            else:
-                limit = self.policy.max_batch_size if self.policy.batching else 1
-                plans = self.model.cost.plan([p.work.length for p in taken], [p.work.rows for p in taken], limit)
-            for plan in plans:
-                group = [taken[i] for i in plan]
-                started = time.perf_counter()
-                try:
-                    results = self.model.execute([p.work for p in group], instance)
-                except Exception as exc:  # every waiter of a failed batch gets the error
-                    logger.exception("batch of %d requests failed on %s", len(group), self.model.name)
-                    loop.call_soon_threadsafe(_fail_all, group, exc)
-                    continue
-                compute_s = time.perf_counter() - started
-                rows = sum(p.work.rows for p in group)
-                self.metrics.batch(rows, compute_s)
-                loop.call_soon_threadsafe(_resolve_all, group, results)
+            started = time.perf_counter()
+            try:
+                results = self.model.execute([p.work for p in group], instance)
+            except Exception as exc:  # every waiter of a failed batch gets the error
+                logger.exception("batch of %d requests failed on %s", len(group), self.model.name)
+                loop.call_soon_threadsafe(_fail_all, group, exc)
+                return
+            self.metrics.batch(sum(p.work.rows for p in group), time.perf_counter() - started)
+            loop.call_soon_threadsafe(_resolve_all, group, results)
         finally:
             loop.call_soon_threadsafe(self._finished, instance)
 

@@ -81,6 +81,7 @@ class BatchCostModel:
         """
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         n = len(order)
+        fixed, per_token, per_token2 = self.coefficients  # inlined below: this runs on the event loop
         best = [0.0] + [float("inf")] * n  # best[j]: cheapest cover of the first j requests in length order
         cut = [0] * (n + 1)
         for j in range(1, n + 1):
@@ -89,7 +90,9 @@ class BatchCostModel:
                 total_rows += rows[order[i - 1]]
                 if total_rows > max_rows and i < j:
                     break
-                cost = best[i - 1] + self.predict(total_rows, lengths[order[j - 1]])
+                length = max(lengths[order[j - 1]], 1)
+                tokens = total_rows * length
+                cost = best[i - 1] + fixed + tokens * (per_token + per_token2 * length)
                 if cost < best[j]:
                     best[j], cut[j] = cost, i - 1
         batches: list[list[int]] = []

@@ -1,0 +1,363 @@
+"""The load generator against a real V2 server: the FastAPI baseline of bench/, started on a free port.
+
+No test asserts a timing: counts, error kinds and the latency definition are exact; rates only within their
+Poisson bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kiln import artifact as artifacts
+from kiln.bench import LoadClient, LoadReport, LoadSettings, load_test, search_max_rate, write_load_html
+from kiln.bench.load import payloads_for
+from kiln.bench.loadclient import poisson_schedule
+from kiln.bench.loadreport import read_load_json
+from kiln.bench.loadresults import LoadStep
+from kiln.bench.loadtarget import BINARY_HEADER, V2Target, encode_request, wait_ready
+from kiln.errors import ConfigError, ModelNotFound
+from kiln.types import Signature, TensorSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASELINE = REPO_ROOT / "bench" / "serve_fastapi_baseline.py"
+FAST = LoadSettings(rates=(40.0,), duration_s=0.5, warmup_requests=2, cooldown_s=0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def baseline_server(artifact_dir: Path) -> Iterator[str]:
+    """The FastAPI + ORT baseline serving ``artifact_dir``; yields its URL once GET /v2/health/ready is 200."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(BASELINE), str(artifact_dir), "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout_s=60.0, poll_s=0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def write_tiny_artifact(repo: Path) -> artifacts.Artifact:
+    """The tiny classifier of tests/conftest.py: ``input`` FP32 [N, 4] -> ``probabilities`` FP32 [N, 3]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["input", "weight"], ["logits_no_bias"]),
+            helper.make_node("Add", ["logits_no_bias", "bias"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        "tiny_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "weight"),
+            numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = repo.parent / "tiny.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    signature = Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("probabilities", "FP32", (-1, 3)),)
+    )
+    return artifacts.write(repo, artifacts.Manifest(name="tiny", signature=signature, task="classification"), path)
+
+
+@pytest.fixture(scope="module")
+def tiny_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    art = write_tiny_artifact(tmp_path_factory.mktemp("load") / "repo")
+    with baseline_server(art.path) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_url: str) -> Iterator[LoadClient]:
+    """One worker process for the open- and closed-loop tests against the tiny model."""
+    target = V2Target(tiny_url, "tiny")
+    payloads, _ = payloads_for(target.metadata(), FAST)
+    with LoadClient(target, payloads, warmup_requests=2) as client:
+        yield client
+
+
+# --- open loop ---------------------------------------------------------------------------------------------------
+
+
+def test_open_loop_sends_every_scheduled_request_and_reports_its_rate(tiny_client: LoadClient) -> None:
+    expected = len(poisson_schedule(60.0, 1.0, None, seed=0))
+    assert 60 - 4 * 60**0.5 < expected < 60 + 4 * 60**0.5  # a Poisson count around rate x duration
+
+    step = tiny_client.open_loop(60.0, duration_s=1.0, seed=0)
+
+    assert (step.mode, step.target_rps, step.requests, step.ok, step.errors) == ("open", 60.0, expected, expected, {})
+    assert step.offered_rps == pytest.approx(expected / 1.0)
+    assert 0 < step.achieved_rps <= step.offered_rps  # answers counted over a window at least as long as the plan
+    assert step.p50_ms is not None and step.p99_ms is not None and step.max_ms is not None
+    assert 0 < step.p50_ms <= step.p99_ms <= step.max_ms
+    assert step.meets(p99_ms=step.p99_ms, max_error_rate=0.01)
+
+
+def test_a_step_ends_at_its_request_bound_before_its_duration(tiny_client: LoadClient) -> None:
+    step = tiny_client.open_loop(200.0, duration_s=30.0, max_requests=25)
+    assert (step.requests, step.ok) == (25, 25)
+    last_arrival = float(poisson_schedule(200.0, 30.0, 25, seed=0)[-1])
+    assert last_arrival < 1.0  # 25 arrivals at 200/s: the plan ends long before 30 s ...
+    assert step.samples is not None and step.samples.span_s == last_arrival  # ... and so does the step
+    assert step.offered_rps == pytest.approx(25 / last_arrival)
+
+
+def test_latency_is_measured_from_the_scheduled_send_time(tiny_client: LoadClient) -> None:
+    step = tiny_client.run_schedule([0.0] * 32, max_outstanding=32)
+    samples = step.samples
+    assert samples is not None and step.ok == 32
+    service_s = samples.done_s - samples.sent_s
+    # Every request was due at 0 s; the client sent them one after another, so each waited before it went out.
+    assert np.all(samples.sent_s > samples.scheduled_s)
+    np.testing.assert_array_equal(samples.latency_s, samples.done_s)  # done - 0
+    assert np.all(samples.latency_s > service_s)
+    assert step.max_ms == pytest.approx(float(samples.done_s.max()) * 1e3)
+    assert step.send_lag_p99_ms > 0
+
+
+def test_requests_over_the_outstanding_cap_are_client_overload_errors(tiny_client: LoadClient) -> None:
+    step = tiny_client.run_schedule([0.0] * 20, max_outstanding=3)
+    assert (step.requests, step.ok, step.errors) == (20, 3, {"client-overload": 17})
+    assert step.error_rate == pytest.approx(0.85)
+    assert not step.meets(p99_ms=1e9, max_error_rate=0.01)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "version"), [("no-such-model", None), ("tiny", "7")])
+def test_404s_from_a_wrong_model_or_version_are_counted_not_fatal(
+    tiny_url: str, tiny_client: LoadClient, model: str, version: str | None
+) -> None:
+    payloads, _ = payloads_for(V2Target(tiny_url, "tiny").metadata(), FAST)
+    with LoadClient(V2Target(tiny_url, model, version), payloads, warmup_requests=0) as client:
+        step = client.open_loop(40.0, duration_s=0.5, max_requests=12, seed=1)
+    assert step.requests > 0
+    assert (step.ok, step.errors) == (0, {"404": step.requests})
+    assert step.p99_ms is None and step.error_rate == 1.0
+    assert not step.meets(p99_ms=200.0, max_error_rate=0.01)
+
+
+def test_refused_connections_are_counted_by_kind(tiny_client: LoadClient) -> None:
+    payloads, _ = payloads_for(tiny_client.target.metadata(), FAST)
+    with LoadClient(V2Target(f"http://127.0.0.1:{free_port()}", "tiny"), payloads, warmup_requests=1) as client:
+        step = client.run_schedule([0.0, 0.01, 0.02, 0.03])
+    assert (step.requests, step.ok, step.errors) == (4, 0, {"connection": 4})
+
+
+def test_load_test_names_a_missing_model(tiny_url: str) -> None:
+    with pytest.raises(ModelNotFound, match=r'no model "tinny".*serves tiny'):
+        load_test(tiny_url, "tinny", settings=FAST)
+
+
+def test_settings_outside_their_rules_are_refused() -> None:
+    with pytest.raises(ConfigError, match="rates is \\[\\]; it must be positive numbers"):
+        LoadSettings(rates=())
+    with pytest.raises(ConfigError, match="concurrency is 0"):
+        LoadSettings(concurrency=0)
+
+
+# --- JSON, binary, text, closed loop -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_json_and_binary_requests_both_succeed(tiny_url: str, binary: bool) -> None:
+    settings = LoadSettings(rates=(30.0,), duration_s=0.5, binary=binary, warmup_requests=1, cooldown_s=0.0)
+    report = load_test(tiny_url, "tiny", settings=settings)
+    (step,) = report.steps
+    assert step.requests > 0 and step.ok == step.requests and step.errors == {}
+    assert report.payload["binary"] is binary
+    assert report.payload["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [1, 3]}]
+
+
+def test_binary_and_json_bodies_carry_the_same_tensors() -> None:
+    floats = np.arange(8, dtype=np.float32).reshape(2, 4) / 3
+    texts = np.array(["a sentence", "ünïcode, with a comma"], dtype=object)
+    tensors = [("input", "FP32", floats), ("text", "BYTES", texts)]
+    as_json = json.loads(encode_request(tensors, [], binary=False).body)
+    binary = encode_request(tensors, ["probabilities"], binary=True)
+    headers = dict(binary.headers)
+    split = int(headers[BINARY_HEADER])
+    header, raw = json.loads(binary.body[:split]), binary.body[split:]
+    assert header["outputs"] == [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    float_size = header["inputs"][0]["parameters"]["binary_data_size"]
+    np.testing.assert_array_equal(np.frombuffer(raw[:float_size], "<f4"), as_json["inputs"][0]["data"])
+    strings, rest = [], raw[float_size:]
+    while rest:
+        (length,) = struct.unpack_from("<I", rest)
+        strings.append(rest[4 : 4 + length].decode())
+        rest = rest[4 + length :]
+    assert strings == as_json["inputs"][1]["data"] == list(texts)
+    assert [i["shape"] for i in header["inputs"]] == [[2, 4], [2]]
+
+
+def test_text_models_get_real_sentences_in_json_and_binary(text_artifacts: list[artifacts.Artifact]) -> None:
+    with baseline_server(text_artifacts[0].path) as url:
+        for binary in (False, True):
+            settings = LoadSettings(
+                rates=(20.0,), duration_s=0.5, texts_per_request=2, binary=binary, warmup_requests=1, cooldown_s=0
+            )
+            report = load_test(url, "bow", settings=settings)
+            (step,) = report.steps
+            assert step.ok == step.requests > 0, step.errors
+            assert report.payload["kind"] == "text" and report.payload["texts_per_request"] == 2
+            assert report.payload["outputs"] == [{"name": "sentence_embedding", "datatype": "FP32", "shape": [2, 8]}]
+
+
+def test_closed_loop_runs_each_client_count(tiny_url: str, tiny_client: LoadClient) -> None:
+    settings = LoadSettings(closed_loop=(1, 3), duration_s=0.4, warmup_requests=1, cooldown_s=0.0)
+    report = load_test(tiny_url, "tiny", settings=settings)
+    assert [(s.mode, s.clients, s.target_rps) for s in report.steps] == [("closed", 1, None), ("closed", 3, None)]
+    for step in report.steps:
+        assert step.ok == step.requests > 0 and step.errors == {}
+        assert step.rate_rps == step.achieved_rps
+    bounded = tiny_client.closed_loop(2, duration_s=30.0, max_requests=15)
+    assert (bounded.requests, bounded.ok) == (15, 15)
+
+
+# --- figures from results ----------------------------------------------------------------------------------------
+
+
+def synthetic_step(rate: float, p99_ms: float | None, errors: dict[str, int] | None = None, ok: int = 100) -> LoadStep:
+    errors = errors or {}
+    return LoadStep(
+        mode="open",
+        target_rps=rate,
+        clients=None,
+        requests=ok + sum(errors.values()),
+        ok=ok,
+        offered_rps=rate,
+        achieved_rps=rate * 0.98,
+        p50_ms=None if p99_ms is None else p99_ms / 3,
+        p90_ms=None if p99_ms is None else p99_ms / 2,
+        p99_ms=p99_ms,
+        max_ms=None if p99_ms is None else p99_ms * 1.5,
+        errors=errors,
+        send_lag_p99_ms=0.1,
+        duration_s=8.0,
+    )
+
+
+def synthetic_report(label: str = "kiln <batching & on>") -> LoadReport:
+    return LoadReport(
+        url="http://127.0.0.1:8000",
+        model="minilm",
+        label=label,
+        steps=[
+            synthetic_step(20.0, 30.0),
+            synthetic_step(80.0, 200.0),  # exactly at the bar: holds it
+            synthetic_step(40.0, 60.0),
+            synthetic_step(100.0, 150.0, {"503": 1}, ok=99),  # exactly 1% errors: does not hold "< 1%"
+            synthetic_step(120.0, 199.0, {"client-overload": 3}, ok=97),
+            synthetic_step(160.0, None, {"timeout": 10}, ok=0),
+            synthetic_step(90.0, 201.0),
+        ],
+        created_at="2025-01-01T00:00:00+00:00",
+    )
+
+
+def test_max_rate_within_picks_the_highest_rate_that_held_the_bar() -> None:
+    report = synthetic_report()
+    assert report.max_rate_within(p99_ms=200, max_error_rate=0.01) == 80.0
+    assert report.max_rate_within(p99_ms=200, max_error_rate=0.02) == 100.0
+    assert report.max_rate_within(p99_ms=200, max_error_rate=0.05) == 120.0
+    assert report.max_rate_within(p99_ms=50, max_error_rate=0.01) == 20.0
+    assert report.max_rate_within(p99_ms=10, max_error_rate=0.01) is None
+    best = report.best_step_within(p99_ms=200, max_error_rate=0.01)
+    assert best is not None and best.p99_ms == 200.0
+    assert [point[0] for point in report.curve()] == pytest.approx([r * 0.98 for r in (20, 40, 80, 90, 100, 120, 160)])
+
+
+class CapacityServer:
+    """A stand-in for LoadClient.open_loop: holds P99 under 200 ms up to ``capacity`` requests/s, then not."""
+
+    def __init__(self, capacity: float) -> None:
+        self.capacity = capacity
+        self.rates: list[float] = []
+
+    def open_loop(
+        self, rate_rps: float, *, duration_s: float, max_requests: int | None, max_outstanding: int, seed: int
+    ) -> LoadStep:
+        self.rates.append(rate_rps)
+        return synthetic_step(rate_rps, 50.0 if rate_rps <= self.capacity else 900.0)
+
+
+@pytest.mark.parametrize(("capacity", "start"), [(75.0, 20.0), (7.0, 40.0)])
+def test_search_max_rate_brackets_then_bisects(capacity: float, start: float) -> None:
+    server = CapacityServer(capacity)
+    found = search_max_rate(server, start_rps=start, growth=2.0, refine_steps=4, cooldown_s=0.0)
+    assert found.rate_rps is not None and found.best is not None
+    assert capacity / 2 ** (1 / 16) <= found.rate_rps <= capacity  # 4 bisections of a factor-2 bracket
+    assert len(found.steps) == len(server.rates)
+    assert search_max_rate(CapacityServer(0.1), start_rps=1.0, cooldown_s=0.0).rate_rps is None
+
+
+def test_load_html_has_both_plots_and_round_trips_its_json(tmp_path: Path) -> None:
+    reports = [synthetic_report(), synthetic_report("fastapi baseline")]
+    path = write_load_html(reports, tmp_path / "out", title="MiniLM under load")
+    page = path.read_text(encoding="utf-8")
+    assert page.count("<svg") == 2
+    assert "Latency vs throughput" in page and "Achieved vs offered rate" in page
+    assert "<script" not in page and "&lt;batching &amp; on&gt;" in page and "<batching & on>" not in page
+    assert "80.0 requests/s" in page  # the highest rate within the bar, per server
+    assert read_load_json(tmp_path / "out" / "load.json") == reports
+
+
+# --- the CLI -----------------------------------------------------------------------------------------------------
+
+
+def kiln(*args: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_cli_bench_url_prints_the_table_and_writes_the_report(tiny_url: str, tmp_path: Path) -> None:
+    done = kiln(
+        "bench", "--url", tiny_url, "--model", "tiny", "--rates", "20,40", "--duration-s", "0.4",
+        "--max-requests", "10", "--binary", "--report-dir", tmp_path / "load",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "load: tiny @" in done.stdout and "highest rate with P99 <= 200 ms" in done.stdout
+    (report,) = read_load_json(tmp_path / "load" / "load.json")
+    assert [s.target_rps for s in report.steps] == [20.0, 40.0]
+    assert all(s.requests <= 10 and s.ok == s.requests for s in report.steps)
+    assert report.settings["binary"] is True
+
+
+def test_cli_bench_needs_models_or_a_url() -> None:
+    done = kiln("bench")
+    assert done.returncode == 2
+    assert "needs model directories" in done.stderr and "--url URL --model NAME" in done.stderr
+    done = kiln("bench", "--url", "http://127.0.0.1:1")
+    assert done.returncode == 2 and "needs --model NAME" in done.stderr
