@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,3 +48,22 @@ def make_settings(tmp_path: Path) -> Callable[..., TrainSettings]:
         return TrainSettings(**(base | overrides))
 
     return make
+
+
+GROUPS = {"strings": ("string-methods", "formatstrings", "strings"), "errors": ("exceptions", "try", "raise")}
+
+
+@pytest.fixture
+def topics_jsonl(tmp_path: Path) -> Path:
+    """Paragraphs of Python's help topics, labelled by topic group (strings vs errors): ~250 real rows."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "topics.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for label, keys in GROUPS.items():
+            for key in keys:
+                for block in topics[key].split("\n\n"):
+                    text = " ".join(block.split())
+                    if len(text) >= 40:
+                        fh.write(json.dumps({"text": text, "label": label}) + "\n")
+    return path

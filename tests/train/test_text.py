@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,24 +13,6 @@ from kiln.errors import ConfigError, InvalidInput
 from kiln.runtime import OrtEngine
 from kiln.train import Checkpointer, TrainSettings, train
 from kiln.train.text import TextBatcher, encoder_path, load_jsonl
-
-GROUPS = {"strings": ("string-methods", "formatstrings", "strings"), "errors": ("exceptions", "try", "raise")}
-
-
-@pytest.fixture
-def topics_jsonl(tmp_path: Path) -> Path:
-    """Paragraphs of Python's help topics, labelled by topic group (strings vs errors): ~250 real rows."""
-    from pydoc_data.topics import topics
-
-    path = tmp_path / "topics.jsonl"
-    with path.open("w", encoding="utf-8") as fh:
-        for label, keys in GROUPS.items():
-            for key in keys:
-                for block in topics[key].split("\n\n"):
-                    text = " ".join(block.split())
-                    if len(text) >= 40:
-                        fh.write(json.dumps({"text": text, "label": label}) + "\n")
-    return path
 
 
 def test_jsonl_missing_key_suggests_the_closest(topics_jsonl: Path) -> None:
@@ -101,3 +82,20 @@ def test_text_classifier_exports_with_its_tokenizer_and_merged_lora(
         predicted.append(engine.run(feeds)["logits"].argmax(axis=1))
     accuracy = float((np.concatenate(predicted) == data.y_test).mean())
     assert accuracy == pytest.approx(result.metrics["test_accuracy"], abs=1.5 / len(ids))
+
+
+def test_text_steps_report_real_tokens_and_tokens_per_second(
+    make_settings: Callable[..., TrainSettings], topics_jsonl: Path
+) -> None:
+    from kiln.train import StepStats, TokenBudgetBatchSampler
+
+    seen: list[StepStats] = []
+    settings = make_settings(
+        dataset=str(topics_jsonl), model="minilm", max_length=32, max_tokens=512, lora_rank=4, max_steps=2
+    )
+    train(settings, on_step=seen.append)
+    data = load_jsonl(topics_jsonl, "text", "label", settings.test_fraction, settings.seed)
+    lengths = [len(ids) for ids in TextBatcher(encoder_path("minilm"), 32).encode(data.texts_train)]
+    batches = TokenBudgetBatchSampler(lengths, 512, seed=settings.seed).epoch_batches(0)
+    assert [s.tokens for s in seen] == [sum(lengths[i] for i in rows) for rows in batches[:2]]  # padding not counted
+    assert all(s.tokens_per_s > s.samples_per_s > 0 for s in seen)

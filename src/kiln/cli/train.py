@@ -98,14 +98,14 @@ def train(
         BarColumn(),
         TextColumn("{task.completed}/{task.total} steps"),
         TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} samples/s"),
+        TextColumn("{task.fields[rate]} samples/s{task.fields[tokens]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=err_console,
         transient=not err_console.is_terminal,
     ) as bar:
-        task = bar.add_task("train", total=None, run=settings.run_name, loss="-", rate="-")
+        task = bar.add_task("train", total=None, run=settings.run_name, loss="-", rate="-", tokens="")
 
         def on_step(stats: object) -> None:
             from kiln.train import StepStats
@@ -117,6 +117,7 @@ def train(
                 total=stats.total_steps,
                 loss=f"{stats.loss:.4f}",
                 rate=f"{stats.samples_per_s:,.0f}",
+                tokens=f", {stats.tokens_per_s:,.0f} tokens/s" if stats.tokens else "",
             )
 
         result = run_training(settings, export_settings=export_settings, on_step=on_step)

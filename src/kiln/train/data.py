@@ -1,4 +1,4 @@
-"""Training data: a scikit-learn bundled dataset or a CSV file, as float32 features and checked targets."""
+"""Training data: a scikit-learn bundled dataset, a CSV or a Parquet file, as float32 features and checked targets."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from kiln.data import bundled_dataset
 from kiln.errors import InvalidInput, did_you_mean
 
 Array = np.ndarray[Any, Any]
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+PYARROW_INSTALL_HINT = 'pip install "pyarrow>=14"'
 _MAX_AUTO_CLASSES = 50  # an integer target with more distinct values than this is treated as regression
 
 
@@ -55,8 +58,10 @@ def load_train_data(
         >>> data.task, data.num_features, data.num_outputs
         ('classification', 4, 3)
     """
-    if dataset.lower().endswith(".csv"):
-        data = _load_csv(Path(dataset), task, target, features, test_fraction, seed)
+    if dataset.lower().endswith(TABLE_SUFFIXES):
+        path = Path(dataset)
+        header, body = _read_parquet(path) if path.suffix.lower() in PARQUET_SUFFIXES else _read_csv(path)
+        data = _from_rows(path, header, body, task, target, features, test_fraction, seed)
     else:
         if target or features:
             raise InvalidInput(
@@ -88,19 +93,54 @@ def load_train_data(
     return data
 
 
-def _load_csv(
-    path: Path, task: str, target: str, features: tuple[str, ...], test_fraction: float, seed: int
-) -> TrainData:
-    if not path.is_file():
-        raise InvalidInput(f'dataset file "{path}" does not exist; pass an existing .csv file', path=str(path))
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of a CSV file, every cell as text."""
+    _check_exists(path)
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
-    if len(rows) < 3:
-        raise InvalidInput(f'"{path}" has {max(len(rows) - 1, 0)} data rows; training needs at least 2', path=str(path))
-    header = [h.strip() for h in rows[0]]
+    return ([h.strip() for h in rows[0]] if rows else []), rows[1:]
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of a Parquet file, every cell as text (so CSV and Parquet go through the same checks).
+
+    ``repr`` of a float round-trips exactly, so no precision is lost on the way to float32; a null is ``""``.
+    """
+    _check_exists(path)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise InvalidInput(f'"{path}" is a Parquet file, which needs pyarrow; {PYARROW_INSTALL_HINT}') from exc
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses for a file it cannot read
+        raise InvalidInput(f'"{path}" cannot be read as Parquet ({exc}); check the file', path=str(path)) from exc
+    columns = [["" if v is None else str(v) for v in column.to_pylist()] for column in table.columns]
+    return [str(name) for name in table.column_names], [list(row) for row in zip(*columns, strict=True)]
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise InvalidInput(
+            f'dataset file "{path}" does not exist; pass an existing {"/".join(TABLE_SUFFIXES)} file', path=str(path)
+        )
+
+
+def _from_rows(
+    path: Path,
+    header: list[str],
+    body: list[list[str]],
+    task: str,
+    target: str,
+    features: tuple[str, ...],
+    test_fraction: float,
+    seed: int,
+) -> TrainData:
+    if len(body) < 2:
+        raise InvalidInput(f'"{path}" has {len(body)} data rows; training needs at least 2', path=str(path))
     if not target:
         raise InvalidInput(
-            f'"{path}" is a CSV file, so the target column must be named; set target = "<column>" (columns: '
+            f'"{path}" is a table file, so the target column must be named; set target = "<column>" (columns: '
             f"{', '.join(header)})",
             path=str(path),
         )
@@ -114,7 +154,6 @@ def _load_csv(
     chosen = list(features) or [h for h in header if h != target]
     if target in chosen:
         raise InvalidInput(f'column "{target}" is both the target and a feature; remove it from features')
-    body = rows[1:]
     for number, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise InvalidInput(

@@ -45,6 +45,8 @@ class StepStats:
     samples_per_s: float
     elapsed_s: float
     eta_s: float
+    tokens: int = 0  # real (unpadded) tokens of the step's rows; 0 for tabular data
+    tokens_per_s: float = 0.0
 
 
 def make_accelerator(device: str, mixed_precision: str) -> Any:
@@ -140,6 +142,7 @@ class Trainer:
         self.collate = collate
         self.step = 0
         self._mid_step = False  # True from the first forward of a step until its optimizer update is complete
+        self.last_tokens = 0  # real tokens of the last step (text: attention-mask ones; tabular: 0)
         # goodput: every `noise_every` steps the window is split in two to measure the gradient noise scale
         self.sizer = sizer
         self.noise_every = noise_every
@@ -177,6 +180,9 @@ class Trainer:
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             window = [rows[rank::world] for rows in window]
         micro = [self._batch(rows) for rows in window]
+        if "attention_mask" in micro[0]:
+            local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            self.last_tokens = self._global_count(local_tokens)
         first_sq: list[float] = []
 
         def after_backward(i: int) -> None:
@@ -250,7 +256,7 @@ class Trainer:
         """
         last: SavedCheckpoint | None = checkpointer.latest() if checkpointer else None
         started, done_at_start = time.perf_counter(), self.step
-        smoothed_rate = 0.0
+        smoothed_rate = token_rate = 0.0
         try:
             with _DeferredStop() as stop:
                 while self.step < total_steps and (stop_at_epoch is None or self.sampler.epoch < stop_at_epoch):
@@ -263,6 +269,8 @@ class Trainer:
                         self.sizer.observe_throughput(rows, rows / step_s)
                     self._adapt_batch()
                     smoothed_rate = rows / step_s if not smoothed_rate else 0.9 * smoothed_rate + 0.1 * rows / step_s
+                    tokens = self.last_tokens
+                    token_rate = tokens / step_s if not token_rate else 0.9 * token_rate + 0.1 * tokens / step_s
                     periodic = checkpoint_every and self.step % checkpoint_every == 0 and self.step < total_steps
                     if checkpointer and periodic:
                         last = checkpointer.save(self.step, self.state_dict() | extra_state())
@@ -280,6 +288,8 @@ class Trainer:
                                 samples_per_s=smoothed_rate,
                                 elapsed_s=elapsed,
                                 eta_s=elapsed / (self.step - done_at_start) * (total_steps - self.step),
+                                tokens=tokens,
+                                tokens_per_s=token_rate,
                             )
                         )
                     if stop.signal is not None:

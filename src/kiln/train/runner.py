@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -10,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from kiln import artifact as artifacts
 from kiln.config import ExportSettings, settings_dict
 from kiln.errors import CheckpointError, ConfigError, TrainingDiverged
 from kiln.train.checkpoint import Checkpointer
 from kiln.train.distributed import is_worker, launch, load_artifact, write_result
+from kiln.train.finetune import prune_and_finetune
 from kiln.train.goodput import GoodputSizer
 from kiln.train.loop import StepStats, Trainer, make_accelerator
+from kiln.train.optim import lr_schedule, make_optimizer
 from kiln.train.settings import TrainSettings, changed_identity
 from kiln.train.tracking import make_tracker
 from kiln.train.workload import prepare_workload
@@ -60,29 +62,6 @@ class TrainResult:
         return table
 
 
-def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: only the adapters and the head
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-
-
-def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
-    warmup, kind = settings.warmup_steps, settings.schedule
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if kind == "linear":
-            return 1.0 - progress
-        return 1.0
-
-    return factor
-
-
 def train(
     settings: TrainSettings,
     *,
@@ -114,10 +93,12 @@ def train(
         torch.set_num_threads(settings.cpu_threads)
     work = prepare_workload(settings, export_settings)
     model, sampler = work.model, work.sampler
-    optimizer = _optimizer(model, settings)
+    # the fine-tune after pruning walks its own epochs from the start: a copy before training moves the sampler
+    fresh_sampler = copy.deepcopy(sampler) if settings.prune_ratio else None
+    optimizer = make_optimizer(model, settings)
     steps_per_epoch = math.ceil(len(sampler) / settings.grad_accum_steps)
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total_steps))
     accelerator = make_accelerator(settings.device, settings.mixed_precision)
     sizer = (
         GoodputSizer(base_batch=settings.batch_size, max_batch=settings.max_batch_size or 16 * settings.batch_size)
@@ -156,6 +137,8 @@ def train(
         if stats.step % settings.log_every == 0 or stats.step == stats.total_steps:
             row = {"loss": stats.loss, "lr": stats.lr, "samples_per_s": stats.samples_per_s}
             row["batch_size"] = float(stats.batch_size)
+            if stats.tokens:
+                row["tokens_per_s"] = stats.tokens_per_s
             tracker.log_metrics(row, stats.step)
             history.append({"step": float(stats.step), **row})
             logger.info("step %d/%d loss %.4f", stats.step, stats.total_steps, stats.loss)
@@ -180,10 +163,26 @@ def train(
 
     final_model = accelerator.unwrap_model(trainer.model).to("cpu").float()
     metrics = work.evaluate(final_model) | work.extra_metrics
+    steps, pruning = trainer.step, None
+    if fresh_sampler is not None:
+        dense = {f"dense_{k}": v for k, v in metrics.items() if k.startswith("test_")}
+        final_model, pruned, tuned_steps = prune_and_finetune(
+            final_model,
+            work,
+            settings,
+            sampler=fresh_sampler,
+            accelerator=accelerator,
+            step_offset=steps,
+            on_step=report,
+        )
+        steps += tuned_steps
+        pruning = pruned.to_dict() | {"finetune_steps": tuned_steps}
+        metrics = dense | work.evaluate(final_model) | work.extra_metrics
+        metrics |= {"params_dense": float(pruned.params_before), "params": float(pruned.params_after)}
     if "teacher_test_accuracy" in metrics:
         metrics["accuracy_vs_teacher"] = metrics["test_accuracy"] - metrics["teacher_test_accuracy"]
     metrics["final_loss"] = history[-1]["loss"] if history else float("nan")
-    tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, trainer.step)
+    tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, steps)
     artifact = None
     if settings.export and main:
         artifact = work.export(
@@ -191,7 +190,8 @@ def train(
             {
                 "settings": settings_dict(settings),
                 "metrics": metrics,
-                "steps": trainer.step,
+                "steps": steps,
+                "pruning": pruning,
                 "resumed_from_step": resumed_step,
                 "checkpoint": str(saved.path) if saved else None,
                 "mlflow_run_id": tracker.run_id,
@@ -206,7 +206,7 @@ def train(
         settings=settings,
         artifact=artifact,
         metrics=metrics,
-        steps=trainer.step,
+        steps=steps,
         checkpoint=saved.path if saved else None,
         tracking_run_id=tracker.run_id,
         resumed_from_step=resumed_step,

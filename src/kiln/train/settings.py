@@ -27,6 +27,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+PRUNE_IMPORTANCE = ("l1", "taylor")
 
 # Settings that may change between a run and its resume: they steer bookkeeping, not the optimisation path.
 RESUMABLE_CHANGES = frozenset(
@@ -44,6 +45,12 @@ RESUMABLE_CHANGES = frozenset(
         "name",
         "export",
         "log_every",
+        # pruning happens after the last step: a finished run may be resumed to prune it another way
+        "prune_ratio",
+        "prune_importance",
+        "prune_epochs",
+        "prune_lr",
+        "prune_batches",
     }
 )
 
@@ -71,6 +78,11 @@ class TrainSettings:
     measured progress per second; the gradient noise scale is measured every ``noise_every`` steps.
     ``teacher`` (a Kiln artifact directory, or a ``package.module:factory``) turns on distillation:
     ``distill_alpha`` * T² * KL(teacher/T || student/T) + (1 - ``distill_alpha``) * cross-entropy.
+    ``prune_ratio`` > 0 prunes after training: that fraction of the units of every prunable layer (hidden
+    units/channels of mlp/cnn; attention heads and FFN width of a text encoder) is removed, ranked by
+    ``prune_importance`` (``"l1"`` weight norm, or ``"taylor"``: |weight x gradient| on ``prune_batches``
+    training batches); the smaller model is fine-tuned for ``prune_epochs`` at ``prune_lr`` (0: ``lr``) and
+    exported. The fine-tune is not checkpointed: a resume of a finished run prunes and fine-tunes again.
 
     Example:
         >>> TrainSettings(dataset="iris", hidden_sizes=(16,), epochs=2).batch_size
@@ -121,6 +133,11 @@ class TrainSettings:
     teacher: str = ""
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5
+    prune_ratio: float = 0.0
+    prune_importance: str = "l1"
+    prune_epochs: int = 3
+    prune_lr: float = 0.0
+    prune_batches: int = 8
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -128,6 +145,7 @@ class TrainSettings:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("prune_importance", self.prune_importance, PRUNE_IMPORTANCE)
         text = self.dataset.lower().endswith(".jsonl")
         if not text and self.model not in BUILTIN_MODELS and ":" not in self.model:
             raise ConfigError(
@@ -182,8 +200,27 @@ class TrainSettings:
             raise ConfigError(f"max_batch_size {self.max_batch_size} is below batch_size {self.batch_size}")
         if self.noise_every < 1:
             raise ConfigError(f"noise_every is {self.noise_every}; it must be >= 1")
+        self._check_prune()
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ConfigError('mixed_precision "fp16" needs a GPU; on CPU use "bf16" or "no"')
+
+    def _check_prune(self) -> None:
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ConfigError(
+                f"prune_ratio is {self.prune_ratio:g}; it must be in [0, 1), e.g. 0.5 removes half of each layer",
+                setting="prune_ratio",
+                value=self.prune_ratio,
+            )
+        if self.prune_epochs < 0 or self.prune_batches < 1 or self.prune_lr < 0:
+            raise ConfigError(
+                f"prune_epochs {self.prune_epochs} must be >= 0, prune_batches {self.prune_batches} >= 1 and "
+                f"prune_lr {self.prune_lr:g} >= 0 (0: use lr)"
+            )
+        if self.prune_ratio and (self.nproc > 1 or self.lora_rank):
+            raise ConfigError(
+                f"prune_ratio runs in one process on a fully trained model; it cannot be combined with nproc > 1 "
+                f"(got {self.nproc}) or lora_rank > 0 (got {self.lora_rank}); remove one of them"
+            )
 
     @property
     def run_name(self) -> str:
