@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 # load, waiting only adds latency: requests that arrive while the engine is busy are batched anyway.
 WAIT_PAYS_GAIN = 1.5
 WAIT_PAYS_UTILIZATION = 0.5
+# Requests are merged into one batch only where that is predicted to save at least this fraction of the time they
+# take one by one: a merged batch answers all its requests when the slowest row is done, so a merge that saves
+# little makes the first requests wait for the last.
+MERGE_MIN_SAVING = 0.15
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
 _TYPICAL_LENGTH = 32
 
@@ -262,6 +266,8 @@ class Batcher:
             lengths, counts = [p.work.length for p in candidates], [p.work.rows for p in candidates]
             plan = self.model.cost.plan(lengths, counts, max(limit, first.work.rows))
             chosen = set(next(batch for batch in plan if 0 in batch))
+            if not self._merge_pays([candidates[i] for i in chosen]):
+                chosen = {0}
             taken = [p for i, p in enumerate(candidates) if i in chosen]
             returned = [p for i, p in enumerate(candidates) if i not in chosen]
             if returned:  # back into the queue in arrival order
@@ -271,6 +277,14 @@ class Batcher:
         for pending in taken:
             self.metrics.queued(now - pending.enqueued)
         return taken
+
+    def _merge_pays(self, group: list[_Pending]) -> bool:
+        if len(group) < 2:
+            return True
+        cost = self.model.cost
+        merged = cost.predict(sum(p.work.rows for p in group), max(p.work.length for p in group))
+        alone = sum(cost.predict(p.work.rows, p.work.length) for p in group)
+        return merged <= (1 - MERGE_MIN_SAVING) * alone
 
     @staticmethod
     def _expired(pending: _Pending, now: float) -> bool:

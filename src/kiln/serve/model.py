@@ -26,7 +26,8 @@ from kiln.types import Feeds, TensorSpec
 logger = logging.getLogger(__name__)
 
 TEXT_INPUT = "text"
-_WARMUP_TEXT_SHAPES = ((1, 8), (1, 48), (4, 16), (8, 32), (1, 128), (16, 8))  # (rows, tokens)
+# (rows, tokens): enough rows and lengths to separate the per-call, per-token and attention terms of the cost.
+_WARMUP_TEXT_SHAPES = ((1, 16), (2, 16), (4, 16), (8, 16), (1, 64), (2, 64), (4, 64), (1, 128))
 _WARMUP_TENSOR_ROWS = (1, 2, 8, 32)
 
 
@@ -213,8 +214,11 @@ class ServedModel:
             )
 
     # -- execution ------------------------------------------------------------------------------------------------
-    def execute(self, works: Sequence[Work], instance: int = 0) -> list[Feeds]:
-        """Run requests of one ``key`` as one batch on engine ``instance``; outputs split back per request."""
+    def execute(self, works: Sequence[Work], instance: int = 0, *, learn: bool = True) -> list[Feeds]:
+        """Run requests of one ``key`` as one batch on engine ``instance``; outputs split back per request.
+
+        With ``learn`` the batch's time trains the cost model (not for a shape's first, cold run).
+        """
         engine = self.engines[instance]
         if works[0].token_ids is not None:
             ids = [row for work in works for row in (work.token_ids or [])]
@@ -229,7 +233,8 @@ class ServedModel:
         outputs = engine.run(feeds)
         seconds = time.perf_counter() - started
         rows = sum(w.rows for w in works)
-        self.cost.observe(rows, length, seconds)
+        if learn:
+            self.cost.observe(rows, length, seconds)
         results: list[Feeds] = []
         offset = 0
         for work in works:
@@ -242,13 +247,23 @@ class ServedModel:
         return results
 
     def warmup(self, max_batch_size: int) -> float:
-        """Run every engine over representative batch shapes; seeds the cost model. Returns seconds taken."""
+        """Run every engine over representative batch shapes; seeds the cost model. Returns seconds taken.
+
+        The instances warm up side by side, as they will serve, so the learned cost includes their contention.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         started = time.perf_counter()
-        for instance in range(len(self.engines)):
-            for rows, length in self._warmup_shapes(max_batch_size):
+        shapes = self._warmup_shapes(max_batch_size)
+
+        def warm(instance: int) -> None:
+            for rows, length in shapes:
                 work = self._synthetic_work(rows, length)
-                for _ in range(2):  # the first run of a shape pays allocation; the second is what we learn from
-                    self.execute([work], instance)
+                self.execute([work], instance, learn=False)  # the first run of a shape pays for allocation
+                self.execute([work], instance)
+
+        with ThreadPoolExecutor(len(self.engines)) as pool:
+            list(pool.map(warm, range(len(self.engines))))
         return time.perf_counter() - started
 
     def _warmup_shapes(self, max_batch_size: int) -> list[tuple[int, int]]:

@@ -61,6 +61,15 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
         )
+        try:
+            self._wait_ready(started)
+        except BaseException:
+            self.stop()  # never leave a server behind, whatever interrupted the wait
+            raise
+        return self
+
+    def _wait_ready(self, started: float) -> None:
+        assert self._process is not None
         deadline = started + self.ready_timeout_s
         while time.perf_counter() < deadline:
             if self._process.poll() is not None:
@@ -70,7 +79,7 @@ class ServerProcess:
                 with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1) as response:
                     if response.status == 200:
                         self.ready_s = time.perf_counter() - started
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.02)
         self.stop()
