@@ -2,7 +2,9 @@
 
 1. all-MiniLM-L6-v2 from the bundled package -> export -> optimize (guarded search) -> bench.
 2. A scikit-learn MLP trained on the bundled digits -> export -> optimize with the accuracy guard -> bench.
-3. ``kiln serve`` on that repository, in its own process: real English sentences at a few Poisson rates from
+3. ``kiln train``: a small CNN on digits with Kiln's trainer, then a smaller MLP student distilled from it (the
+   teacher runs in ONNX Runtime); both are exported, optimized with the accuracy guard and benchmarked.
+4. ``kiln serve`` on that repository, in its own process: real English sentences at a few Poisson rates from
    the load generator, then SIGTERM, a drain, and exit code 0.
 
 Writes the repository (``kiln-repo/``) and the reports (``kiln-report/index.html`` linking one page per model).
@@ -20,7 +22,7 @@ from typing import Any
 from kiln.artifact import Artifact
 from kiln.bench import BenchReport, LoadReport, LoadSettings, bench, load_test
 from kiln.config import BenchSettings, OptimizeSettings
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, KilnError, did_you_mean
 from kiln.export import bundled_minilm_path, export
 from kiln.optimize import OptimizeResult, optimize
 
@@ -85,6 +87,66 @@ def digits_road(repo: Path, reports: Path, stage: Stage, *, fast: bool = False) 
     return RoadResult("digits", exported, search, report, reports / "digits" / "index.html")
 
 
+def train_road(repo: Path, reports: Path, stage: Stage, *, fast: bool = False) -> list[RoadResult]:
+    """Train a CNN teacher and distil an MLP student on digits; export, optimize and bench both."""
+    from kiln.train import TrainSettings, train
+
+    checkpoints = reports / "checkpoints"
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    common: dict[str, Any] = {"dataset": "digits", "out": str(repo), "track": False, "batch_size": 32}
+    teacher = train(
+        TrainSettings(
+            name="digits-cnn",
+            model="cnn",
+            hidden_sizes=(16, 32),
+            epochs=6 if fast else 15,
+            lr=3e-3,
+            schedule="cosine",
+            checkpoint_dir=str(checkpoints / "digits-cnn"),
+            **common,
+        ),
+        on_step=_step_progress(stage("train digits-cnn")),
+    )
+    student = train(
+        TrainSettings(
+            name="digits-student",
+            model="mlp",
+            hidden_sizes=(16,),
+            epochs=12 if fast else 30,
+            lr=5e-3,
+            teacher=str(repo / "digits-cnn"),
+            distill_temperature=4.0,
+            distill_alpha=0.7,
+            checkpoint_dir=str(checkpoints / "digits-student"),
+            **common,
+        ),
+        on_step=_step_progress(stage("distil digits-student")),
+    )
+    results = []
+    for trained in (teacher, student):
+        assert trained.artifact is not None
+        name = trained.artifact.name
+        search = optimize(
+            trained.artifact,
+            settings=OptimizeSettings(measure_repeats=3 if fast else 5),
+            progress=stage(f"optimize {name}"),
+        )
+        compared = [trained.artifact] + ([search.chosen] if search.chosen else [])
+        settings = BenchSettings(batch_sizes=(1, 8, 32), warmup_runs=2, runs=5 if fast else 15, samples=256)
+        report = bench(compared, settings=settings, report_dir=reports / name, progress=stage(f"bench {name}"))
+        accuracy = trained.metrics.get("test_accuracy", 0.0)
+        notes = [f"trained {trained.steps} steps, test accuracy {accuracy:.4f}"]
+        results.append(RoadResult(name, trained.artifact, search, report, reports / name / "index.html", notes))
+    return results
+
+
+def _step_progress(progress: Progress) -> Callable[[Any], None]:
+    def on_step(stats: Any) -> None:
+        progress(f"step {stats.step}/{stats.total_steps} loss {stats.loss:.3f}", stats.step / max(stats.total_steps, 1))
+
+    return on_step
+
+
 @dataclass
 class ServeResult:
     """The demo's serving step: the server's start-to-ready time, the load it took, and how it stopped."""
@@ -122,18 +184,29 @@ def quickstart(
     *,
     stage: Stage | None = None,
     fast: bool = False,
-    models: tuple[str, ...] = ("minilm", "digits"),
+    models: tuple[str, ...] = ("minilm", "digits", "train"),
 ) -> list[RoadResult]:
     """Run the demo road for each model; ``repo`` is created fresh (an earlier demo's repo is replaced).
 
     ``serve_road`` is the next step: the CLI runs it on the same repository.
     """
     stage = stage or (lambda _title: lambda _msg, _frac: None)
-    if (repo / "minilm").is_dir() or (repo / "digits").is_dir():
+    if any((repo / name).is_dir() for name in ("minilm", "digits", "digits-cnn", "digits-student")):
         shutil.rmtree(repo)
     reports.mkdir(parents=True, exist_ok=True)
-    roads = {"minilm": minilm_road, "digits": digits_road}
-    results = [roads[name](repo, reports, stage, fast=fast) for name in models]
+    roads: dict[str, Callable[..., RoadResult | list[RoadResult]]] = {
+        "minilm": minilm_road,
+        "digits": digits_road,
+        "train": train_road,
+    }
+    results: list[RoadResult] = []
+    for name in models:
+        if name not in roads:
+            raise ConfigError(
+                f'demo road "{name}" is unknown{did_you_mean(name, roads)}; choose from {", ".join(roads)}'
+            )
+        outcome = roads[name](repo, reports, stage, fast=fast)
+        results.extend(outcome if isinstance(outcome, list) else [outcome])
     (reports / "index.html").write_text(_index_html(results), encoding="utf-8")
     return results
 

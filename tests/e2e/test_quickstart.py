@@ -28,7 +28,9 @@ def test_quickstart_runs_both_roads_and_writes_repo_and_report(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-3000:]
 
     repo = tmp_path / "kiln-repo"
-    assert sorted(artifacts.list_models(repo)) == ["digits", "minilm"]
+    assert sorted(artifacts.list_models(repo)) == ["digits", "digits-cnn", "digits-student", "minilm"]
+    student = artifacts.load(repo / "digits-student", 1)
+    assert student.manifest.settings["train"]["teacher"].endswith("digits-cnn")
     minilm = artifacts.load(repo / "minilm", 1)
     assert minilm.manifest.checks["parity"]["passed"] is True
     for name in ("minilm", "digits"):
@@ -40,7 +42,7 @@ def test_quickstart_runs_both_roads_and_writes_repo_and_report(tmp_path: Path) -
 
     index = (tmp_path / "kiln-report" / "index.html").read_text()
     assert "minilm/index.html" in index and "digits/index.html" in index
-    for name in ("minilm", "digits"):
+    for name in ("minilm", "digits", "digits-cnn", "digits-student"):
         bench = json.loads((tmp_path / "kiln-report" / name / "bench.json").read_text())
         assert bench["rows"]
     assert "Kiln quickstart" in result.stdout and "next: kiln inspect" in result.stdout

@@ -16,10 +16,13 @@ def quickstart(
     out: Path = typer.Option(Path("kiln-repo"), "--out", help="Repository to write (replaced if it exists)."),
     report_dir: Path = typer.Option(Path("kiln-report"), "--report-dir", help="Where the HTML reports go."),
     fast: bool = typer.Option(False, "--fast", help="Fewer repeats: a smoke run, not figures to quote."),
-    model: list[str] = typer.Option(["minilm", "digits"], "--model", help="Which demo roads to run."),
+    model: list[str] = typer.Option(
+        ["minilm", "digits", "train"], "--model", help="Which demo roads to run: minilm, digits, train."
+    ),
     no_serve: bool = typer.Option(False, "--no-serve", help="Skip the serving step."),
 ) -> None:
-    """MiniLM and a digits classifier: export -> optimize -> bench -> serve under load, with a summary."""
+    """MiniLM, a digits classifier, a trained CNN and its distilled student: export -> optimize -> bench, then
+    serve under load, with a summary."""
     from rich.table import Table
 
     from kiln.quickstart import quickstart as run

@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 # The batcher holds a request back for batch-mates only when a full batch makes a row at least this much cheaper
 # AND the engine would be at least this busy running requests one by one at the current arrival rate. Below that
 # load, waiting only adds latency: requests that arrive while the engine is busy are batched anyway.
-WAIT_PAYS_GAIN = 1.5
+# Measured with MiniLM on two CPU cores: a full batch makes a row about 2x cheaper than one alone, yet holding
+# requests back for it raised P99; on a GPU the gain is 10-30x. The bar sits between the two.
+WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
 # Requests are merged into one batch only where that is predicted to save at least this fraction of the time they
 # take one by one: a merged batch answers all its requests when the slowest row is done, so a merge that saves
