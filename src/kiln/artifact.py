@@ -30,7 +30,7 @@ MODEL_FILE = "model.onnx"
 ASSETS_DIR = "assets"
 FORMAT = "kiln.artifact/1"
 
-_V2_TO_TRITON = {
+V2_TO_TRITON = {  # KServe V2 datatype -> Triton's model-config type
     "BOOL": "TYPE_BOOL",
     "UINT8": "TYPE_UINT8",
     "UINT16": "TYPE_UINT16",
@@ -313,7 +313,7 @@ def triton_config(manifest: Manifest, max_batch_size: int) -> str:
         for spec in specs:
             dims = list(spec.shape[1:] if batched else spec.shape) or [1]
             entries.append(
-                f'  {{\n    name: "{spec.name}"\n    data_type: {_V2_TO_TRITON[spec.dtype]}\n'
+                f'  {{\n    name: "{spec.name}"\n    data_type: {V2_TO_TRITON[spec.dtype]}\n'
                 f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
             )
         lines.append(",\n".join(entries))

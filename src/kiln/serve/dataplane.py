@@ -29,21 +29,6 @@ logger = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln"
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository", "schedule_policy")
-_TRITON_TYPES = {
-    "BOOL": "TYPE_BOOL",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "FP16": "TYPE_FP16",
-    "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-    "BYTES": "TYPE_STRING",
-}
 
 
 class DataPlane:
@@ -151,10 +136,12 @@ class DataPlane:
             "version_policy": {"latest": {"num_versions": self.repository.latest_versions}},
             "max_batch_size": self.policy.max_batch_size if batched else 0,
             "input": [
-                {"name": s.name, "data_type": _TRITON_TYPES[s.dtype], "dims": dims(s.shape)} for s in model.inputs
+                {"name": s.name, "data_type": artifacts.V2_TO_TRITON[s.dtype], "dims": dims(s.shape)}
+                for s in model.inputs
             ],
             "output": [
-                {"name": s.name, "data_type": _TRITON_TYPES[s.dtype], "dims": dims(s.shape)} for s in model.outputs
+                {"name": s.name, "data_type": artifacts.V2_TO_TRITON[s.dtype], "dims": dims(s.shape)}
+                for s in model.outputs
             ],
             "instance_group": [{"name": name, "kind": "KIND_CPU", "count": len(model.engines)}],
             "parameters": {
