@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from kiln.bench.loadtarget import V2Target, probe, wait_ready
 from kiln.data import english_corpus
 from kiln.runtime import OrtEngine, text_encoder_for
 from kiln.runtime import probe as probe_hardware
+from kiln.serve import free_port
 
 HERE = Path(__file__).resolve().parent
 BASELINE_SCRIPT = HERE / "serve_fastapi_baseline.py"
@@ -147,12 +147,6 @@ def in_process(art: artifacts.Artifact, texts: list[str], repeats: int) -> dict[
 
 
 # --- servers -----------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

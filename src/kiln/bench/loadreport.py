@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kiln._utils import atomic_write_text
-from kiln.bench.loadresults import LoadReport, step_cells
+from kiln.bench.loadresults import STEP_COLUMNS, LoadReport, step_cells
 from kiln.bench.report import _CSS, _figure, _inline, _svg
 
 REPORT_FILE = "index.html"
 JSON_FILE = "load.json"
-_HEAD = ("rate", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors")
 
 
 def write_load_html(
@@ -46,6 +45,7 @@ def read_load_json(path: Path) -> list[LoadReport]:
 
 def _page(reports: Sequence[LoadReport], title: str, p99_ms: float, svgs: Sequence[str | None]) -> str:
     esc = html.escape
+    header = "".join(f"<th>{h}</th>" for h in STEP_COLUMNS)
     sections = []
     for report in reports:
         rows = "\n".join(
@@ -65,7 +65,7 @@ def _page(reports: Sequence[LoadReport], title: str, p99_ms: float, svgs: Sequen
             f"<h2>{esc(report.name)}</h2>"
             f"<p>{esc(report.created_at)}. Highest rate with P99 ≤ {p99_ms:g} ms and &lt; 1% errors: "
             f"<strong>{esc(within)}</strong>.</p>"
-            f"<table><thead><tr>{''.join(f'<th>{h}</th>' for h in _HEAD)}</tr></thead><tbody>\n{rows}\n</tbody></table>"
+            f"<table><thead><tr>{header}</tr></thead><tbody>\n{rows}\n</tbody></table>"
             f"<pre>{context}</pre>"
         )
     plots = "".join(f"<figure>{svg}</figure>" for svg in svgs if svg)

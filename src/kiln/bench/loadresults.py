@@ -247,13 +247,17 @@ class LoadReport:
         from rich.table import Table
 
         table = Table(title=f"load: {self.name}")
-        for name in ("rate", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"):
+        for name in STEP_COLUMNS:
             table.add_column(name, justify="right" if name != "errors" else "left")
         for step in self.steps:
             table.add_row(*step_cells(step))
         payload = ", ".join(f"{k} {v}" for k, v in self.payload.items() if k not in ("outputs", "distinct_requests"))
         table.caption = f"latency from scheduled send time; {payload}" if payload else None
         return table
+
+
+STEP_COLUMNS = ("rate", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors")
+"""The columns of a load step, in the order ``step_cells`` fills them (rich table and HTML report alike)."""
 
 
 def step_cells(step: LoadStep) -> list[str]:

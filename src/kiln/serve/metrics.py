@@ -95,6 +95,9 @@ class ModelMetrics:
         self._batch_rows = server.batch_rows.labels(model, version)
         self._queue_rows = server.queue_rows.labels(model, version)
         self.inflight = server.inflight.labels(model, version)
+        # Bound once: finished() runs for every request.
+        self._request_seconds = {o: server.request_seconds.labels(model, version, o) for o in ("success", "failure")}
+        self._requests = {o: server.requests.labels(model, version, o) for o in ("success", "failure")}
         self.stats = ModelStats()
         self._lock = threading.Lock()
 
@@ -126,8 +129,8 @@ class ModelMetrics:
 
     def finished(self, seconds: float, outcome: str, reason: str | None = None) -> None:
         """A request answered: ``outcome`` is ``success`` or ``failure`` (then ``reason`` says why)."""
-        self._server.request_seconds.labels(*self._labels, outcome).observe(seconds)
-        self._server.requests.labels(*self._labels, outcome).inc()
+        self._request_seconds[outcome].observe(seconds)
+        self._requests[outcome].inc()
         ns = int(seconds * 1e9)
         bucket = self.stats.success if outcome == "success" else self.stats.fail
         bucket[0] += 1

@@ -303,6 +303,4 @@ def _synthetic(dtype: np.dtype[Any], shape: list[int], rng: np.random.Generator)
         return np.full(shape, b"warm-up", dtype=np.object_)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return np.zeros(shape, dtype=dtype)
-    return np.zeros(shape, dtype=dtype)
+    return np.zeros(shape, dtype=dtype)  # integers and booleans: 0 is a valid id, index and flag
