@@ -67,3 +67,11 @@ def topics_jsonl(tmp_path: Path) -> Path:
                     if len(text) >= 40:
                         fh.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
+
+
+@pytest.fixture
+def pairs_jsonl(tmp_path: Path) -> Path:
+    """40 real (first sentence, rest of the paragraph) pairs from Python's help topics, as JSONL."""
+    from kiln.train.embedding import write_pydoc_pairs
+
+    return write_pydoc_pairs(tmp_path / "pairs.jsonl", 40)

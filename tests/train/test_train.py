@@ -15,6 +15,7 @@ import torch
 from kiln.data import bundled_dataset
 from kiln.errors import ConfigError, InvalidInput
 from kiln.train import Checkpointer, StepStats, TrainingDiverged, TrainSettings, load_train_settings, train
+from kiln.train.settings import PAIR_DATASETS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "kiln" / "train" / "examples"
 
@@ -132,7 +133,7 @@ def test_precedence_flag_over_environment_over_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
 def test_every_shipped_example_resolves(example: str) -> None:
     settings, _ = load_train_settings(EXAMPLES / f"{example}.toml", environ={})
-    assert settings.dataset in {"digits", "iris", "wine", "breast_cancer", "diabetes"}
+    assert settings.dataset in {"digits", "iris", "wine", "breast_cancer", "diabetes", *PAIR_DATASETS}
 
 
 def test_cli_config_typo_is_one_line_with_exit_2(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from kiln.config import ExportSettings, settings_dict
 from kiln.export import export
 from kiln.train.data import TrainData
 from kiln.train.settings import TrainSettings
-from kiln.train.text import TextBatcher, TextClassifier, TextData, merge_lora
+from kiln.train.text import SentenceEncoder, TextBatcher, TextClassifier, TextData, merge_lora
 
 _EXAMPLE_ROWS = 8
 
@@ -91,6 +91,35 @@ def export_text(
             provenance | {"lora_merged": bool(settings.lora_rank)},
             preprocessing=preprocessing,
             extra_assets={"tokenizer/tokenizer.json": batcher.tokenizer_file},
+        )
+
+
+def export_embedding(
+    model: nn.Module,
+    base: Path,
+    settings: TrainSettings,
+    *,
+    export_settings: ExportSettings | None,
+    provenance: dict[str, Any],
+) -> artifacts.Artifact:
+    """Merge LoRA adapters, save the encoder as a sentence-transformers directory, export it as ``kiln export``.
+
+    The directory goes beside the checkpoints (``<checkpoint_dir>/sentence-encoder``, replaced by each export)
+    and is exported exactly as ``kiln export minilm`` exports the bundled one: ``(input_ids, attention_mask) ->
+    sentence_embedding`` with pooling and normalisation in the graph, the tokenizer in ``assets/``, the source
+    recorded for the transformer fusions of ``kiln optimize`` and the PyTorch engine of ``kiln bench``.
+    """
+    from kiln.train.embedding import save_sentence_encoder
+
+    assert isinstance(model, SentenceEncoder)
+    encoder = merge_lora(model).encoder
+    directory = save_sentence_encoder(
+        encoder, base, settings.checkpoint_path / "sentence-encoder", settings.max_length
+    ).resolve()
+    with tempfile.TemporaryDirectory(prefix="kiln-train-export-") as tmp:
+        staged = export(directory, out=Path(tmp), name=settings.run_name, settings=export_settings)
+        return _republish(
+            staged, settings, provenance | {"lora_merged": bool(settings.lora_rank), "encoder_dir": str(directory)}
         )
 
 

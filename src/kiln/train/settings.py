@@ -21,7 +21,8 @@ from typing import Any
 from kiln.config import ExportSettings, resolve
 from kiln.errors import ConfigError, did_you_mean
 
-TASKS = ("auto", "classification", "regression")
+TASKS = ("auto", "classification", "regression", "embedding")
+PAIR_DATASETS = ("pydoc_pairs",)  # built-in (anchor, positive) text pairs for task = "embedding"
 BUILTIN_MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -73,6 +74,10 @@ class TrainSettings:
     bundled all-MiniLM-L6-v2) or a local Hugging Face directory; texts are truncated to ``max_length`` tokens,
     ``max_tokens`` > 0 batches by token budget instead of ``batch_size`` rows, ``lora_rank`` > 0 trains LoRA
     adapters (merged into the weights before export) instead of the whole encoder.
+    Embeddings: ``task = "embedding"`` fine-tunes the encoder (mean pooling + L2 norm) on a ``.jsonl`` of pairs
+    (``anchor_column``, ``positive_column``) or the built-in ``"pydoc_pairs"``, with in-batch negatives
+    (cross-entropy of ``similarity_scale`` x cosine; each micro-batch of ``batch_size`` pairs is its own pool of
+    negatives, accumulation does not enlarge it); held-out recall@1 and MRR are reported before and after.
     ``adaptive_batch`` lets the goodput sizer double the batch (up to ``max_batch_size``, default 16x
     ``batch_size``; the lr follows: linear for SGD, square root for Adam) at epoch starts while that raises
     measured progress per second; the gradient noise scale is measured every ``noise_every`` steps.
@@ -95,6 +100,9 @@ class TrainSettings:
     features: tuple[str, ...] = ()
     test_fraction: float = 0.25
     text_column: str = "text"
+    anchor_column: str = "anchor"
+    positive_column: str = "positive"
+    similarity_scale: float = 20.0
     max_length: int = 128
     max_tokens: int = 0
     lora_rank: int = 0
@@ -146,7 +154,7 @@ class TrainSettings:
         _check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("prune_importance", self.prune_importance, PRUNE_IMPORTANCE)
-        text = self.dataset.lower().endswith(".jsonl")
+        text = self.dataset.lower().endswith(".jsonl") or self.dataset in PAIR_DATASETS
         if not text and self.model not in BUILTIN_MODELS and ":" not in self.model:
             raise ConfigError(
                 f'model "{self.model}" is neither a built-in model ({", ".join(BUILTIN_MODELS)}) nor a '
@@ -201,6 +209,7 @@ class TrainSettings:
         if self.noise_every < 1:
             raise ConfigError(f"noise_every is {self.noise_every}; it must be >= 1")
         self._check_prune()
+        self._check_embedding(text)
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ConfigError('mixed_precision "fp16" needs a GPU; on CPU use "bf16" or "no"')
 
@@ -221,6 +230,52 @@ class TrainSettings:
                 f"prune_ratio runs in one process on a fully trained model; it cannot be combined with nproc > 1 "
                 f"(got {self.nproc}) or lora_rank > 0 (got {self.lora_rank}); remove one of them"
             )
+
+    def _check_embedding(self, text: bool) -> None:
+        if self.dataset in PAIR_DATASETS and self.task not in ("auto", "embedding"):
+            raise ConfigError(
+                f'dataset "{self.dataset}" holds text pairs for task = "embedding"; task "{self.task}" needs a '
+                "labelled .jsonl file",
+                setting="task",
+                value=self.task,
+            )
+        if not self.is_embedding:
+            return
+        if not text:
+            raise ConfigError(
+                f'task "embedding" trains on text pairs; dataset "{self.dataset}" is not a .jsonl file: use a '
+                f'.jsonl of {{"{self.anchor_column}": ..., "{self.positive_column}": ...}} rows or '
+                f"{', '.join(PAIR_DATASETS)}",
+                setting="dataset",
+                value=self.dataset,
+            )
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"batch_size is {self.batch_size}; embedding fine-tuning ranks each anchor against the other pairs "
+                "of its batch, so it needs >= 2 (more pairs, more negatives: e.g. 32)",
+                setting="batch_size",
+                value=self.batch_size,
+            )
+        if self.similarity_scale <= 0:
+            raise ConfigError(f"similarity_scale is {self.similarity_scale:g}; it must be > 0, e.g. 20")
+        unsupported = {
+            "teacher": bool(self.teacher),
+            "prune_ratio": bool(self.prune_ratio),
+            "adaptive_batch": self.adaptive_batch,  # its noise probe halves a batch: half the negatives
+            "max_tokens": bool(self.max_tokens),  # the loss's difficulty would vary with each batch's pair count
+        }
+        if any(unsupported.values()):
+            names = [k for k, v in unsupported.items() if v]
+            raise ConfigError(
+                f'task "embedding" does not support {", ".join(names)}; remove {"them" if len(names) > 1 else "it"} '
+                "(it trains on fixed batches of batch_size pairs, without a teacher or pruning)",
+                setting=names[0],
+            )
+
+    @property
+    def is_embedding(self) -> bool:
+        """True for embedding fine-tuning on pairs (``task = "embedding"``, or a built-in pairs dataset)."""
+        return self.task == "embedding" or self.dataset in PAIR_DATASETS
 
     @property
     def run_name(self) -> str:

@@ -1,10 +1,11 @@
-"""Text classification: a JSONL file, a local Hugging Face encoder (the bundled MiniLM), optional LoRA.
+"""Text models: a JSONL file, a local Hugging Face encoder (the bundled MiniLM), optional LoRA.
 
 Rows are tokenised once; each batch is padded only to its own longest row, so with the token-budget sampler
 (``max_tokens``) a batch of short texts holds many rows and a batch of long ones few. The loss is summed per
 row and divided by the rows of the whole accumulation window, so batches of different sizes weigh each row
 the same. LoRA adapters (through PEFT) are merged into the base weights before export: the artifact is a plain
-encoder + head.
+encoder + head (:class:`TextClassifier`), or a plain sentence embedder (:class:`SentenceEncoder`, trained on
+pairs by :mod:`kiln.train.embedding`).
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ class TextData:
     labels: tuple[str, ...]
 
 
-def load_jsonl(path: Path, text_column: str, target: str, test_fraction: float, seed: int) -> TextData:
-    """Rows of ``{"<text_column>": "...", "<target>": label}``; clear errors for missing keys or bad lines."""
+def read_jsonl(path: Path, keys: Sequence[str], fix: str) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file (blank lines skipped), each checked to hold every one of ``keys``.
+
+    ``fix`` names the settings that choose the keys (e.g. ``"set text_column / target"``): a missing key is
+    reported with its line, the closest key of that row, the row's keys and that fix.
+    """
     if not path.is_file():
         raise InvalidInput(f'dataset file "{path}" does not exist; pass an existing .jsonl file', path=str(path))
-    texts: list[str] = []
-    raw_labels: list[str] = []
+    rows: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
@@ -56,16 +60,29 @@ def load_jsonl(path: Path, text_column: str, target: str, test_fraction: float, 
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidInput(f'"{path}" line {number} is not valid JSON ({exc.msg})', line=number) from exc
-            for key in (text_column, target):
+            if not isinstance(row, dict):
+                example = ", ".join(f'"{k}": ...' for k in keys)
+                raise InvalidInput(
+                    f'"{path}" line {number} is a JSON {type(row).__name__}, not an object like {{{example}}}',
+                    line=number,
+                )
+            for key in keys:
                 if key not in row:
                     raise InvalidInput(
                         f'"{path}" line {number} has no key "{key}"{did_you_mean(key, row)}; its keys are '
-                        f"{', '.join(row)} (set text_column / target)",
+                        f"{', '.join(row)} ({fix})",
                         line=number,
                         key=key,
                     )
-            texts.append(str(row[text_column]))
-            raw_labels.append(str(row[target]))
+            rows.append(row)
+    return rows
+
+
+def load_jsonl(path: Path, text_column: str, target: str, test_fraction: float, seed: int) -> TextData:
+    """Rows of ``{"<text_column>": "...", "<target>": label}``; clear errors for missing keys or bad lines."""
+    rows = read_jsonl(path, (text_column, target), "set text_column / target")
+    texts = [str(row[text_column]) for row in rows]
+    raw_labels = [str(row[target]) for row in rows]
     if len(texts) < 4:
         raise InvalidInput(f'"{path}" has {len(texts)} rows; training needs at least 4', path=str(path))
     labels = tuple(sorted(set(raw_labels)))
@@ -102,6 +119,12 @@ def encoder_path(spec: str) -> Path:
     return path
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real (unmasked) tokens' states: ``(B, T, H), (B, T) -> (B, H)``."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
+
+
 class TextClassifier(nn.Module):
     """Encoder -> mean pooling over real tokens -> linear head: ``(input_ids, attention_mask) -> logits``."""
 
@@ -112,14 +135,28 @@ class TextClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
-        out: torch.Tensor = self.head(pooled)  # (B, C)
+        out: torch.Tensor = self.head(mean_pool(hidden, attention_mask))  # (B, C)
         return out
 
 
-def build_text_model(path: Path, num_labels: int, lora_rank: int) -> TextClassifier:
-    """The encoder at ``path`` (eager attention: the graph ORT fuses) with a head; LoRA adapters when asked."""
+class SentenceEncoder(nn.Module):
+    """Encoder -> mean pooling -> L2 normalisation (sentence-transformers' recipe): ``-> (B, H)`` unit vectors.
+
+    The same computation ``kiln export`` puts into the graph of a Hugging Face directory, so a fine-tuned
+    encoder saved as a directory exports to the vectors this module computes.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return nn.functional.normalize(mean_pool(hidden, attention_mask), p=2.0, dim=1)
+
+
+def load_encoder(path: Path, lora_rank: int) -> Any:
+    """The encoder at ``path`` (eager attention: the graph ORT fuses), wrapped with LoRA adapters when asked."""
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(str(path), attn_implementation="eager")
@@ -135,10 +172,16 @@ def build_text_model(path: Path, num_labels: int, lora_rank: int) -> TextClassif
             encoder = get_peft_model(encoder, config)
         trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
         logger.info("LoRA rank %d: %d trainable encoder parameters", lora_rank, trainable)
+    return encoder
+
+
+def build_text_model(path: Path, num_labels: int, lora_rank: int) -> TextClassifier:
+    """The encoder at ``path`` with a classification head; LoRA adapters when asked."""
+    encoder = load_encoder(path, lora_rank)
     return TextClassifier(encoder, int(encoder.config.hidden_size), num_labels)
 
 
-def merge_lora(model: TextClassifier) -> TextClassifier:
+def merge_lora(model: TextClassifier | SentenceEncoder) -> TextClassifier | SentenceEncoder:
     """Fold LoRA adapters into the base weights (a no-op without them): the exported graph has no adapters."""
     merge = getattr(model.encoder, "merge_and_unload", None)
     if merge is not None:

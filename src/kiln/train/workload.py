@@ -1,7 +1,8 @@
 """What a run trains on: the model, its batches, its loss, how it is evaluated and exported.
 
-Two kinds: tabular (bundled datasets, CSV: tensors indexed by row) and text (JSONL: token ids padded per batch,
-optionally under a token budget). The loop and the runner see only a :class:`Workload`.
+Three kinds: tabular (bundled datasets, CSV: tensors indexed by row), text classification (JSONL: token ids
+padded per batch, optionally under a token budget) and embedding fine-tuning (JSONL pairs: anchors and positives
+padded together, in-batch negatives). The loop and the runner see only a :class:`Workload`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from kiln.train.accumulate import Batch
 from kiln.train.data import TrainData, load_train_data
 from kiln.train.distill import distillation_loss_sum, teacher_logits
 from kiln.train.models import build_model, check_output_shape
-from kiln.train.publish import export_text, export_trained
+from kiln.train.publish import export_embedding, export_text, export_trained
 from kiln.train.sampling import ShuffledBatchSampler, TokenBudgetBatchSampler
 from kiln.train.settings import TrainSettings
 
@@ -49,6 +50,8 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_workload(settings: TrainSettings, export_settings: ExportSettings | None) -> Workload:
+    if settings.is_embedding:
+        return _pairs(settings, export_settings)
     if settings.dataset.lower().endswith(".jsonl"):
         return _text(settings, export_settings)
     return _tabular(settings, export_settings)
@@ -156,12 +159,11 @@ def _text(settings: TrainSettings, export_settings: ExportSettings | None) -> Wo
     )
 
     if settings.teacher or settings.task == "regression":
-        raise ConfigError("text datasets support classification without a teacher; remove teacher / task")
-    if settings.model in ("mlp", "cnn"):
         raise ConfigError(
-            f'model "{settings.model}" takes tabular features; a .jsonl text dataset needs a text encoder: '
-            'model = "minilm" (the bundled all-MiniLM-L6-v2) or a local Hugging Face directory'
+            'text datasets support classification (or task = "embedding" on pairs) without a teacher; '
+            "remove teacher / task"
         )
+    _check_text_encoder(settings)
     data = load_jsonl(
         Path(settings.dataset), settings.text_column, settings.target or "label", settings.test_fraction, settings.seed
     )
@@ -185,4 +187,42 @@ def _text(settings: TrainSettings, export_settings: ExportSettings | None) -> Wo
         ),
         train_rows=len(ids_train),
         collate=collate_fn(ids_train, data.y_train),
+    )
+
+
+def _check_text_encoder(settings: TrainSettings) -> None:
+    if settings.model in ("mlp", "cnn"):
+        raise ConfigError(
+            f'model "{settings.model}" takes tabular features; a .jsonl text dataset needs a text encoder: '
+            'model = "minilm" (the bundled all-MiniLM-L6-v2) or a local Hugging Face directory'
+        )
+
+
+def _pairs(settings: TrainSettings, export_settings: ExportSettings | None) -> Workload:
+    from kiln.train.embedding import collate_pairs, contrastive_loss, load_pairs, retrieval_metrics
+    from kiln.train.text import SentenceEncoder, TextBatcher, encoder_path, load_encoder
+
+    _check_text_encoder(settings)
+    data = load_pairs(
+        settings.dataset, settings.anchor_column, settings.positive_column, settings.test_fraction, settings.seed
+    )
+    path = encoder_path(settings.model)
+    batcher = TextBatcher(path, settings.max_length)
+    anchors_train, positives_train = batcher.encode(data.anchors_train), batcher.encode(data.positives_train)
+    anchors_test, positives_test = batcher.encode(data.anchors_test), batcher.encode(data.positives_test)
+    seed_everything(settings.seed)
+    model = SentenceEncoder(load_encoder(path, settings.lora_rank))
+    # the untuned encoder's figures, so the result shows what fine-tuning changed (LoRA starts as a no-op)
+    base = retrieval_metrics(model, anchors_test, positives_test)
+    return Workload(
+        model=model,
+        sampler=ShuffledBatchSampler(len(anchors_train), settings.batch_size, seed=settings.seed),
+        loss_sum=contrastive_loss(settings.similarity_scale),
+        evaluate=lambda m: {f"test_{k}": v for k, v in retrieval_metrics(m, anchors_test, positives_test).items()},
+        export=lambda m, record: export_embedding(
+            m, path, settings, export_settings=export_settings, provenance=record
+        ),
+        train_rows=len(anchors_train),
+        collate=collate_pairs(anchors_train, positives_train),
+        extra_metrics={f"base_{k}": v for k, v in base.items()},
     )
