@@ -1,118 +1,321 @@
-"""Bar of issue 4: a goodput-sized batch reaches the same held-out accuracy >= 1.3x faster than a fixed batch.
+"""Bar of issue 4: a goodput-sized batch reaches a held-out accuracy >= 1.3x sooner than the best fixed batch.
 
-Three ways to train the same digits MLP through ``kiln.train.train`` (no export, no tracking):
+Four ways to train the same model on the same data through Kiln's ``Trainer``, constant lr (no schedule):
 
-  fixed-small  batch 8 the whole run (good statistical efficiency, poor hardware efficiency)
-  fixed-large  batch 256 the whole run, lr scaled by sqrt(32) (the opposite)
-  adaptive     starts at 8, the goodput sizer doubles it while progress per second rises (up to 256)
+  fixed-<B>   three fixed batch sizes, each at lr(B) = ``--lr`` x sqrt(B / ``--base-batch``) (the square-root
+              rule for Adam; ``--lr-rule linear`` for SGD); ``--lr-grid`` additionally tries each fixed size at
+              these multiples of its rule lr and keeps the fastest, so a fixed baseline is tuned, not guessed
+  adaptive    starts at ``--start`` rows at lr(``--start``); the goodput sizer doubles the batch (up to
+              ``--max-batch``) while measured progress per second rises; the lr follows AdaScale's gain
+              (square root of it for Adam: between 1 and the rule's factor; ``--lr-scaling rule`` for the rule)
 
-Each is run for several epoch budgets, interleaved, ``--rounds`` times; the table gives the median wall time
-and accuracy per budget and the first budget whose median accuracy reaches ``--target``.
+Each run records a time-to-accuracy curve: held-out accuracy at every ``--eval-every-s`` seconds of *training*
+time (the evaluation itself is off the clock) until ``--budget-s``. Configs take turns within each round,
+``--rounds`` rounds, one seed per round; the table gives each config's median time to ``--target`` (a round that
+never reaches it counts as infinitely slow) and the ratio best fixed / adaptive. Writes JSON and an HTML page
+with the four median curves.
 
-    python bench/train_goodput.py --epochs 2,4,8,16,32
-    python bench/train_goodput.py --epochs 2,4,8,16 --target 0.975 --rounds 3
+    python bench/train_goodput.py      # the reported run: digits CNN, fixed sizes tuned over lr x0.5/x1/x2
+    python bench/train_goodput.py --dataset synthetic --model mlp --hidden 512,512 --lr 1e-3 \
+        --fixed 32,128,512 --start 64 --max-batch 1024 --budget-s 6 --eval-every-s 0.05 --target 0.88
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import html
 import json
 import math
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from kiln._utils import package_versions
-from kiln.train import TrainSettings, train
+from kiln._utils import atomic_write_text, package_versions
+from kiln.bench.report import _CSS, _figure, _inline, _svg
+from kiln.train import TrainSettings
+from kiln.train.goodput import GoodputSizer
+from kiln.train.loop import StepStats, Trainer, make_accelerator
+from kiln.train.optim import make_optimizer
+from kiln.train.workload import prepare_workload
 
-CONFIGS: dict[str, dict[str, Any]] = {
-    "fixed-small": {"batch_size": 8, "lr": 1e-3},
-    "fixed-large": {"batch_size": 256, "lr": 1e-3 * math.sqrt(32)},
-    "adaptive": {"batch_size": 8, "lr": 1e-3, "adaptive_batch": True, "max_batch_size": 256},
-}
+
+@dataclass
+class Curve:
+    """One run: held-out accuracy against training seconds, and the batch size at each evaluation."""
+
+    seconds: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def time_to(self, target: float) -> float:
+        return next((s for s, a in zip(self.seconds, self.accuracy, strict=True) if a >= target), math.inf)
 
 
-def run(config: dict[str, Any], epochs: int, workdir: Path) -> tuple[float, float]:
+class _BudgetSpent(Exception):
+    pass
+
+
+def lr_for(batch: int, args: argparse.Namespace) -> float:
+    ratio = batch / args.base_batch
+    return float(args.lr * (ratio if args.lr_rule == "linear" else math.sqrt(ratio)))
+
+
+def run(batch: int, lr: float, adaptive: bool, seed: int, args: argparse.Namespace) -> Curve:
     settings = TrainSettings(
-        dataset="digits",
-        hidden_sizes=(256,),
-        epochs=epochs,
+        dataset=args.data_path,
+        target="target" if args.dataset == "synthetic" else "",
+        model=args.model,
+        hidden_sizes=args.hidden,
+        optimizer=args.optimizer,
+        lr=lr,
+        batch_size=batch,
+        seed=seed,
         track=False,
         export=False,
-        checkpoint_every=0,
-        checkpoint_dir=tempfile.mkdtemp(dir=workdir),
-        **config,
     )
+    work = prepare_workload(settings, None)
+    optimizer = make_optimizer(work.model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    sizer = GoodputSizer(base_batch=batch, max_batch=args.max_batch, lr_scaling=args.lr_scaling) if adaptive else None
+    trainer = Trainer(
+        work.model,
+        optimizer,
+        scheduler,
+        work.sampler,
+        work.tensors,
+        work.loss_sum,
+        accelerator=make_accelerator("cpu", "no"),
+        sizer=sizer,
+        noise_every=args.noise_every,
+        optimizer_kind=args.optimizer,
+    )
+    curve = Curve()
+    off_clock = 0.0  # seconds spent evaluating, taken off the training clock
     started = time.perf_counter()
-    result = train(settings)
-    return time.perf_counter() - started, result.metrics["test_accuracy"]
+
+    def evaluate(train_s: float) -> None:
+        nonlocal off_clock
+        t0 = time.perf_counter()
+        accuracy = work.evaluate(trainer.model)["test_accuracy"]
+        curve.seconds.append(train_s)
+        curve.accuracy.append(accuracy)
+        curve.batch_size.append(int(trainer.sampler.batch_size) if hasattr(trainer.sampler, "batch_size") else 0)
+        off_clock += time.perf_counter() - t0
+
+    def on_step(stats: StepStats) -> None:
+        train_s = time.perf_counter() - started - off_clock
+        if train_s >= len(curve.seconds) * args.eval_every_s:
+            evaluate(train_s)
+        if train_s >= args.budget_s:
+            raise _BudgetSpent
+
+    evaluate(0.0)
+    with contextlib.suppress(_BudgetSpent):  # on_step ends the run when the budget is spent
+        trainer.fit(10**9, on_step=on_step)
+    curve.changes = sizer.changes if sizer else []
+    return curve
+
+
+def synthetic_csv(directory: Path, rows: int) -> Path:
+    """A local classification set from ``sklearn.datasets.make_classification`` (fixed seed), as a CSV file."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=rows, n_features=40, n_informative=24, n_redundant=8, n_classes=8, flip_y=0.02, random_state=0
+    )
+    path = directory / "synthetic.csv"
+    lines = [",".join([*(f"f{i}" for i in range(x.shape[1])), "target"])]
+    lines += [",".join([*(f"{v:.6g}" for v in row), str(label)]) for row, label in zip(x, y, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def median_curve(curves: Sequence[Curve], grid: np.ndarray[Any, Any]) -> list[float]:
+    """The median over runs of each run's accuracy at each grid time (step interpolation: the last evaluation)."""
+    at = []
+    for curve in curves:
+        index = np.searchsorted(np.asarray(curve.seconds), grid, side="right") - 1
+        at.append(np.asarray(curve.accuracy)[np.clip(index, 0, None)])
+    return [float(v) for v in np.median(np.stack(at), axis=0)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", default="2,4,8,16,32")
+    parser.add_argument("--dataset", default="digits", help='a bundled dataset, or "synthetic" (generated here)')
+    parser.add_argument("--synthetic-rows", type=int, default=20_000)
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--hidden", default="16,32", help="hidden widths (mlp) or channels (cnn)")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    parser.add_argument("--lr", type=float, default=4e-3, help="the lr at --base-batch rows")
+    parser.add_argument("--base-batch", type=int, default=32)
+    parser.add_argument("--lr-rule", default="sqrt", choices=("sqrt", "linear"))
+    parser.add_argument("--lr-grid", default="0.5,1,2", help="multiples of the rule lr tried for each fixed size")
+    parser.add_argument("--fixed", default="16,64,256")
+    parser.add_argument("--start", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=512)
+    parser.add_argument("--lr-scaling", default="adascale", choices=("adascale", "rule"), help="the sizer's lr gain")
+    parser.add_argument("--noise-every", type=int, default=4)
     parser.add_argument("--target", type=float, default=0.97)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=1.2)
+    parser.add_argument("--eval-every-s", type=float, default=0.02)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("bench/results/train_goodput.json"))
+    parser.add_argument("--html", type=Path, default=Path("bench/results/train_goodput.html"))
     args = parser.parse_args()
+    args.hidden = tuple(int(h) for h in args.hidden.split(","))
     torch.set_num_threads(args.threads)
-    budgets = [int(e) for e in args.epochs.split(",")]
+    grid_factors = [float(f) for f in args.lr_grid.split(",")]
 
-    figures: dict[str, dict[int, dict[str, list[float]]]] = {
-        n: {e: {"s": [], "acc": []} for e in budgets} for n in CONFIGS
-    }
+    configs: dict[str, dict[str, Any]] = {}
+    for batch in (int(b) for b in args.fixed.split(",")):
+        for factor in grid_factors:
+            suffix = "" if len(grid_factors) == 1 else f" lr x{factor:g}"
+            configs[f"fixed-{batch}{suffix}"] = {"batch": batch, "lr": lr_for(batch, args) * factor, "adaptive": False}
+    configs["adaptive"] = {"batch": args.start, "lr": lr_for(args.start, args), "adaptive": True}
+
+    curves: dict[str, list[Curve]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
-        run(CONFIGS["fixed-small"], 1, Path(tmp))  # warm-up: imports, allocator
-        for _ in range(args.rounds):
-            for epochs in budgets:
-                for name, config in CONFIGS.items():
-                    seconds, accuracy = run(config, epochs, Path(tmp))
-                    figures[name][epochs]["s"].append(seconds)
-                    figures[name][epochs]["acc"].append(accuracy)
+        data_dir = Path(tmp)
+        args.data_path = (
+            str(synthetic_csv(data_dir, args.synthetic_rows)) if args.dataset == "synthetic" else args.dataset
+        )
+        run(args.start, lr_for(args.start, args), True, 10_000, args)  # warm-up: imports, allocator, caches
+        for seed in range(args.rounds):
+            for name, config in configs.items():
+                curves[name].append(run(config["batch"], config["lr"], config["adaptive"], seed, args))
 
-    table = Table(title=f"digits MLP 64-256-10: wall time and held-out accuracy (median of {args.rounds})")
-    table.add_column("config")
-    for epochs in budgets:
-        table.add_column(f"{epochs} ep", justify="right")
-    table.add_column(f"time to >= {args.target:.3f}", justify="right")
-    time_to_target: dict[str, float | None] = {}
-    for name in CONFIGS:
-        cells, reached = [], None
-        for epochs in budgets:
-            s, acc = statistics.median(figures[name][epochs]["s"]), statistics.median(figures[name][epochs]["acc"])
-            cells.append(f"{s:.2f}s / {acc:.3f}")
-            if reached is None and acc >= args.target:
-                reached = s
-        time_to_target[name] = reached
-        table.add_row(name, *cells, f"{reached:.2f}s" if reached is not None else "not reached")
+    times = {name: statistics.median([c.time_to(args.target) for c in runs]) for name, runs in curves.items()}
+    fixed_best: dict[int, str] = {}  # batch -> its fastest lr variant
+    for name, config in configs.items():
+        if not config["adaptive"]:
+            best = fixed_best.get(config["batch"])
+            fixed_best[config["batch"]] = name if best is None or times[name] < times[best] else best
+    shown = [*fixed_best.values(), "adaptive"]
+    best_fixed = min(fixed_best.values(), key=times.__getitem__)
+    ratio = times[best_fixed] / times["adaptive"]
+    grid = np.linspace(0.0, args.budget_s, 200)
+    medians = {name: median_curve(curves[name], grid) for name in configs}
+
     console = Console()
+    task = f"{args.dataset} {args.model} {list(args.hidden)}, {args.optimizer}"
+    table = Table(title=f"{task}: training seconds to held-out accuracy >= {args.target} (median of {args.rounds})")
+    for column in ("config", "batch", "lr", "time to target", "reached", "final acc"):
+        table.add_column(column, justify="left" if column == "config" else "right")
+    for name, config in configs.items():
+        runs = curves[name]
+        reached = sum(math.isfinite(c.time_to(args.target)) for c in runs)
+        batch = f"{args.start}->{args.max_batch}" if config["adaptive"] else str(config["batch"])
+        final = statistics.median(c.accuracy[-1] for c in runs)
+        mark = " *" if name == best_fixed else ""
+        table.add_row(
+            name + mark, batch, f"{config['lr']:.2g}", f"{times[name]:.3f}s", f"{reached}/{len(runs)}", f"{final:.3f}"
+        )
     console.print(table)
-    adaptive = time_to_target["adaptive"]
-    for fixed in ("fixed-small", "fixed-large"):
-        baseline = time_to_target[fixed]
-        if baseline is not None and adaptive is not None:
-            console.print(f"adaptive vs {fixed}, time to {args.target:.3f}: {baseline / adaptive:.2f}x (bar >= 1.3x)")
-        else:
-            console.print(f"adaptive vs {fixed}: not comparable (one of them never reached {args.target:.3f})")
+    verdict = (
+        "reached" if ratio >= 1.3 else "missed" if math.isfinite(times["adaptive"]) else "adaptive never got there"
+    )
+    console.print(f"best fixed ({best_fixed}) / adaptive, time to {args.target}: {ratio:.2f}x (bar >= 1.3x: {verdict})")
+    for change in curves["adaptive"][0].changes:
+        console.print(
+            f"  round 0 adaptive: step {change['step']} batch {change['from']} -> {change['to']}, "
+            f"noise scale {change['noise_scale']:.0f}"
+        )
+
     payload = {
-        "settings": vars(args) | {"json": str(args.json)},
-        "configs": CONFIGS,
-        "figures": {n: {str(e): v for e, v in per.items()} for n, per in figures.items()},
-        "time_to_target_s": time_to_target,
+        "settings": {
+            k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+        },
+        "configs": configs,
+        "time_to_target_s": {n: (t if math.isfinite(t) else None) for n, t in times.items()},
+        "best_fixed": best_fixed,
+        "ratio_best_fixed_over_adaptive": ratio if math.isfinite(ratio) else None,
+        "curves": {
+            n: [
+                {"seconds": c.seconds, "accuracy": c.accuracy, "batch_size": c.batch_size, "changes": c.changes}
+                for c in runs
+            ]
+            for n, runs in curves.items()
+        },
         "versions": package_versions("torch", "accelerate", "kiln"),
         "machine": platform.platform(),
+        "processor": platform.processor(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    console.print(f"wrote {args.json}")
+    atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(args.html, page(task, args, shown, times, grid, medians, curves, ratio, best_fixed))
+    console.print(f"wrote {args.json} and {args.html}")
+
+
+def page(
+    task: str,
+    args: argparse.Namespace,
+    shown: Sequence[str],
+    times: dict[str, float],
+    grid: np.ndarray[Any, Any],
+    medians: dict[str, list[float]],
+    curves: dict[str, list[Curve]],
+    ratio: float,
+    best_fixed: str,
+) -> str:
+    esc = html.escape
+    figure = _figure()
+    accuracy_axes = figure.add_subplot()
+    for name in shown:
+        label = f"{name} ({times[name]:.2f}s)" if math.isfinite(times[name]) else f"{name} (not reached)"
+        accuracy_axes.plot(grid, medians[name], label=label, linewidth=2 if name == "adaptive" else 1.2)
+    accuracy_axes.axhline(args.target, color="grey", linestyle="--", linewidth=1, label=f"target {args.target}")
+    low = min(min(medians[n][len(grid) // 10 :]) for n in shown)
+    accuracy_axes.set_ylim(max(0.0, min(low, args.target - 0.05)), 1.0)
+    accuracy_axes.set_xlabel("training seconds (evaluation off the clock)")
+    accuracy_axes.set_ylabel("held-out accuracy (median over rounds)")
+    accuracy_axes.set_title("Time to accuracy: three fixed batch sizes and the goodput sizer")
+    accuracy_axes.grid(alpha=0.3)
+    accuracy_axes.legend(fontsize="small", loc="lower right")
+    batch_figure = _figure()
+    batch_axes = batch_figure.add_subplot()
+    for i, curve in enumerate(curves["adaptive"]):
+        batch_axes.step(curve.seconds, curve.batch_size, where="post", alpha=0.7, label=f"round {i}")
+    batch_axes.set_yscale("log", base=2)
+    batch_axes.set_xlabel("training seconds")
+    batch_axes.set_ylabel("batch size (rows)")
+    batch_axes.set_title("The goodput sizer's batch size")
+    batch_axes.grid(alpha=0.3)
+    batch_axes.legend(fontsize="small")
+    rows = "".join(
+        f"<tr><td>{esc(n)}</td><td>{times[n]:.3f}</td></tr>"
+        if math.isfinite(times[n])
+        else f"<tr><td>{esc(n)}</td><td>not reached</td></tr>"
+        for n in times
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Kiln: goodput batch size</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>Goodput batch size vs fixed batch sizes: {esc(task)}</h1>
+<p>Median over {args.rounds} rounds of training seconds to held-out accuracy &ge; {args.target}.
+Best fixed ({esc(best_fixed)}) / adaptive: <strong>{ratio:.2f}x</strong> (bar &ge; 1.3x).</p>
+<table><thead><tr><th>config</th><th>seconds to target</th></tr></thead><tbody>{rows}</tbody></table>
+<div class="plots"><figure>{_svg(figure)}</figure><figure>{_svg(batch_figure)}</figure></div>
+<h2>Context</h2>
+<pre>settings: {esc(_inline(vars(args)))}
+versions: {esc(_inline(package_versions("torch", "accelerate", "kiln")))}
+machine: {esc(platform.platform())}</pre>
+</body></html>
+"""
 
 
 if __name__ == "__main__":

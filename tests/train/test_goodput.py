@@ -11,7 +11,7 @@ import torch
 from kiln.data import bundled_dataset
 from kiln.errors import ConfigError
 from kiln.train import TrainSettings, train
-from kiln.train.goodput import GoodputSizer, NoiseScale, efficiency
+from kiln.train.goodput import ConsecutiveGradients, GoodputSizer, NoiseScale, efficiency
 
 
 def test_noise_scale_estimate_matches_the_exact_value_on_real_data() -> None:
@@ -38,6 +38,37 @@ def test_noise_scale_estimate_matches_the_exact_value_on_real_data() -> None:
     assert estimate.value == pytest.approx(exact, rel=0.25), (estimate.value, exact)
 
 
+def test_consecutive_steps_recover_a_known_noise_scale() -> None:
+    """Synthetic step gradients G + noise/sqrt(M), per-row noise N(0, σ²I): the noise scale is d·σ²/|G|²."""
+    gen = torch.Generator().manual_seed(0)
+    dims, sigma, rows = 200, 3.0, 16
+    true_grad = torch.randn(dims, generator=gen)
+    exact = dims * sigma**2 / float(true_grad.pow(2).sum())  # ~9 rows
+    noise = NoiseScale(decay=0.99)
+    pairs = ConsecutiveGradients(noise, every=2)
+    for step in range(4000):
+        grad = true_grad + sigma * torch.randn(dims, generator=gen) / math.sqrt(rows)
+        pairs.observe(step, rows, [grad[:50], grad[50:]])  # several parameter tensors: flattened together
+    assert noise.updates == 2000  # one sample per pair of steps (0, 1), (2, 3), ...
+    assert noise.value == pytest.approx(exact, rel=0.15), (noise.value, exact)
+
+
+def test_consecutive_steps_skip_pairs_that_differ_in_rows_or_are_not_adjacent() -> None:
+    noise = NoiseScale()
+    pairs = ConsecutiveGradients(noise, every=4)
+    grad = [torch.ones(3)]
+    pairs.observe(0, 16, grad)
+    pairs.observe(1, 8, grad)  # an epoch's short last batch
+    pairs.observe(2, 16, grad)  # not a multiple of `every`: nothing held
+    pairs.observe(3, 16, grad)
+    pairs.observe(4, 16, grad)
+    pairs.observe(6, 16, grad)  # step 5 never came (a resume): not a pair
+    assert noise.updates == 0
+    pairs.observe(8, 16, grad)
+    pairs.observe(9, 16, grad)
+    assert noise.updates == 1
+
+
 def test_efficiency_is_one_at_the_base_and_falls_with_the_batch() -> None:
     assert efficiency(32, 32, 100.0) == 1.0
     assert efficiency(64, 32, 100.0) == pytest.approx(132 / 164)
@@ -45,31 +76,56 @@ def test_efficiency_is_one_at_the_base_and_falls_with_the_batch() -> None:
     assert efficiency(64, 32, math.inf) == 1.0
 
 
-def _sizer_with_noise(scale: float, base: int = 16) -> GoodputSizer:
-    sizer = GoodputSizer(base_batch=base, max_batch=256)
+def _sizer_with_noise(scale: float, base: int = 16, lr_scaling: str = "adascale") -> GoodputSizer:
+    sizer = GoodputSizer(base_batch=base, max_batch=256, lr_scaling=lr_scaling)
     sizer.noise.grad_sq, sizer.noise.trace, sizer.noise.updates = 1.0, scale, 10_000  # settled EMA
     return sizer
 
 
+def _observe(sizer: GoodputSizer, batch: int, *rows_per_s: float) -> None:
+    for rate in (0.0, *rows_per_s):  # the first step at a size is a warm-up and is dropped
+        sizer.observe_throughput(batch, rate)
+
+
+def test_throughput_is_the_median_of_recent_steps_without_the_first() -> None:
+    sizer = GoodputSizer(base_batch=16, max_batch=256)
+    sizer.observe_throughput(16, 1.0)  # warm-up step: dropped
+    assert 16 not in sizer.rows_per_s
+    for rate in (10_000.0, 10_200.0, 900.0, 9_900.0):  # one stalled step
+        sizer.observe_throughput(16, rate)
+    assert sizer.rows_per_s[16] == pytest.approx(9_950.0)
+
+
 def test_sizer_explores_upward_while_the_noise_scale_is_large() -> None:
     sizer = _sizer_with_noise(500.0)
-    sizer.observe_throughput(16, 10_000.0)
+    _observe(sizer, 16, 10_000.0)
     assert sizer.decide(step=100) == 32
     assert sizer.changes[-1]["from"] == 16 and sizer.changes[-1]["to"] == 32
-    assert sizer.lr_factor("sgd") == 2.0 and sizer.lr_factor("adamw") == pytest.approx(math.sqrt(2))
+
+
+def test_lr_follows_adascale_gain_or_the_plain_rule() -> None:
+    adascale, rule = _sizer_with_noise(500.0), _sizer_with_noise(500.0, lr_scaling="rule")
+    for sizer in (adascale, rule):
+        assert sizer.lr_factor("sgd") == 1.0  # at the base batch
+        sizer.current = 64
+    gain = 4 * (500 + 16) / (500 + 64)  # S·E(M): a 4x batch is worth 3.66 base steps at this noise scale
+    assert adascale.lr_factor("sgd") == pytest.approx(gain)
+    assert adascale.lr_factor("adamw") == pytest.approx(math.sqrt(gain))
+    assert rule.lr_factor("sgd") == 4.0 and rule.lr_factor("adamw") == pytest.approx(2.0)
+    assert _sizer_with_noise(1e9).lr_factor("sgd") == 1.0  # all noise at the base: gain = S = 1
 
 
 def test_sizer_stays_when_the_noise_scale_is_small() -> None:
     sizer = _sizer_with_noise(10.0)
-    sizer.observe_throughput(16, 10_000.0)
+    _observe(sizer, 16, 10_000.0)
     assert sizer.decide(step=100) == 16 and not sizer.changes
 
 
 def test_sizer_goes_back_when_the_bigger_batch_was_not_faster() -> None:
     sizer = _sizer_with_noise(100.0)
-    sizer.observe_throughput(16, 10_000.0)
+    _observe(sizer, 16, 10_000.0)
     assert sizer.decide(step=1) == 32
-    sizer.observe_throughput(32, 10_500.0)  # 5% more rows/s cannot pay for 32 rows' lower efficiency
+    _observe(sizer, 32, 10_500.0)  # 5% more rows/s cannot pay for 32 rows' lower efficiency
     assert sizer.decide(step=2) == 16
 
 
@@ -81,9 +137,11 @@ def test_adaptive_run_grows_the_batch_and_records_why(make_settings: Callable[..
     assert first["to"] == 2 * first["from"] and first["noise_scale"] >= 2 * first["from"]
     sizes = [int(h["batch_size"]) for h in result.history]
     assert sizes[0] == 8 and max(sizes) > 8
-    # the lr followed the batch (Adam: square root)
-    last = result.history[-1]
-    assert last["lr"] == pytest.approx(1e-3 * math.sqrt(last["batch_size"] / 8), rel=1e-6)
+    # the lr followed the batch (Adam: square root of AdaScale's gain, which lies between 1 and the batch ratio)
+    grown = [h for h in result.history if h["batch_size"] > 8]
+    assert grown
+    for row in grown:
+        assert 1e-3 < row["lr"] <= 1e-3 * math.sqrt(row["batch_size"] / 8) * (1 + 1e-6)
 
 
 def test_adaptive_batch_refuses_a_decaying_schedule() -> None:

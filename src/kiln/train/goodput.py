@@ -7,22 +7,34 @@ gradient noise, and a batch of ``M`` rows relative to the starting ``M0`` is wor
 ``E(M) = (B_noise + M0) / (B_noise + M)`` of its rows. Bigger batches run faster per row on most hardware
 (better-filled kernels) but count less per row; the sizer picks the size where the product peaks.
 
-The noise scale is estimated from two gradient norms of the same step: the first micro-batch's (``b`` rows)
-and the whole window's (``B`` rows), via the unbiased estimators
+The noise scale is estimated from gradient norms at two batch sizes, ``b`` and ``B`` rows, via the unbiased
+estimators
 
     |G|²   ≈ (B |G_B|² - b |G_b|²) / (B - b)
     tr(Σ)  ≈ (|G_b|² - |G_B|²) / (1/b - 1/B)
 
 each smoothed with an exponential moving average before the ratio is taken (the ratio of noisy estimates is
-badly biased; the ratio of smoothed ones is not).
+badly biased; the ratio of smoothed ones is not). The two sizes come for free from two consecutive steps of
+``M`` rows each (:class:`ConsecutiveGradients`, AdaptDL's single-replica estimator): each step's gradient is a
+``b = M`` sample and their mean a ``B = 2M`` one; no step is split or repeated, so measuring costs one copy of
+the gradient and three norms.
+
+The lr follows the batch by AdaScale's gain (Johnson et al., 2020, as Pollux does): a batch ``S = M / M0`` times
+the base is worth ``r = S·E(M)`` base steps (between 1, when the gradient is all signal, and ``S``, when it is all
+noise), so SGD's lr is multiplied by ``r`` and Adam's by ``sqrt(r)`` (the square-root rule for adaptive
+optimisers). ``lr_scaling = "rule"`` uses the plain linear/square-root rule (``r = S``) instead.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +71,34 @@ class NoiseScale:
         return max(trace, 0.0) / grad_sq
 
 
+class ConsecutiveGradients:
+    """Feeds :class:`NoiseScale` from the gradients of steps ``k`` and ``k + 1`` for every ``k % every == 0``.
+
+    Between the two steps the weights move by one update, which for a small lr changes the gradient far less
+    than the noise of a batch does; the pair is skipped when the two steps differ in rows (an epoch's short last
+    batch, a batch-size change).
+    """
+
+    def __init__(self, noise: NoiseScale, every: int) -> None:
+        self.noise, self.every = noise, every
+        self._held: tuple[int, int, torch.Tensor] | None = None  # (step, rows, flat gradient)
+
+    def observe(self, step: int, rows: int, grads: list[torch.Tensor]) -> None:
+        """The gradient (mean over ``rows`` rows) the optimizer is about to apply at ``step``."""
+        held, self._held = self._held, None
+        if held is not None and held[0] == step - 1 and held[1] == rows:
+            flat = _flatten(grads)
+            small_sq = 0.5 * float(held[2].square().sum() + flat.square().sum())  # E|G_M|² from two samples
+            big_sq = float((held[2] + flat).mul_(0.5).square().sum())  # |G_2M|²: the two steps' mean
+            self.noise.update(small_sq, rows, big_sq, 2 * rows)
+        elif step % self.every == 0 and grads:
+            self._held = (step, rows, _flatten(grads))
+
+
+def _flatten(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.detach().reshape(-1).float() for g in grads])
+
+
 def efficiency(batch: int, base_batch: int, noise_scale: float) -> float:
     """Statistical efficiency of ``batch`` rows relative to ``base_batch``: (B_noise + M0) / (B_noise + M)."""
     if math.isinf(noise_scale):
@@ -79,17 +119,31 @@ class GoodputSizer:
     base_batch: int
     max_batch: int
     noise: NoiseScale = field(default_factory=NoiseScale)
-    rows_per_s: dict[int, float] = field(default_factory=dict)  # EMA of measured throughput per batch size
+    rows_per_s: dict[int, float] = field(default_factory=dict)  # median measured throughput per batch size
     current: int = 0
     explore_min_efficiency: float = 0.75
+    lr_scaling: str = "adascale"
     changes: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.current = self.current or self.base_batch
 
+    recent_steps: int = 16
+    _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+
     def observe_throughput(self, batch: int, rows_per_s: float) -> None:
-        old = self.rows_per_s.get(batch)
-        self.rows_per_s[batch] = rows_per_s if old is None else 0.8 * old + 0.2 * rows_per_s
+        """One step's rows/s; a size's figure is the median of its last ``recent_steps`` steps.
+
+        The median, not a mean, because on a shared machine a step now and then stalls (another process, the
+        allocator growing for a new size); the first step at a size is such a step by construction and is
+        dropped.
+        """
+        recent = self._recent.get(batch)
+        if recent is None:
+            self._recent[batch] = deque(maxlen=self.recent_steps)
+            return
+        recent.append(rows_per_s)
+        self.rows_per_s[batch] = statistics.median(recent)
 
     def goodput(self, batch: int) -> float | None:
         scale = self.noise.value
@@ -131,9 +185,15 @@ class GoodputSizer:
         return self.current
 
     def lr_factor(self, optimizer: str) -> float:
-        """LR multiplier for the current batch: linear in the batch for SGD, square root for Adam-type."""
-        ratio = self.current / self.base_batch
-        return ratio if optimizer == "sgd" else math.sqrt(ratio)
+        """LR multiplier for the current batch: the gain ``r`` for SGD, ``sqrt(r)`` for Adam-type optimizers.
+
+        ``r`` is AdaScale's ``S·E(M)`` (``lr_scaling = "adascale"``) or the batch ratio ``S`` (``"rule"``).
+        """
+        gain = self.current / self.base_batch
+        scale = self.noise.value
+        if self.lr_scaling == "adascale" and scale is not None:
+            gain *= efficiency(self.current, self.base_batch, scale)
+        return gain if optimizer == "sgd" else math.sqrt(gain)
 
     def state_dict(self) -> dict[str, Any]:
         return {

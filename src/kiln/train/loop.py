@@ -23,7 +23,7 @@ from torch import nn
 from kiln.errors import ConfigError, NonFiniteLoss, TrainingDiverged
 from kiln.train.accumulate import Batch, LossSum, accumulate_gradients, count_rows
 from kiln.train.checkpoint import Checkpointer, SavedCheckpoint, capture_rng, restore_rng
-from kiln.train.goodput import GoodputSizer
+from kiln.train.goodput import ConsecutiveGradients, GoodputSizer
 from kiln.train.sampling import ShuffledBatchSampler, TokenBudgetBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -143,10 +143,12 @@ class Trainer:
         self.step = 0
         self._mid_step = False  # True from the first forward of a step until its optimizer update is complete
         self.last_tokens = 0  # real tokens of the last step (text: attention-mask ones; tabular: 0)
-        # goodput: every `noise_every` steps the window is split in two to measure the gradient noise scale
+        # goodput: steps k and k + 1 (k % noise_every == 0) give one sample of the gradient noise scale
         self.sizer = sizer
         self.noise_every = noise_every
         self.optimizer_kind = optimizer_kind
+        self._gradient_pairs = ConsecutiveGradients(sizer.noise, noise_every) if sizer is not None else None
+        self._lr_factor = 1.0  # the sizer's lr multiplier applied at the last step
 
     @property
     def steps_per_epoch(self) -> int:
@@ -171,10 +173,6 @@ class Trainer:
         """One optimiser step over the next ``grad_accum_steps`` micro-batches: ``(mean loss, rows)``."""
         self._mid_step = True
         window = self.sampler.next_window(self.grad_accum_steps)
-        measure = self.sizer is not None and self.step % self.noise_every == 0
-        if measure and len(window) == 1 and len(window[0]) >= 2:
-            half = len(window[0]) // 2  # same rows, same gradient: accumulation is row-normalised
-            window = [window[0][:half], window[0][half:]]
         global_rows = sum(len(r) for r in window)
         if self.accelerator.num_processes > 1:  # every rank sees the global batch and takes its share
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -183,12 +181,6 @@ class Trainer:
         if "attention_mask" in micro[0]:
             local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             self.last_tokens = self._global_count(local_tokens)
-        first_sq: list[float] = []
-
-        def after_backward(i: int) -> None:
-            if measure and i == 0 and len(micro) > 1:
-                first_sq.append(self._grad_sq())
-
         self.model.train()
         result = accumulate_gradients(
             self.model,
@@ -200,19 +192,16 @@ class Trainer:
             no_sync=lambda: self.accelerator.no_sync(self.model),
             global_count=self._global_count,
             world_size=self.accelerator.num_processes,
-            after_backward=after_backward,
         )
-        if first_sq and self.sizer is not None:
-            # grads after micro-batch 0 hold its loss sum / window count: rescale to that micro-batch's mean
-            small_rows = self.count(micro[0])
-            scale = result.count / small_rows
-            self.sizer.noise.update(first_sq[0] * scale * scale, small_rows, self._grad_sq(), result.count)
+        if self._gradient_pairs is not None:  # the all-reduced gradient of the window's mean loss
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._gradient_pairs.observe(self.step, result.count, grads)
         self.optimizer.step()
         self.scheduler.step()
-        if self.sizer is not None:
-            factor = self.sizer.lr_factor(self.optimizer_kind)
+        if self.sizer is not None:  # AdaScale's gain moves with the noise scale: the next step's lr follows
+            self._lr_factor = self.sizer.lr_factor(self.optimizer_kind)
             for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] * factor
+                group["lr"] = group["lr"] * self._lr_factor
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._mid_step = False
@@ -221,20 +210,17 @@ class Trainer:
             loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="sum"))
         return loss, global_rows
 
-    def _grad_sq(self) -> float:
-        norms = [p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
-        return float(torch.stack(norms).sum()) if norms else 0.0
-
     def _adapt_batch(self) -> None:
         """At an epoch's start: let the sizer pick the next epoch's batch size."""
         if self.sizer is None or self.sampler.position != 0 or not isinstance(self.sampler, ShuffledBatchSampler):
             return
-        before = self.sizer.lr_factor(self.optimizer_kind)
         chosen = self.sizer.decide(self.step)
         if chosen != self.sampler.batch_size:
             self.sampler.set_batch_size(chosen)
+            factor = self.sizer.lr_factor(self.optimizer_kind)
             for group in self.optimizer.param_groups:  # the next step already runs at the new batch's lr
-                group["lr"] = group["lr"] * self.sizer.lr_factor(self.optimizer_kind) / before
+                group["lr"] = group["lr"] * factor / self._lr_factor
+            self._lr_factor = factor
 
     def fit(
         self,
@@ -261,11 +247,10 @@ class Trainer:
             with _DeferredStop() as stop:
                 while self.step < total_steps and (stop_at_epoch is None or self.sampler.epoch < stop_at_epoch):
                     t0 = time.perf_counter()
-                    measuring = self.sizer is not None and self.step % self.noise_every == 0
                     loss, rows = self.train_step()
                     step_s = max(time.perf_counter() - t0, 1e-9)
                     full = isinstance(self.sampler, ShuffledBatchSampler) and rows == self.sampler.batch_size
-                    if self.sizer is not None and full and not measuring:  # split or short steps: not typical
+                    if self.sizer is not None and full:  # an epoch's short last batch is not typical
                         self.sizer.observe_throughput(rows, rows / step_s)
                     self._adapt_batch()
                     smoothed_rate = rows / step_s if not smoothed_rate else 0.9 * smoothed_rate + 0.1 * rows / step_s
@@ -340,4 +325,5 @@ class Trainer:
         self.step = int(state["trainer"]["step"])
         if self.sizer is not None and state.get("sizer"):
             self.sizer.load_state_dict(state["sizer"])
+            self._lr_factor = self.sizer.lr_factor(self.optimizer_kind)  # what the saved lr already holds
         restore_rng(state["rng"])
