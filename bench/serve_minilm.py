@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step-s", type=float, default=8.0, help="Seconds per step of the rate search.")
     parser.add_argument("--grid-s", type=float, default=8.0, help="Seconds per step of the on/off comparison.")
-    parser.add_argument("--grid-rounds", type=int, default=2, help="Rounds of the on/off comparison.")
+    parser.add_argument("--grid-rounds", type=int, default=4, help="Rounds of the on/off comparison.")
     parser.add_argument("--p99-ms", type=float, default=200.0)
     parser.add_argument("--max-error-rate", type=float, default=0.01)
     parser.add_argument("--concurrency", type=int, default=64, help="Cap on requests in flight.")

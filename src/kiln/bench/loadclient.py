@@ -92,6 +92,11 @@ class LoadClient:
     ) -> None:
         self.close()
 
+    @property
+    def pid(self) -> int | None:
+        """The generator process's id while it runs (for CPU accounting from ``/proc``)."""
+        return self._process.pid if self._process is not None else None
+
     def close(self) -> None:
         """Stop the worker process (it finishes the step it is in, if any, for at most 10 s)."""
         if self._process is None or self._outbox is None or self._inbox is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -36,10 +38,11 @@ logger = logging.getLogger(__name__)
 # requests back for it raised P99; on a GPU the gain is 10-30x. The bar sits between the two.
 WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
-# Requests are merged into one batch only where that is predicted to save at least this fraction of the time they
-# take one by one: a merged batch answers all its requests when the slowest row is done, so a merge that saves
-# little makes the first requests wait for the last.
-MERGE_MIN_SAVING = 0.15
+# Requests are merged into one batch only where that clears the queue sooner than running them one by one on the
+# engine instances as they come free (predicted by the cost model): a merged batch answers all its requests when
+# its slowest row is done, so merging two requests when another instance is about to be free only makes the
+# first wait for the second. The queue is looked at this far (it bounds the event loop's work per batch).
+_SCHEDULE_HORIZON = 64
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
 _TYPICAL_LENGTH = 32
 
@@ -83,6 +86,7 @@ class Batcher:
         instances = len(model.engines)
         self._free = asyncio.Semaphore(instances)
         self._free_instances = list(range(instances))
+        self._busy_until: dict[int, float] = {}  # instance -> predicted end of its running batch
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"kiln-{model.name}")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -200,6 +204,8 @@ class Batcher:
                 self._free.release()
                 continue
             instance = self._free_instances.pop()
+            rows, length = sum(p.work.rows for p in taken), max(p.work.length for p in taken)
+            self._busy_until[instance] = time.perf_counter() + self.model.cost.predict(rows, length)
             self._inflight += 1
             loop.run_in_executor(self._executor, self._run, taken, instance, loop)
 
@@ -236,8 +242,9 @@ class Batcher:
 
         Candidates are queued requests of the oldest one's kind in arrival order, up to ``max_batch_size`` rows
         or this instance's share of the backlog (queued rows over free instances), whichever is smaller; the cost
-        model cuts them into batches of least total time, and the batch holding the oldest request is taken. The
-        others stay queued for the next free instance, so no instance idles while another works through a backlog.
+        model cuts them into batches of least total time, and the batch holding the oldest request is taken if that
+        clears the queue sooner than running its requests apart (:meth:`_merge_clears_sooner`). The others stay
+        queued for the next free instance, so no instance idles while another works through a backlog.
         """
         now = time.perf_counter()
         while self._queue and self._expired(self._queue[0], now):
@@ -264,11 +271,11 @@ class Batcher:
             kept.extend(self._queue)
             self._queue = kept
         taken = candidates
-        if len(candidates) > 2 or (len(candidates) == 2 and candidates[0].work.length != candidates[1].work.length):
+        if len(candidates) > 1:
             lengths, counts = [p.work.length for p in candidates], [p.work.rows for p in candidates]
             plan = self.model.cost.plan(lengths, counts, max(limit, first.work.rows))
             chosen = set(next(batch for batch in plan if 0 in batch))
-            if not self._merge_pays([candidates[i] for i in chosen]):
+            if len(chosen) > 1 and not self._merge_clears_sooner({id(candidates[i]) for i in chosen}, candidates, now):
                 chosen = {0}
             taken = [p for i, p in enumerate(candidates) if i in chosen]
             returned = [p for i, p in enumerate(candidates) if i not in chosen]
@@ -280,13 +287,32 @@ class Batcher:
             self.metrics.queued(now - pending.enqueued)
         return taken
 
-    def _merge_pays(self, group: list[_Pending]) -> bool:
-        if len(group) < 2:
-            return True
+    def _merge_clears_sooner(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
+        """Whether running ``group`` (ids of ``candidates``) as one batch now serves the head of the queue better.
+
+        Both ways are list-scheduled with the cost model's predictions over the first ``_SCHEDULE_HORIZON``
+        requests: each request (or the merged batch, first) goes to the engine instance that is free soonest; the
+        free instances are free now, the busy ones when their running batch is predicted to end. The merge is
+        taken when it lowers the predicted mean latency of those requests (on a tie: the largest). A merge makes
+        its oldest request wait for the others' compute and saves the requests behind it the work it saves, so
+        it is taken under a backlog, where many are behind, and rarely when the engines keep up.
+        """
         cost = self.model.cost
-        merged = cost.predict(sum(p.work.rows for p in group), max(p.work.length for p in group))
-        alone = sum(cost.predict(p.work.rows, p.work.length) for p in group)
-        return merged <= (1 - MERGE_MIN_SAVING) * alone
+        free_at = [now] * len(self._free_instances)
+        free_at += [
+            max(now, self._busy_until.get(i, now))
+            for i in range(len(self.model.engines))
+            if i not in self._free_instances
+        ]
+        waiting = itertools.islice(self._queue, _SCHEDULE_HORIZON)  # the candidates are out of the queue now
+        horizon = sorted([*candidates, *waiting], key=lambda p: p.enqueued)[:_SCHEDULE_HORIZON]
+        merged = [p for p in candidates if id(p) in group]
+        rest = [p for p in horizon if id(p) not in group]
+        batch_s = cost.predict(sum(p.work.rows for p in merged), max(p.work.length for p in merged))
+        apart = _schedule(list(free_at), [(cost.predict(p.work.rows, p.work.length), [p.enqueued]) for p in horizon])
+        alone = [(cost.predict(p.work.rows, p.work.length), [p.enqueued]) for p in rest]
+        together = _schedule(list(free_at), [(batch_s, [p.enqueued for p in merged]), *alone])
+        return together < apart
 
     @staticmethod
     def _expired(pending: _Pending, now: float) -> bool:
@@ -323,6 +349,7 @@ class Batcher:
     def _finished(self, instance: int) -> None:
         self._inflight -= 1
         self._free_instances.append(instance)
+        self._busy_until.pop(instance, None)
         self._free.release()
         if not self._queue and not self._inflight:
             self._idle.set()
@@ -338,3 +365,17 @@ def _fail_all(group: list[_Pending], exc: Exception) -> None:
     for pending in group:
         if not pending.future.done():
             pending.future.set_exception(exc)
+
+
+def _schedule(free_at: list[float], jobs: list[tuple[float, list[float]]]) -> tuple[float, float]:
+    """List-schedule ``jobs`` (seconds, the enqueue times of its requests) in order, each on the instance free
+    soonest (``free_at``). Returns the sum and the largest of the requests' predicted latencies (end - enqueued).
+    """
+    heapq.heapify(free_at)
+    total = worst = 0.0
+    for seconds, enqueued in jobs:
+        end = heapq.heappop(free_at) + seconds
+        heapq.heappush(free_at, end)
+        for t in enqueued:
+            total, worst = total + end - t, max(worst, end - t)
+    return total, worst

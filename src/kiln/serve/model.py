@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 TEXT_INPUT = "text"
 # (rows, tokens): enough rows and lengths to separate the per-call, per-token and attention terms of the cost.
-_WARMUP_TEXT_SHAPES = ((1, 16), (2, 16), (4, 16), (8, 16), (1, 64), (2, 64), (4, 64), (1, 128))
+_WARMUP_TEXT_SHAPES = ((1, 16), (2, 16), (4, 16), (8, 16), (1, 32), (4, 32), (1, 64), (2, 64), (4, 64), (1, 128))
+_WARM_RUNS = 2  # measured runs per warm-up shape, after its first (cold) run
 _WARMUP_TENSOR_ROWS = (1, 2, 8, 32)
 
 
@@ -260,7 +261,8 @@ class ServedModel:
             for rows, length in shapes:
                 work = self._synthetic_work(rows, length)
                 self.execute([work], instance, learn=False)  # the first run of a shape pays for allocation
-                self.execute([work], instance)
+                for _ in range(_WARM_RUNS):
+                    self.execute([work], instance)
 
         with ThreadPoolExecutor(len(self.engines)) as pool:
             list(pool.map(warm, range(len(self.engines))))

@@ -85,6 +85,11 @@ class ServerProcess:
         self.stop()
         raise KilnError(f"kiln serve was not ready after {self.ready_timeout_s:.0f} s:\n{self.log}")
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (for CPU accounting from ``/proc``)."""
+        return self._process.pid if self._process is not None else None
+
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM, wait for the drain, collect the log; returns the exit code (0 after a clean drain)."""
         process = self._process

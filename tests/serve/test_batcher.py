@@ -1,0 +1,34 @@
+"""kiln.serve.batcher: the schedule arithmetic behind "merge only where it lowers the mean latency"."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.serve.batcher import _schedule
+
+
+def test_two_requests_run_apart_when_the_other_instance_is_about_to_be_free() -> None:
+    # two 10 ms requests queued at 0 and 1 ms, 17 ms merged; now is 5 ms, the other instance is free at 7 ms
+    apart = _schedule([0.005, 0.007], [(0.010, [0.0]), (0.010, [0.001])])
+    together = _schedule([0.005, 0.007], [(0.017, [0.0, 0.001])])
+    assert apart == pytest.approx((0.015 + 0.016, 0.016))
+    assert together > apart  # merging would make the first wait for the second
+
+
+def test_a_merge_that_helps_only_its_own_requests_must_save_more_than_it_delays_the_first() -> None:
+    # the other instance is busy for long: apart, the second runs after the first on this instance
+    apart = _schedule([0.005, 0.040], [(0.010, [0.0]), (0.010, [0.001])])
+    saves_3ms = _schedule([0.005, 0.040], [(0.017, [0.0, 0.001])])
+    saves_8ms = _schedule([0.005, 0.040], [(0.012, [0.0, 0.001])])  # a GPU-like merge
+    assert apart == pytest.approx((0.015 + 0.024, 0.024))
+    assert saves_3ms > apart  # the first waits 7 ms longer, the second is 3 ms sooner
+    assert saves_8ms < apart
+
+
+def test_under_a_backlog_a_merge_that_saves_work_lowers_the_mean_latency() -> None:
+    # eight 10 ms requests queued 1 ms apart, two instances free at 10 ms: merging the first two saves 3 ms of work,
+    # and the requests behind them on that instance start 3 ms sooner
+    queued = [(0.010, [i / 1000]) for i in range(8)]
+    apart = _schedule([0.010, 0.010], queued)
+    together = _schedule([0.010, 0.010], [(0.017, [0.0, 0.001]), *queued[2:]])
+    assert together < apart
