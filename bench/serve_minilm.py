@@ -14,7 +14,8 @@ Poisson load from a generator in its own process, latency from the scheduled sen
   (e) start-to-ready of `kiln serve` (process start until GET /v2/health/ready answers 200)
 
 The highest rate is found by geometric steps from half the in-process rate, then bisection; every step is
-bounded in time and requests.
+bounded in time and requests. The best rate is then re-run ``--confirm`` times and must pass a majority of its
+steps (else the next lower passing rate is tried), so one lucky step near saturation does not name the figure.
 
     python bench/serve_minilm.py                      # exports FP32 MiniLM into a temp repository first
     python bench/serve_minilm.py --repo kiln-repo --variant   # minilm v1 = FP32, latest version = the variant
@@ -74,6 +75,7 @@ class Options:
     concurrency: int
     binary: bool
     grid: tuple[float, ...]
+    confirm: int = 2
 
 
 @dataclass
@@ -214,6 +216,7 @@ def find_max(client: LoadClient, start_rps: float, options: Options, label: str)
         refine_steps=3,
         duration_s=options.step_s,
         max_outstanding=options.concurrency,
+        confirm=options.confirm,
         progress=show,
     )
 
@@ -264,6 +267,9 @@ def main() -> None:
     parser.add_argument("--grid-s", type=float, default=8.0, help="Seconds per step of the on/off comparison.")
     parser.add_argument("--grid-rounds", type=int, default=4, help="Rounds of the on/off comparison.")
     parser.add_argument("--p99-ms", type=float, default=200.0)
+    parser.add_argument(
+        "--confirm", type=int, default=2, help="Re-runs of the best rate; it must pass a majority of its steps."
+    )
     parser.add_argument("--max-error-rate", type=float, default=0.01)
     parser.add_argument("--concurrency", type=int, default=64, help="Cap on requests in flight.")
     parser.add_argument("--binary", action="store_true", help="Binary tensor extension instead of JSON.")
@@ -281,6 +287,7 @@ def main() -> None:
         args.concurrency,
         args.binary,
         (0.25, 0.5, 0.75, 0.9),
+        args.confirm,
     )
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kiln-serve-bench-") as tmp:
@@ -397,7 +404,12 @@ def summarize(
             "binary": options.binary,
             "median_words": words[len(words) // 2],
         },
-        "bar": {"p99_ms": options.p99_ms, "max_error_rate": options.max_error_rate, "step_s": options.step_s},
+        "bar": {
+            "p99_ms": options.p99_ms,
+            "max_error_rate": options.max_error_rate,
+            "step_s": options.step_s,
+            "confirm": options.confirm,
+        },
         "in_process": inproc,
         "max_rate_rps": {
             "fastapi_baseline": baseline,

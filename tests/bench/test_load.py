@@ -322,6 +322,27 @@ def test_search_max_rate_brackets_then_bisects(capacity: float, start: float) ->
     assert search_max_rate(CapacityServer(0.1), start_rps=1.0, cooldown_s=0.0).rate_rps is None
 
 
+class LuckyServer(CapacityServer):
+    """Holds ``capacity``, and passes the first step at each higher rate by luck."""
+
+    def open_loop(
+        self, rate_rps: float, *, duration_s: float, max_requests: int | None, max_outstanding: int, seed: int
+    ) -> LoadStep:
+        lucky = rate_rps > self.capacity and rate_rps not in self.rates
+        self.rates.append(rate_rps)
+        return synthetic_step(rate_rps, 50.0 if rate_rps <= self.capacity or lucky else 900.0)
+
+
+def test_confirming_steps_reject_a_rate_that_passed_by_luck() -> None:
+    unconfirmed = search_max_rate(LuckyServer(75.0), start_rps=20.0, growth=2.0, refine_steps=2, cooldown_s=0.0)
+    assert unconfirmed.rate_rps is not None and unconfirmed.rate_rps > 75.0  # the lucky steps fool one-step search
+    server = LuckyServer(75.0)
+    found = search_max_rate(server, start_rps=20.0, growth=2.0, refine_steps=2, cooldown_s=0.0, confirm=2)
+    assert found.rate_rps is not None and found.rate_rps <= 75.0
+    assert found.best is not None and found.best.rate_rps == found.rate_rps
+    assert len(found.steps) == len(server.rates)
+
+
 def test_load_html_has_both_plots_and_round_trips_its_json(tmp_path: Path) -> None:
     reports = [synthetic_report(), synthetic_report("fastapi baseline")]
     path = write_load_html(reports, tmp_path / "out", title="MiniLM under load")

@@ -214,6 +214,7 @@ def search_max_rate(
     cooldown_s: float = 1.0,
     min_rps: float = 0.5,
     max_rps: float = 100_000.0,
+    confirm: int = 0,
     progress: Callable[[LoadStep], None] | None = None,
 ) -> RateSearch:
     """Find the highest Poisson rate with P99 <= ``p99_ms`` and fewer than ``max_error_rate`` errors.
@@ -221,6 +222,10 @@ def search_max_rate(
     Rates grow geometrically from ``start_rps`` (or shrink, if it already fails) until one step passes and the
     next fails, then ``refine_steps`` bisections (geometric midpoints) narrow the gap. Each step is bounded by
     ``duration_s`` and by 1.5x the requests its rate expects in that time.
+
+    Near saturation one short step's P99 swings a lot, so a lucky step can name a rate the server does not hold.
+    With ``confirm`` = k, the best passing rate is run k more times and must pass a majority of its k + 1 steps;
+    if it does not, the next lower passing rate is tried the same way.
     """
     if growth <= 1.0 or start_rps <= 0:
         raise ConfigError(f"growth {growth:g} must be > 1 and start_rps {start_rps:g} > 0")
@@ -258,5 +263,9 @@ def search_max_rate(
                 low = middle
             else:
                 high = middle
-    best = max((s for s in steps if s.meets(p99_ms, max_error_rate)), key=lambda s: s.rate_rps, default=None)
-    return RateSearch(best.rate_rps if best else None, best, steps)
+    passed = sorted((s for s in steps if s.meets(p99_ms, max_error_rate)), key=lambda s: -s.rate_rps)
+    for candidate in passed:
+        wins = 1 + sum(passes(candidate.rate_rps) for _ in range(confirm))
+        if 2 * wins > confirm + 1:
+            return RateSearch(candidate.rate_rps, candidate, steps)
+    return RateSearch(None, None, steps)
