@@ -38,10 +38,10 @@ logger = logging.getLogger(__name__)
 # requests back for it raised P99; on a GPU the gain is 10-30x. The bar sits between the two.
 WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
-# Requests are merged into one batch only where that clears the queue sooner than running them one by one on the
-# engine instances as they come free (predicted by the cost model): a merged batch answers all its requests when
-# its slowest row is done, so merging two requests when another instance is about to be free only makes the
-# first wait for the second. The queue is looked at this far (it bounds the event loop's work per batch).
+# Requests are merged into one batch only where that lowers the predicted mean latency of the queue's head, both
+# ways list-scheduled over the engine instances (:meth:`Batcher._merge_lowers_latency`): a merged batch answers
+# all its requests when its slowest row is done, so merging two requests when another instance is about to be free
+# only makes the first wait for the second. The queue is looked at this far (it bounds the event loop's work).
 _SCHEDULE_HORIZON = 64
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
 _TYPICAL_LENGTH = 32
@@ -243,8 +243,9 @@ class Batcher:
         Candidates are queued requests of the oldest one's kind in arrival order, up to ``max_batch_size`` rows
         or this instance's share of the backlog (queued rows over free instances), whichever is smaller; the cost
         model cuts them into batches of least total time, and the batch holding the oldest request is taken if that
-        clears the queue sooner than running its requests apart (:meth:`_merge_clears_sooner`). The others stay
-        queued for the next free instance, so no instance idles while another works through a backlog.
+        lowers the predicted mean latency against running its requests apart (:meth:`_merge_lowers_latency`).
+        The others stay queued for the next free instance, so no instance idles while another works through a
+        backlog.
         """
         now = time.perf_counter()
         while self._queue and self._expired(self._queue[0], now):
@@ -275,7 +276,7 @@ class Batcher:
             lengths, counts = [p.work.length for p in candidates], [p.work.rows for p in candidates]
             plan = self.model.cost.plan(lengths, counts, max(limit, first.work.rows))
             chosen = set(next(batch for batch in plan if 0 in batch))
-            if len(chosen) > 1 and not self._merge_clears_sooner({id(candidates[i]) for i in chosen}, candidates, now):
+            if len(chosen) > 1 and not self._merge_lowers_latency({id(candidates[i]) for i in chosen}, candidates, now):
                 chosen = {0}
             taken = [p for i, p in enumerate(candidates) if i in chosen]
             returned = [p for i, p in enumerate(candidates) if i not in chosen]
@@ -287,7 +288,7 @@ class Batcher:
             self.metrics.queued(now - pending.enqueued)
         return taken
 
-    def _merge_clears_sooner(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
+    def _merge_lowers_latency(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
         """Whether running ``group`` (ids of ``candidates``) as one batch now serves the head of the queue better.
 
         Both ways are list-scheduled with the cost model's predictions over the first ``_SCHEDULE_HORIZON``
@@ -307,11 +308,11 @@ class Batcher:
         waiting = itertools.islice(self._queue, _SCHEDULE_HORIZON)  # the candidates are out of the queue now
         horizon = sorted([*candidates, *waiting], key=lambda p: p.enqueued)[:_SCHEDULE_HORIZON]
         merged = [p for p in candidates if id(p) in group]
-        rest = [p for p in horizon if id(p) not in group]
         batch_s = cost.predict(sum(p.work.rows for p in merged), max(p.work.length for p in merged))
-        apart = _schedule(list(free_at), [(cost.predict(p.work.rows, p.work.length), [p.enqueued]) for p in horizon])
-        alone = [(cost.predict(p.work.rows, p.work.length), [p.enqueued]) for p in rest]
-        together = _schedule(list(free_at), [(batch_s, [p.enqueued for p in merged]), *alone])
+        one_by_one = [(p, (cost.predict(p.work.rows, p.work.length), [p.enqueued])) for p in horizon]
+        apart = _schedule(list(free_at), [job for _, job in one_by_one])
+        rest = [job for p, job in one_by_one if id(p) not in group]
+        together = _schedule(list(free_at), [(batch_s, [p.enqueued for p in merged]), *rest])
         return together < apart
 
     @staticmethod

@@ -124,12 +124,11 @@ class GoodputSizer:
     explore_min_efficiency: float = 0.75
     lr_scaling: str = "adascale"
     changes: list[dict[str, Any]] = field(default_factory=list)
+    recent_steps: int = 16
+    _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.current = self.current or self.base_batch
-
-    recent_steps: int = 16
-    _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
 
     def observe_throughput(self, batch: int, rows_per_s: float) -> None:
         """One step's rows/s; a size's figure is the median of its last ``recent_steps`` steps.
