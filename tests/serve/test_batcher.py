@@ -1,10 +1,11 @@
-"""kiln.serve.batcher: the schedule arithmetic behind "merge only where it lowers the mean latency"."""
+"""kiln.serve.batcher: the schedule arithmetic behind "merge only where it lowers the mean latency without raising
+the worst"."""
 
 from __future__ import annotations
 
 import pytest
 
-from kiln.serve.batcher import _schedule
+from kiln.serve.batcher import _merge_pays, _schedule
 
 
 def test_two_requests_run_apart_when_the_other_instance_is_about_to_be_free() -> None:
@@ -32,3 +33,25 @@ def test_under_a_backlog_a_merge_that_saves_work_lowers_the_mean_latency() -> No
     apart = _schedule([0.010, 0.010], queued)
     together = _schedule([0.010, 0.010], [(0.017, [0.0, 0.001]), *queued[2:]])
     assert together < apart
+
+
+def test_a_merge_that_lowers_the_mean_but_makes_the_oldest_request_the_worst_is_refused() -> None:
+    # a burst behind a request that has already waited 50 ms: merging it with the next one saves 3 ms for the seven
+    # behind them (a lower mean), but the oldest, already the slowest, would wait 7 ms longer: the P99 is its latency
+    burst = [(0.010, [0.045 + i * 0.0005]) for i in range(8)]
+    queued = [(0.010, [0.0]), *burst]
+    apart = _schedule([0.050, 0.055], queued)
+    together = _schedule([0.050, 0.055], [(0.017, [0.0, 0.045]), *burst[1:]])
+    assert together[0] < apart[0]  # the mean alone says merge
+    assert together[1] > apart[1] == pytest.approx(0.060)
+    assert not _merge_pays(apart, together)
+
+
+def test_under_a_growing_backlog_a_merge_that_saves_work_is_taken() -> None:
+    # thirty requests 1 ms apart and two 10 ms engines (5 ms a request): the newest wait longest, and a merge that
+    # saves 3 ms of work lowers the mean without delaying them
+    queued = [(0.010, [0.020 + i * 0.001]) for i in range(30)]
+    apart = _schedule([0.050, 0.055], queued)
+    together = _schedule([0.050, 0.055], [(0.017, [0.020, 0.021]), *queued[2:]])
+    assert _merge_pays(apart, together)
+    assert not _merge_pays(together, apart)

@@ -38,10 +38,11 @@ logger = logging.getLogger(__name__)
 # requests back for it raised P99; on a GPU the gain is 10-30x. The bar sits between the two.
 WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
-# Requests are merged into one batch only where that lowers the predicted mean latency of the queue's head, both
-# ways list-scheduled over the engine instances (:meth:`Batcher._merge_lowers_latency`): a merged batch answers
-# all its requests when its slowest row is done, so merging two requests when another instance is about to be free
-# only makes the first wait for the second. The queue is looked at this far (it bounds the event loop's work).
+# Requests are merged into one batch only where that lowers the predicted mean latency of the queue's head without
+# raising its worst latency, both ways list-scheduled over the engine instances (:meth:`Batcher._merge_pays`): a
+# merged batch answers all its requests when its slowest row is done, so merging two requests when another instance
+# is about to be free only makes the first wait for the second. The queue is looked at this far (it bounds the
+# event loop's work).
 _SCHEDULE_HORIZON = 64
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
 _TYPICAL_LENGTH = 32
@@ -243,7 +244,7 @@ class Batcher:
         Candidates are queued requests of the oldest one's kind in arrival order, up to ``max_batch_size`` rows
         or this instance's share of the backlog (queued rows over free instances), whichever is smaller; the cost
         model cuts them into batches of least total time, and the batch holding the oldest request is taken if that
-        lowers the predicted mean latency against running its requests apart (:meth:`_merge_lowers_latency`).
+        pays against running its requests apart (:meth:`_merge_pays`).
         The others stay queued for the next free instance, so no instance idles while another works through a
         backlog.
         """
@@ -276,7 +277,7 @@ class Batcher:
             lengths, counts = [p.work.length for p in candidates], [p.work.rows for p in candidates]
             plan = self.model.cost.plan(lengths, counts, max(limit, first.work.rows))
             chosen = set(next(batch for batch in plan if 0 in batch))
-            if len(chosen) > 1 and not self._merge_lowers_latency({id(candidates[i]) for i in chosen}, candidates, now):
+            if len(chosen) > 1 and not self._merge_pays({id(candidates[i]) for i in chosen}, candidates, now):
                 chosen = {0}
             taken = [p for i, p in enumerate(candidates) if i in chosen]
             returned = [p for i, p in enumerate(candidates) if i not in chosen]
@@ -288,15 +289,16 @@ class Batcher:
             self.metrics.queued(now - pending.enqueued)
         return taken
 
-    def _merge_lowers_latency(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
+    def _merge_pays(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
         """Whether running ``group`` (ids of ``candidates``) as one batch now serves the head of the queue better.
 
         Both ways are list-scheduled with the cost model's predictions over the first ``_SCHEDULE_HORIZON``
         requests: each request (or the merged batch, first) goes to the engine instance that is free soonest; the
         free instances are free now, the busy ones when their running batch is predicted to end. The merge is
-        taken when it lowers the predicted mean latency of those requests (on a tie: the largest). A merge makes
-        its oldest request wait for the others' compute and saves the requests behind it the work it saves, so
-        it is taken under a backlog, where many are behind, and rarely when the engines keep up.
+        taken by :func:`_merge_pays`: where it lowers the predicted mean latency of those requests without raising
+        the worst. A merge makes its oldest request wait for the others' compute and saves the requests behind it
+        the work it saves, so it is taken under a growing backlog, where the newest requests wait longest, and not
+        in a passing burst behind a request that has already waited longest (that request is the tail).
         """
         cost = self.model.cost
         free_at = [now] * len(self._free_instances)
@@ -313,7 +315,7 @@ class Batcher:
         apart = _schedule(list(free_at), [job for _, job in one_by_one])
         rest = [job for p, job in one_by_one if id(p) not in group]
         together = _schedule(list(free_at), [(batch_s, [p.enqueued for p in merged]), *rest])
-        return together < apart
+        return _merge_pays(apart, together)
 
     @staticmethod
     def _expired(pending: _Pending, now: float) -> bool:
@@ -366,6 +368,19 @@ def _fail_all(group: list[_Pending], exc: Exception) -> None:
     for pending in group:
         if not pending.future.done():
             pending.future.set_exception(exc)
+
+
+def _merge_pays(apart: tuple[float, float], together: tuple[float, float]) -> bool:
+    """Whether a merge pays, given both ways' ``(sum, worst)`` of predicted latencies (:func:`_schedule`).
+
+    The mean alone would merge in a burst behind a request that has already waited longest: the seven behind it
+    gain a little each, and it, the request that sets the P99, waits longer. The worst alone would refuse a merge
+    under a steady backlog whenever the oldest request happens to be the worst. Both together merge exactly
+    where the queue is growing. Worst latencies within a microsecond count as a tie (sums of the same times in
+    another order can differ in the last bit).
+    """
+    (total_together, worst_together), (total_apart, worst_apart) = together, apart
+    return total_together < total_apart and worst_together <= worst_apart + 1e-6
 
 
 def _schedule(free_at: list[float], jobs: list[tuple[float, list[float]]]) -> tuple[float, float]:
