@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,19 @@ def test_the_shipped_example_fine_tunes_minilm_on_pydoc_pairs() -> None:
     assert settings.is_embedding and (settings.dataset, settings.model) == ("pydoc_pairs", "minilm")
 
 
+@pytest.mark.slow
+def test_the_shipped_example_improves_held_out_retrieval(tmp_path: Path) -> None:
+    # the README's claim: one epoch on ~440 pairs lifts held-out recall@1 and MRR (146 held-out pairs; measured
+    # 0.452 -> 0.548 and 0.591 -> 0.672); the margins leave room for other CPUs' arithmetic, not for a wrong loss
+    settings, _ = load_train_settings(EXAMPLE, environ={})
+    tuned = dataclasses.replace(
+        settings, track=False, export=False, checkpoint_dir=str(tmp_path / "ckpt"), out=str(tmp_path / "r")
+    )
+    metrics = train(tuned).metrics
+    assert metrics["test_recall_at_1"] >= metrics["base_recall_at_1"] + 0.04, metrics
+    assert metrics["test_mrr"] >= metrics["base_mrr"] + 0.03, metrics
+
+
 def test_the_loss_is_sentence_transformers_multiple_negatives_ranking_loss(pairs_jsonl: Path) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -142,9 +156,11 @@ def test_lora_embedding_fine_tune_learns_and_exports_a_minilm_style_artifact(
     )
     result = train(settings)
     metrics = result.metrics
-    # 30 training pairs in 4 batches of 8, 2 epochs; 10 held out
+    # 30 training pairs in 4 batches of 8, 2 epochs; 10 held out: too few to show a held-out gain (a flipped loss
+    # passed such a check), so this run proves learning by the in-batch loss below, and the shipped example's test
+    # proves the held-out gain
     assert result.steps == 8
-    assert metrics["test_recall_at_1"] >= metrics["base_recall_at_1"] and metrics["test_mrr"] > metrics["base_mrr"]
+    assert set(metrics) >= {"test_recall_at_1", "test_mrr", "base_recall_at_1", "base_mrr"}
 
     # the trained weights (from the checkpoint written at exit), with LoRA merged the way export merges it
     path = encoder_path("minilm")
