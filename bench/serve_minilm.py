@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step-s", type=float, default=8.0, help="Seconds per step of the rate search.")
     parser.add_argument("--grid-s", type=float, default=8.0, help="Seconds per step of the on/off comparison.")
-    parser.add_argument("--grid-rounds", type=int, default=4, help="Rounds of the on/off comparison.")
+    parser.add_argument("--grid-rounds", type=int, default=6, help="Rounds of the on/off comparison.")
     parser.add_argument("--p99-ms", type=float, default=200.0)
     parser.add_argument(
         "--confirm", type=int, default=2, help="Re-runs of the best rate; it must pass a majority of its steps."
@@ -379,12 +379,18 @@ def summarize(
     pairs: list[dict[str, Any]] = []
     for rate, on_steps, off_steps in zip(grid_rates, grid_on, grid_off, strict=True):
         on, off = pooled_p99_ms(on_steps), pooled_p99_ms(off_steps)
+        # the median over rounds of each round's P99: one round that the machine stalled moves it less
+        on_median = statistics.median(s.p99_ms for s in on_steps if s.p99_ms is not None)
+        off_median = statistics.median(s.p99_ms for s in off_steps if s.p99_ms is not None)
         pairs.append(
             {
                 "rate_rps": rate,
                 "p99_on_ms": on,
                 "p99_off_ms": off,
                 "on_over_off": on / off if on and off else None,
+                "median_round_p99_on_ms": on_median,
+                "median_round_p99_off_ms": off_median,
+                "median_round_on_over_off": on_median / off_median,
                 "p99_on_per_round_ms": [s.p99_ms for s in on_steps],
                 "p99_off_per_round_ms": [s.p99_ms for s in off_steps],
                 "errors_on": sum(sum(s.errors.values()) for s in on_steps),
@@ -487,6 +493,10 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(
         "P99 on/off (ms) at "
         + ", ".join(f"{p['rate_rps']:g}/s: {fmt(p['p99_on_ms'])}/{fmt(p['p99_off_ms'])}" for p in pairs)
+    )
+    console.print(
+        "median over rounds of each round's P99, on/off: "
+        + ", ".join(f"{p['median_round_on_over_off']:.2f}" for p in pairs)
     )
     console.print(
         f"kiln / in-process {ratio(ratios['kiln_over_in_process_sorted32'])}, kiln / baseline "
