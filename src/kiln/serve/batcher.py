@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
 # Requests are merged into one batch only where that lowers the predicted mean latency of the queue's head without
-# raising its worst latency, both ways list-scheduled over the engine instances (:meth:`Batcher._merge_pays`): a
+# raising its worst latency, both ways list-scheduled over the engine instances (:meth:`Batcher._merge_pays_now`): a
 # merged batch answers all its requests when its slowest row is done, so merging two requests when another instance
 # is about to be free only makes the first wait for the second. The queue is looked at this far (it bounds the
 # event loop's work).
@@ -244,7 +244,7 @@ class Batcher:
         Candidates are queued requests of the oldest one's kind in arrival order, up to ``max_batch_size`` rows
         or this instance's share of the backlog (queued rows over free instances), whichever is smaller; the cost
         model cuts them into batches of least total time, and the batch holding the oldest request is taken if that
-        pays against running its requests apart (:meth:`_merge_pays`).
+        pays against running its requests apart (:meth:`_merge_pays_now`).
         The others stay queued for the next free instance, so no instance idles while another works through a
         backlog.
         """
@@ -277,7 +277,7 @@ class Batcher:
             lengths, counts = [p.work.length for p in candidates], [p.work.rows for p in candidates]
             plan = self.model.cost.plan(lengths, counts, max(limit, first.work.rows))
             chosen = set(next(batch for batch in plan if 0 in batch))
-            if len(chosen) > 1 and not self._merge_pays({id(candidates[i]) for i in chosen}, candidates, now):
+            if len(chosen) > 1 and not self._merge_pays_now({id(candidates[i]) for i in chosen}, candidates, now):
                 chosen = {0}
             taken = [p for i, p in enumerate(candidates) if i in chosen]
             returned = [p for i, p in enumerate(candidates) if i not in chosen]
@@ -289,7 +289,7 @@ class Batcher:
             self.metrics.queued(now - pending.enqueued)
         return taken
 
-    def _merge_pays(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
+    def _merge_pays_now(self, group: set[int], candidates: list[_Pending], now: float) -> bool:
         """Whether running ``group`` (ids of ``candidates``) as one batch now serves the head of the queue better.
 
         Both ways are list-scheduled with the cost model's predictions over the first ``_SCHEDULE_HORIZON``
@@ -373,7 +373,7 @@ def _fail_all(group: list[_Pending], exc: Exception) -> None:
 def _merge_pays(apart: tuple[float, float], together: tuple[float, float]) -> bool:
     """Whether a merge pays, given both ways' ``(sum, worst)`` of predicted latencies (:func:`_schedule`).
 
-    The mean alone would merge in a burst behind a request that has already waited longest: the seven behind it
+    The mean alone would merge in a burst behind a request that has already waited longest: the requests behind it
     gain a little each, and it, the request that sets the P99, waits longer. The worst alone would refuse a merge
     under a steady backlog whenever the oldest request happens to be the worst. Both together merge exactly
     where the queue is growing. Worst latencies within a microsecond count as a tie (sums of the same times in
