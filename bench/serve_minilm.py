@@ -244,6 +244,12 @@ def run_grid(
     return results[0], results[1]
 
 
+def median_round_p99_ms(steps: list[LoadStep]) -> float | None:
+    """The median over steps of each step's P99 (None when no step had a successful request)."""
+    values = [s.p99_ms for s in steps if s.p99_ms is not None]
+    return statistics.median(values) if values else None
+
+
 def pooled_p99_ms(steps: list[LoadStep]) -> float | None:
     """P99 over the successful requests of several steps together (more samples than any one of them)."""
     latencies: list[float] = []
@@ -380,8 +386,7 @@ def summarize(
     for rate, on_steps, off_steps in zip(grid_rates, grid_on, grid_off, strict=True):
         on, off = pooled_p99_ms(on_steps), pooled_p99_ms(off_steps)
         # the median over rounds of each round's P99: one round that the machine stalled moves it less
-        on_median = statistics.median(s.p99_ms for s in on_steps if s.p99_ms is not None)
-        off_median = statistics.median(s.p99_ms for s in off_steps if s.p99_ms is not None)
+        on_median, off_median = median_round_p99_ms(on_steps), median_round_p99_ms(off_steps)
         pairs.append(
             {
                 "rate_rps": rate,
@@ -390,7 +395,7 @@ def summarize(
                 "on_over_off": on / off if on and off else None,
                 "median_round_p99_on_ms": on_median,
                 "median_round_p99_off_ms": off_median,
-                "median_round_on_over_off": on_median / off_median,
+                "median_round_on_over_off": on_median / off_median if on_median and off_median else None,
                 "p99_on_per_round_ms": [s.p99_ms for s in on_steps],
                 "p99_off_per_round_ms": [s.p99_ms for s in off_steps],
                 "errors_on": sum(sum(s.errors.values()) for s in on_steps),
@@ -496,7 +501,9 @@ def print_table(result: dict[str, Any]) -> None:
     )
     console.print(
         "median over rounds of each round's P99, on/off: "
-        + ", ".join(f"{p['median_round_on_over_off']:.2f}" for p in pairs)
+        + ", ".join(
+            "-" if p["median_round_on_over_off"] is None else f"{p['median_round_on_over_off']:.2f}" for p in pairs
+        )
     )
     console.print(
         f"kiln / in-process {ratio(ratios['kiln_over_in_process_sorted32'])}, kiln / baseline "

@@ -38,11 +38,7 @@ logger = logging.getLogger(__name__)
 # requests back for it raised P99; on a GPU the gain is 10-30x. The bar sits between the two.
 WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
-# Requests are merged into one batch only where that lowers the predicted mean latency of the queue's head without
-# raising its worst latency, both ways list-scheduled over the engine instances (:meth:`Batcher._merge_pays_now`): a
-# merged batch answers all its requests when its slowest row is done, so merging two requests when another instance
-# is about to be free only makes the first wait for the second. The queue is looked at this far (it bounds the
-# event loop's work).
+# How far down the queue a merge is judged (:meth:`Batcher._merge_pays_now`); it bounds the event loop's work.
 _SCHEDULE_HORIZON = 64
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
 _TYPICAL_LENGTH = 32
@@ -294,11 +290,8 @@ class Batcher:
 
         Both ways are list-scheduled with the cost model's predictions over the first ``_SCHEDULE_HORIZON``
         requests: each request (or the merged batch, first) goes to the engine instance that is free soonest; the
-        free instances are free now, the busy ones when their running batch is predicted to end. The merge is
-        taken by :func:`_merge_pays`: where it lowers the predicted mean latency of those requests without raising
-        the worst. A merge makes its oldest request wait for the others' compute and saves the requests behind it
-        the work it saves, so it is taken under a growing backlog, where the newest requests wait longest, and not
-        in a passing burst behind a request that has already waited longest (that request is the tail).
+        free instances are free now, the busy ones when their running batch is predicted to end. Which way wins
+        is :func:`_merge_pays`'s rule.
         """
         cost = self.model.cost
         free_at = [now] * len(self._free_instances)
@@ -371,13 +364,16 @@ def _fail_all(group: list[_Pending], exc: Exception) -> None:
 
 
 def _merge_pays(apart: tuple[float, float], together: tuple[float, float]) -> bool:
-    """Whether a merge pays, given both ways' ``(sum, worst)`` of predicted latencies (:func:`_schedule`).
+    """Whether a merge pays, given both ways' ``(sum, worst)`` of predicted latencies (:func:`_schedule`): it must
+    lower the mean latency without raising the worst.
 
-    The mean alone would merge in a burst behind a request that has already waited longest: the requests behind it
-    gain a little each, and it, the request that sets the P99, waits longer. The worst alone would refuse a merge
-    under a steady backlog whenever the oldest request happens to be the worst. Both together merge exactly
-    where the queue is growing. Worst latencies within a microsecond count as a tie (sums of the same times in
-    another order can differ in the last bit).
+    A merged batch answers all its requests when its slowest row is done, so a merge makes its oldest request wait
+    for the others' compute and saves the requests behind it the work it saves. The mean alone would merge in a
+    burst behind a request that has already waited longest: the requests behind it gain a little each, and it, the
+    request that sets the P99, waits longer. The worst alone would refuse a merge under a steady backlog whenever
+    the oldest request happens to be the worst. Both together merge exactly where the queue is growing. Worst
+    latencies within a microsecond count as a tie (sums of the same times in another order can differ in the last
+    bit).
     """
     (total_together, worst_together), (total_apart, worst_apart) = together, apart
     return total_together < total_apart and worst_together <= worst_apart + 1e-6

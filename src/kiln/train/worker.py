@@ -32,7 +32,7 @@ def main(spec_path: str) -> int:
 
 
 def _leave_process_group(*, finished: bool) -> None:
-    """Tear the process group down before the interpreter does.
+    """Tear the process group down (through Accelerate's state, which set it up) before the interpreter does.
 
     Left to interpreter exit, gloo's threads can be destroyed while still joinable, and the process aborts
     ("terminate called without an active exception", exit -6) after a run that succeeded: seen once in the
@@ -40,12 +40,14 @@ def _leave_process_group(*, finished: bool) -> None:
     still in its last collective.
     """
     import torch.distributed as dist
+    from accelerate.state import PartialState
 
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return  # never set up: PartialState() here would start a rendezvous
+    state = PartialState()
     if finished:
-        dist.barrier()
-    dist.destroy_process_group()
+        state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":
