@@ -83,7 +83,9 @@ def _sizer_with_noise(scale: float, base: int = 16, lr_scaling: str = "adascale"
 
 
 def _observe(sizer: GoodputSizer, batch: int, *rows_per_s: float) -> None:
-    for rate in (0.0, *rows_per_s):  # the first step at a size is a warm-up and is dropped
+    """``min_steps`` steps at ``batch``, cycling through ``rows_per_s`` (after a dropped warm-up step)."""
+    rates = [rows_per_s[i % len(rows_per_s)] for i in range(max(sizer.min_steps, len(rows_per_s)))]
+    for rate in (0.0, *rates):  # the first step at a size is a warm-up and is dropped
         sizer.observe_throughput(batch, rate)
 
 
@@ -113,6 +115,29 @@ def test_lr_follows_adascale_gain_or_the_plain_rule() -> None:
     assert adascale.lr_factor("adamw") == pytest.approx(math.sqrt(gain))
     assert rule.lr_factor("sgd") == 4.0 and rule.lr_factor("adamw") == pytest.approx(2.0)
     assert _sizer_with_noise(1e9).lr_factor("sgd") == 1.0  # all noise at the base: gain = S = 1
+
+
+def test_sizer_judges_a_size_only_after_min_steps_steps_at_it() -> None:
+    sizer = _sizer_with_noise(500.0)
+    for rate in (0.0, *[10_000.0] * (sizer.min_steps - 2)):  # warm-up + min_steps - 2 measured steps
+        sizer.observe_throughput(16, rate)
+    assert sizer.decide(step=10) == 16 and not sizer.changes  # one step short
+    sizer.observe_throughput(16, 10_000.0)
+    assert sizer.decide(step=11) == 32
+    sizer.observe_throughput(32, 0.0)  # the new size's warm-up step
+    assert sizer.decide(step=12) == 32  # not judged yet, though its figure is unknown
+
+
+def test_sizer_does_not_switch_for_a_goodput_gain_within_the_margin() -> None:
+    sizer = _sizer_with_noise(40.0)  # small enough that 64 rows are not worth exploring from 32
+    _observe(sizer, 16, 10_000.0)
+    assert sizer.decide(step=1) == 32
+    # 32 rows are worth (40+16)/(40+32) = 0.778 of their rows: at 12,530 rows/s, 16 has 2.5% more goodput
+    _observe(sizer, 32, 12_530.0)
+    assert sizer.decide(step=2) == 32  # stays: 2.5% is within the 5% margin (and 64 is not worth exploring)
+    assert len(sizer.changes) == 1
+    _observe(sizer, 32, 10_000.0)  # the median of 32's steps falls to 11,265 rows/s: 16 has 14% more goodput
+    assert sizer.decide(step=3) == 16
 
 
 def test_sizer_stays_when_the_noise_scale_is_small() -> None:

@@ -76,6 +76,22 @@ def test_token_budget_resumes_mid_epoch_exactly(text_lengths: list[int], consume
     assert seen + list(resumed) == expected
 
 
+def test_a_mid_epoch_batch_size_change_covers_every_row_once_and_resumes_exactly() -> None:
+    sampler = ShuffledBatchSampler(103, 10, seed=1)
+    seen = sampler.next_window(3)
+    sampler.set_batch_size(16)  # the rest of the epoch is re-cut; the first 3 batches stand
+    state = sampler.state_dict()
+    rest = list(sampler)
+    assert [len(b) for b in seen + rest] == [10, 10, 10, 16, 16, 16, 16, 9]
+    assert sorted(i for b in seen + rest for i in b) == list(range(103))
+    assert seen == ShuffledBatchSampler(103, 10, seed=1).epoch_batches(0)[:3]
+    resumed = ShuffledBatchSampler(103, 10, seed=1)  # built with the original size, as a resumed run is
+    resumed.load_state_dict(state)
+    assert list(resumed) == rest
+    sampler.set_epoch(1)
+    assert [len(b) for b in sampler.epoch_batches(1)] == [16] * 6 + [7]
+
+
 def test_next_window_crosses_into_the_next_epoch() -> None:
     sampler = ShuffledBatchSampler(50, 10, seed=0)  # 5 batches per epoch
     windows = [sampler.next_window(2) for _ in range(3)]

@@ -110,10 +110,13 @@ def efficiency(batch: int, base_batch: int, noise_scale: float) -> float:
 class GoodputSizer:
     """Chooses the batch size (``base_batch * 2**k`` up to ``max_batch``) with the highest measured goodput.
 
-    Throughput is measured, never modelled: a size is tried (for one epoch) before it is judged, and the
-    sizer only ever steps to the next power of two, so a bad guess costs one epoch. It explores a doubled batch
-    only while doubling keeps at least ``explore_min_efficiency`` of a row's worth, i.e. while the noise scale is
-    well above the batch (0.75: the noise scale is at least twice the current batch).
+    Throughput is measured, never modelled: a size runs ``min_steps`` steps before it is judged (and before the
+    next change), and the sizer only ever steps to the next power of two, so a bad guess costs ``min_steps``
+    steps. It moves to another measured size only when that size's goodput is ``switch_margin`` higher (the
+    medians of a shared machine's step times differ by a few percent from one window to the next, and chasing
+    that noise would move the lr with it). It explores a doubled batch only while doubling keeps at least
+    ``explore_min_efficiency`` of a row's worth, i.e. while the noise scale is well above the batch (0.75: the
+    noise scale is at least twice the current batch).
     """
 
     base_batch: int
@@ -125,7 +128,10 @@ class GoodputSizer:
     lr_scaling: str = "adascale"
     changes: list[dict[str, Any]] = field(default_factory=list)
     recent_steps: int = 16
+    min_steps: int = 8
+    switch_margin: float = 0.05
     _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    _steps_at_current: int = field(default=0, repr=False)  # measured steps since the last change
 
     def __post_init__(self) -> None:
         self.current = self.current or self.base_batch
@@ -137,6 +143,8 @@ class GoodputSizer:
         allocator growing for a new size); the first step at a size is such a step by construction and is
         dropped.
         """
+        if batch == self.current:
+            self._steps_at_current += 1
         recent = self._recent.get(batch)
         if recent is None:
             self._recent[batch] = deque(maxlen=self.recent_steps)
@@ -151,12 +159,17 @@ class GoodputSizer:
         return self.rows_per_s[batch] * efficiency(batch, self.base_batch, scale)
 
     def decide(self, step: int) -> int:
-        """The batch size for the next epoch: the best measured one, or the next size up to explore it."""
+        """The batch size from the next step on: the best measured one, or the next size up to explore it.
+
+        Until the current size has run ``min_steps`` measured steps, it stays.
+        """
         scale = self.noise.value
-        if scale is None or self.current not in self.rows_per_s:
+        if scale is None or self.current not in self.rows_per_s or self._steps_at_current < self.min_steps:
             return self.current
         measured = {b: g for b in self.rows_per_s if (g := self.goodput(b)) is not None and b <= self.max_batch}
         best = max(measured, key=measured.__getitem__)
+        if measured[best] < measured[self.current] * (1 + self.switch_margin):  # within the medians' noise
+            best = self.current
         bigger = self.current * 2
         # explore upward while the current size is the best so far and the noise scale says growing is cheap
         chosen = best
@@ -181,6 +194,7 @@ class GoodputSizer:
                 record["goodput"],
             )
             self.current = chosen
+            self._steps_at_current = 0
         return self.current
 
     def lr_factor(self, optimizer: str) -> float:
@@ -199,6 +213,7 @@ class GoodputSizer:
             "noise": {"grad_sq": self.noise.grad_sq, "trace": self.noise.trace, "updates": self.noise.updates},
             "rows_per_s": {str(k): v for k, v in self.rows_per_s.items()},
             "current": self.current,
+            "steps_at_current": self._steps_at_current,
             "changes": self.changes,
         }
 
@@ -208,4 +223,5 @@ class GoodputSizer:
         self.noise.updates = int(state["noise"]["updates"])
         self.rows_per_s = {int(k): float(v) for k, v in state["rows_per_s"].items()}
         self.current = int(state["current"])
+        self._steps_at_current = int(state.get("steps_at_current", 0))
         self.changes = list(state["changes"])

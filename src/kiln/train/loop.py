@@ -211,8 +211,8 @@ class Trainer:
         return loss, global_rows
 
     def _adapt_batch(self) -> None:
-        """At an epoch's start: let the sizer pick the next epoch's batch size."""
-        if self.sizer is None or self.sampler.position != 0 or not isinstance(self.sampler, ShuffledBatchSampler):
+        """After a step: let the sizer pick the batch size from the next step on (mid-epoch too)."""
+        if self.sizer is None or not isinstance(self.sampler, ShuffledBatchSampler):
             return
         chosen = self.sizer.decide(self.step)
         if chosen != self.sampler.batch_size:

@@ -94,25 +94,53 @@ class ShuffledBatchSampler(_Resumable):
         if num_rows < 1 or batch_size < 1:
             raise ConfigError(f"num_rows ({num_rows}) and batch_size ({batch_size}) must be >= 1")
         self.num_rows, self.batch_size = num_rows, batch_size
+        # How the current epoch is cut: (position, batch size) from each change on. Part of the state, so a run
+        # resumed after a mid-epoch change sees the batches an uninterrupted one would have seen.
+        self._cuts: list[tuple[int, int]] = [(0, batch_size)]
 
     def set_batch_size(self, batch_size: int) -> None:
-        """Change the batch size from the start of an epoch on (mid-epoch the cut so far would be lost)."""
-        if self.position != 0:
-            raise ConfigError(f"the batch size can change only at an epoch's start (position is {self.position})")
+        """Cut the rest of the current epoch (and the epochs after it) into batches of ``batch_size`` rows.
+
+        The batches already handed out stay as they were, so every row is still seen once per epoch.
+
+        Example:
+            >>> sampler = ShuffledBatchSampler(10, 2, seed=0)
+            >>> _ = sampler.next_window(2)  # 4 rows
+            >>> sampler.set_batch_size(4)
+            >>> [len(b) for b in sampler.epoch_batches(0)]
+            [2, 2, 4, 2]
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size ({batch_size}) must be >= 1")
         self.batch_size = batch_size
+        self._cuts = [(p, b) for p, b in self._cuts if p < self.position] + [(self.position, batch_size)]
+        self._cache = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._cuts = [(0, self.batch_size)]
         self._cache = None
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"batch_size": self.batch_size}
+        return super().state_dict() | {"batch_size": self.batch_size, "cuts": [list(cut) for cut in self._cuts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_size = int(state.get("batch_size", self.batch_size))
+        self._cuts = [(int(p), int(b)) for p, b in state.get("cuts", [(0, self.batch_size)])]
         self._cache = None
         super().load_state_dict(state)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(self.num_rows, generator=self._generator(epoch)).tolist()
-        return [order[i : i + self.batch_size] for i in range(0, self.num_rows, self.batch_size)]
+        cuts = self._cuts if epoch == self.epoch else [(0, self.batch_size)]
+        batches: list[list[int]] = []
+        start = 0
+        for i, (_, size) in enumerate(cuts):
+            until = cuts[i + 1][0] if i + 1 < len(cuts) else None  # the position where the next cut takes over
+            while start < self.num_rows and (until is None or len(batches) < until):
+                batches.append(order[start : start + size])
+                start += size
+        return batches
 
 
 class TokenBudgetBatchSampler(_Resumable):
