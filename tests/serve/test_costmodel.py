@@ -88,3 +88,30 @@ def test_plan_respects_max_rows_but_never_splits_a_request() -> None:
     for batch in batches:
         assert sum(rows[i] for i in batch) <= 32 or len(batch) == 1
     assert sorted(i for batch in batches for i in batch) == [0, 1, 2, 3]
+
+
+def test_may_share_batch_is_exactly_whether_a_pair_costs_less_together() -> None:
+    model = fitted(fixed=0.002, per_token=2e-4, per_token2=1e-7)
+    for rows_a in (1, 3):
+        for rows_b in (1, 2):
+            for length_a in (5, 20, 40, 120):
+                for length_b in (5, 12, 22, 30, 41, 128):
+                    apart = model.predict(rows_a, length_a) + model.predict(rows_b, length_b)
+                    together = model.predict(rows_a + rows_b, max(length_a, length_b))
+                    shares = model.may_share_batch(rows_a, length_a, rows_b, length_b)
+                    assert shares == (together < apart), (rows_a, length_a, rows_b, length_b)
+                    assert shares == model.may_share_batch(rows_b, length_b, rows_a, length_a)
+
+
+def test_no_least_cost_batch_holds_a_pair_that_may_not_share_one() -> None:
+    """The batcher drops candidates that may not share a batch with the oldest request before planning."""
+    model = fitted(fixed=0.002, per_token=2e-4, per_token2=1e-7)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = [int(n) for n in rng.choice([5, 8, 12, 15, 20, 26, 35, 50, 80, 128], size=12)]
+        rows = [int(r) for r in rng.integers(1, 4, size=12)]
+        for batch in model.plan(lengths, rows, max_rows=32):
+            for i in batch:
+                for j in batch:
+                    if i != j:
+                        assert model.may_share_batch(rows[i], lengths[i], rows[j], lengths[j])

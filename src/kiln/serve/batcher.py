@@ -60,6 +60,7 @@ class _Pending:
     future: asyncio.Future[Feeds]
     enqueued: float
     deadline: float | None
+    cost_s: float  # predicted seconds to run alone, when it was queued (the model changes slowly)
 
 
 class Batcher:
@@ -139,9 +140,10 @@ class Batcher:
             )
         now = time.perf_counter()
         deadline = None
+        cost_s = self.model.cost.predict(work.rows, work.length)
         if timeout_s is not None:
             deadline = now + timeout_s
-            expected = self._expected_wait_s() + self.model.cost.predict(work.rows, work.length)
+            expected = self._expected_wait_s() + cost_s
             if expected > timeout_s:
                 self.metrics.rejected("deadline")
                 raise Overloaded(
@@ -158,7 +160,7 @@ class Batcher:
             )
         self._observe_arrival(now, work.rows)
         future: asyncio.Future[Feeds] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(work, future, now, deadline))
+        self._queue.append(_Pending(work, future, now, deadline, cost_s))
         self._queued_rows += work.rows
         self.metrics.queue_depth(self._queued_rows)
         self._arrived.set()
@@ -238,10 +240,13 @@ class Batcher:
     def _take(self) -> list[_Pending]:
         """The next batch: the oldest request plus the queued requests the cost model says to run with it.
 
-        Candidates are queued requests of the oldest one's kind in arrival order, up to ``max_batch_size`` rows
-        or this instance's share of the backlog (queued rows over free instances), whichever is smaller; the cost
-        model cuts them into batches of least total time, and the batch holding the oldest request is taken if that
-        pays against running its requests apart (:meth:`_merge_pays_now`).
+        Candidates are queued requests of the oldest one's kind, in arrival order among the first
+        ``_SCHEDULE_HORIZON``, whose length is close enough to the oldest one's that sharing a batch with it can
+        pay (``BatchCostModel.may_share_batch``), up to ``max_batch_size`` rows or this instance's share of the
+        backlog (queued rows over free instances), whichever is smaller. The cost model cuts them into batches of
+        least total time, and the batch holding the oldest request is taken if that pays against running its
+        requests apart (:meth:`_merge_pays_now`). The length filter keeps that work small under a backlog, when
+        an engine instance waits for it.
         The others stay queued for the next free instance, so no instance idles while another works through a
         backlog.
         """
@@ -258,11 +263,18 @@ class Batcher:
         candidates, rows = [first], first.work.rows
         if self.model.batchable and limit > 1:
             kept: deque[_Pending] = deque()
-            while self._queue and rows < limit:
+            may_share, work = self.model.cost.may_share_batch, first.work
+            scanned = 0
+            while self._queue and rows < limit and scanned < _SCHEDULE_HORIZON:
                 item = self._queue.popleft()
+                scanned += 1
                 if self._expired(item, now):
                     self._fail_expired(item)
-                elif item.work.key == first.work.key and rows + item.work.rows <= limit:
+                elif (
+                    item.work.key == work.key
+                    and rows + item.work.rows <= limit
+                    and may_share(work.rows, work.length, item.work.rows, item.work.length)
+                ):
                     candidates.append(item)
                     rows += item.work.rows
                 else:
@@ -305,7 +317,7 @@ class Batcher:
         horizon = sorted([*candidates, *waiting], key=lambda p: p.enqueued)[:_SCHEDULE_HORIZON]
         merged = [p for p in candidates if id(p) in group]
         batch_s = cost.predict(sum(p.work.rows for p in merged), max(p.work.length for p in merged))
-        one_by_one = [(p, (cost.predict(p.work.rows, p.work.length), [p.enqueued])) for p in horizon]
+        one_by_one = [(p, (p.cost_s, [p.enqueued])) for p in horizon]
         apart = _schedule(list(free_at), [job for _, job in one_by_one])
         rest = [job for p, job in one_by_one if id(p) not in group]
         together = _schedule(list(free_at), [(batch_s, [p.enqueued for p in merged]), *rest])

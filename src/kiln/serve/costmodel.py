@@ -30,6 +30,8 @@ class BatchCostModel:
         self._samples: deque[tuple[int, int, float]] = deque(maxlen=_WINDOW)
         self._since_fit = 0
         self._coef = np.array([1e-3, 1e-5, 0.0])  # a harmless prior until the warm-up has measured
+        # the same as plain floats: predict() runs on the event loop, many times per dispatch under a backlog
+        self._fixed, self._per_token, self._per_token2 = (float(c) for c in self._coef)
         self._lock = threading.Lock()
         self.fitted = False
 
@@ -51,17 +53,30 @@ class BatchCostModel:
         # one or two lengths cannot separate the linear from the quadratic term
         terms = 3 if np.unique(data[:, 1]).size >= 3 else 2
         self._coef = _robust_fit(design[:, :terms], data[:, 2], size=3)
+        self._fixed, self._per_token, self._per_token2 = (float(c) for c in self._coef)
         self.fitted = True
 
     @property
     def coefficients(self) -> tuple[float, float, float]:
-        fixed, per_token, per_token2 = (float(c) for c in self._coef)
-        return fixed, per_token, per_token2
+        return self._fixed, self._per_token, self._per_token2
 
     def predict(self, rows: int, length: int) -> float:
-        fixed, per_token, per_token2 = self.coefficients
-        tokens = rows * max(length, 1)
-        return fixed + per_token * tokens + per_token2 * tokens * max(length, 1)
+        length = max(length, 1)
+        return self._fixed + rows * length * (self._per_token + self._per_token2 * length)
+
+    def may_share_batch(self, rows_a: int, length_a: int, rows_b: int, length_b: int) -> bool:
+        """Whether two requests in one batch are predicted to cost less than apart.
+
+        Together they save one call's fixed cost, and the shorter one's rows are padded to the longer one's length.
+        The test is exact for a pair. In a bigger batch the shorter one is padded at least as far and still saves
+        only its own call, so it would be cheaper alone: a request that fails the test against another never
+        shares a least-cost batch with it.
+        """
+        if length_a > length_b:
+            rows_a, length_a, rows_b, length_b = rows_b, length_b, rows_a, length_a
+        short_rows, short, long = rows_a, max(length_a, 1), max(length_b, 1)
+        padding = short_rows * (long - short) * (self._per_token + self._per_token2 * (long + short))
+        return padding < self._fixed
 
     def batching_gain(self, max_rows: int, length: int) -> float:
         """How much cheaper a row is in a full batch than alone (1.0: batching does not pay at all)."""
