@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,3 +27,78 @@ def test_two_processes_equal_one_on_the_same_global_batch(
     for key, value in b.items():
         torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6)
     assert two.metrics["test_accuracy"] == pytest.approx(one.metrics["test_accuracy"], abs=1 / 450)
+
+
+def _adaptive_rank(rank: int, port: int, results: Any) -> None:
+    """One of two data-parallel ranks (gloo): 60 steps with the goodput sizer; rank 1's own sizer never grows."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    from kiln.train.goodput import GoodputSizer
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    settings = TrainSettings(dataset="digits", hidden_sizes=(32,), batch_size=8, track=False, export=False)
+    work = prepare_workload(settings, None)
+    optimizer = make_optimizer(work.model, settings)
+    sizer = GoodputSizer(base_batch=8, max_batch=64)
+    if rank == 1:
+        sizer.explore_min_efficiency = 2.0  # no bigger batch is ever worth exploring to this rank's sizer
+    trainer = Trainer(
+        work.model,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        work.sampler,
+        work.tensors,
+        work.loss_sum,
+        accelerator=make_accelerator("cpu", "no"),
+        sizer=sizer,
+        noise_every=2,
+    )
+    sizes: list[int] = []
+    trainer.fit(60, on_step=lambda stats: sizes.append(stats.batch_size))
+    lrs = [float(group["lr"]) for group in trainer.optimizer.param_groups]
+    results.put((rank, sizes, lrs))
+    trainer.accelerator.wait_for_everyone()
+
+
+def test_rank_0_decides_the_batch_size_for_every_rank() -> None:
+    """Each rank measures its own throughput, so their sizers can disagree; the ranks must still step through the
+    same batch sizes and lrs. Here rank 1's sizer would never grow the batch: it follows rank 0's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_adaptive_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    got = {rank: (sizes, lrs) for rank, sizes, lrs in (results.get(timeout=240) for _ in workers)}
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    (sizes0, lrs0), (sizes1, lrs1) = got[0], got[1]
+    assert max(sizes0) > 8, "rank 0's sizer never grew the batch"
+    assert sizes1 == sizes0
+    assert lrs1 == pytest.approx(lrs0)
+
+
+def test_kiln_train_nproc_2_grows_the_batch(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
+    """The same through `train(nproc=2)` (torchrun): the run finishes its epochs and records why the batch grew."""
+    settings = make_settings(
+        dataset="digits",
+        hidden_sizes=(128,),
+        batch_size=8,
+        epochs=3,
+        adaptive_batch=True,
+        nproc=2,
+        cpu_threads=1,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+    )
+    result = train(settings)
+    assert result.batch_size_changes, "the batch never grew"
+    assert max(int(h["batch_size"]) for h in result.history) > 8
+    assert result.metrics["test_accuracy"] >= 0.9
+    state = Checkpointer(tmp_path / "ckpt").load()
+    assert state["sampler"]["epoch"] == 3 and state["sizer"]["changes"] == result.batch_size_changes

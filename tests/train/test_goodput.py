@@ -83,10 +83,14 @@ def _sizer_with_noise(scale: float, base: int = 16, lr_scaling: str = "adascale"
 
 
 def _observe(sizer: GoodputSizer, batch: int, *rows_per_s: float) -> None:
-    """``min_steps`` steps at ``batch``, cycling through ``rows_per_s`` (after a dropped warm-up step)."""
-    rates = [rows_per_s[i % len(rows_per_s)] for i in range(max(sizer.min_steps, len(rows_per_s)))]
-    for rate in (0.0, *rates):  # the first step at a size is a warm-up and is dropped
-        sizer.observe_throughput(batch, rate)
+    """``min_steps`` measured steps at ``batch``, cycling through ``rows_per_s``.
+
+    A size's first step ever is a warm-up the sizer drops; it is sent first when ``batch`` is new.
+    """
+    if batch not in sizer._recent:
+        sizer.observe_throughput(batch, 0.0)
+    for i in range(sizer.min_steps):
+        sizer.observe_throughput(batch, rows_per_s[i % len(rows_per_s)])
 
 
 def test_throughput_is_the_median_of_recent_steps_without_the_first() -> None:
@@ -119,13 +123,18 @@ def test_lr_follows_adascale_gain_or_the_plain_rule() -> None:
 
 def test_sizer_judges_a_size_only_after_min_steps_steps_at_it() -> None:
     sizer = _sizer_with_noise(500.0)
-    for rate in (0.0, *[10_000.0] * (sizer.min_steps - 2)):  # warm-up + min_steps - 2 measured steps
+    for rate in (0.0, *[10_000.0] * (sizer.min_steps - 1)):  # warm-up + min_steps - 1 measured steps
         sizer.observe_throughput(16, rate)
-    assert sizer.decide(step=10) == 16 and not sizer.changes  # one step short
+    assert not sizer.due() and sizer.decide(step=10) == 16 and not sizer.changes  # one step short
     sizer.observe_throughput(16, 10_000.0)
-    assert sizer.decide(step=11) == 32
+    assert sizer.due() and sizer.decide(step=11) == 32
     sizer.observe_throughput(32, 0.0)  # the new size's warm-up step
     assert sizer.decide(step=12) == 32  # not judged yet, though its figure is unknown
+    for step in range(13, 13 + sizer.min_steps - 1):  # 16 is clearly better, but 32 is judged only at its 8th step
+        sizer.observe_throughput(32, 1_000.0)
+        assert sizer.decide(step=step) == 32
+    sizer.observe_throughput(32, 1_000.0)
+    assert sizer.decide(step=99) == 16
 
 
 def test_sizer_does_not_switch_for_a_goodput_gain_within_the_margin() -> None:

@@ -110,9 +110,10 @@ def efficiency(batch: int, base_batch: int, noise_scale: float) -> float:
 class GoodputSizer:
     """Chooses the batch size (``base_batch * 2**k`` up to ``max_batch``) with the highest measured goodput.
 
-    Throughput is measured, never modelled: a size runs ``min_steps`` steps before it is judged (and before the
-    next change), and the sizer only ever steps to the next power of two, so a bad guess costs ``min_steps``
-    steps. It moves to another measured size only when that size's goodput is ``switch_margin`` higher (the
+    Throughput is measured, never modelled: a size is judged every ``min_steps`` measured steps it runs (so it
+    runs that many before a change), and the sizer only ever steps to the next power of two, so a bad guess costs
+    ``min_steps`` steps. Under data parallelism rank 0's sizer decides and the others follow (:meth:`follow`).
+    It moves to another measured size only when that size's goodput is ``switch_margin`` higher (the
     medians of a shared machine's step times differ by a few percent from one window to the next, and chasing
     that noise would move the lr with it). It explores a doubled batch only while doubling keeps at least
     ``explore_min_efficiency`` of a row's worth, i.e. while the noise scale is well above the batch (0.75: the
@@ -131,7 +132,7 @@ class GoodputSizer:
     min_steps: int = 8
     switch_margin: float = 0.05
     _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
-    _steps_at_current: int = field(default=0, repr=False)  # measured steps since the last change
+    _steps_at_current: int = field(default=0, repr=False)  # measured steps at the current size since it was chosen
 
     def __post_init__(self) -> None:
         self.current = self.current or self.base_batch
@@ -143,12 +144,12 @@ class GoodputSizer:
         allocator growing for a new size); the first step at a size is such a step by construction and is
         dropped.
         """
-        if batch == self.current:
-            self._steps_at_current += 1
         recent = self._recent.get(batch)
         if recent is None:
             self._recent[batch] = deque(maxlen=self.recent_steps)
             return
+        if batch == self.current:
+            self._steps_at_current += 1
         recent.append(rows_per_s)
         self.rows_per_s[batch] = statistics.median(recent)
 
@@ -158,13 +159,24 @@ class GoodputSizer:
             return None
         return self.rows_per_s[batch] * efficiency(batch, self.base_batch, scale)
 
+    def due(self) -> bool:
+        """Whether to judge the batch size now: every ``min_steps`` measured steps at a size, once the noise scale
+        and that size's throughput are known.
+
+        It depends only on step counts and on the noise scale (from the all-reduced gradient), so every
+        data-parallel rank agrees on it.
+        """
+        steps = self._steps_at_current
+        known = self.noise.value is not None and self.current in self.rows_per_s
+        return known and steps >= self.min_steps and steps % self.min_steps == 0
+
     def decide(self, step: int) -> int:
         """The batch size from the next step on: the best measured one, or the next size up to explore it.
 
-        Until the current size has run ``min_steps`` measured steps, it stays.
+        The current size stays until :meth:`due`.
         """
         scale = self.noise.value
-        if scale is None or self.current not in self.rows_per_s or self._steps_at_current < self.min_steps:
+        if scale is None or not self.due():
             return self.current
         measured = {b: g for b in self.rows_per_s if (g := self.goodput(b)) is not None and b <= self.max_batch}
         best = max(measured, key=measured.__getitem__)
@@ -196,6 +208,11 @@ class GoodputSizer:
             self.current = chosen
             self._steps_at_current = 0
         return self.current
+
+    def follow(self, chosen: int) -> None:
+        """Adopt the size another process's sizer chose (data parallel: rank 0 decides for every rank)."""
+        if chosen != self.current:
+            self.current, self._steps_at_current = chosen, 0
 
     def lr_factor(self, optimizer: str) -> float:
         """LR multiplier for the current batch: the gain ``r`` for SGD, ``sqrt(r)`` for Adam-type optimizers.

@@ -211,10 +211,21 @@ class Trainer:
         return loss, global_rows
 
     def _adapt_batch(self) -> None:
-        """After a step: let the sizer pick the batch size from the next step on (mid-epoch too)."""
-        if self.sizer is None or not isinstance(self.sampler, ShuffledBatchSampler):
+        """After a step: let the sizer pick the batch size from the next step on (mid-epoch too).
+
+        With several processes, rank 0's sizer decides and the others follow: each rank measures its own
+        throughput, and ranks that chose differently would step through different batches and lrs.
+        """
+        if self.sizer is None or not isinstance(self.sampler, ShuffledBatchSampler) or not self.sizer.due():
             return
-        chosen = self.sizer.decide(self.step)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            proposal = self.sizer.decide(self.step) if self.accelerator.is_main_process else 0
+            chosen = int(broadcast(torch.tensor([proposal], device=self.accelerator.device), from_process=0).item())
+            self.sizer.follow(chosen)
+        else:
+            chosen = self.sizer.decide(self.step)
         if chosen != self.sampler.batch_size:
             self.sampler.set_batch_size(chosen)
             factor = self.sizer.lr_factor(self.optimizer_kind)
