@@ -20,29 +20,24 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from kiln import artifact as artifacts
 from kiln._utils import atomic_write_text, package_versions
-from kiln.runtime import OrtEngine, preferred_providers
+from kiln.runtime import OrtEngine, TextTokenizer, preferred_providers
 from kiln.runtime.hardware import probe
 from kiln.serve.model import default_instances
+from kiln.types import Feeds
 
 MODEL = "minilm"
 console = Console(width=120)
 
 
-def feeds_for(engine: OrtEngine, rows: int, length: int) -> dict[str, np.ndarray[Any, Any]]:
-    """Token ids of real-looking width (id 2000, all attended) for every integer input of the model."""
-    feeds: dict[str, np.ndarray[Any, Any]] = {}
-    for spec in engine.inputs:
-        value = 0 if "type" in spec.name else 1 if "mask" in spec.name else 2000
-        feeds[spec.name] = np.full((rows, length), value, dtype=spec.numpy_dtype)
-    return feeds
+def feeds_for(engine: OrtEngine, rows: int, length: int) -> Feeds:
+    """``rows`` rows of ``length`` real-looking token ids (id 2000), padded as the server pads them."""
+    return TextTokenizer.pad([[2000] * length] * rows, [spec.name for spec in engine.inputs])
 
 
 def per_row_ms(engines: list[OrtEngine], rows: int, length: int, calls: int) -> float:

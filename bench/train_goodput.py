@@ -180,14 +180,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     grid_factors = [float(f) for f in args.lr_grid.split(",")]
 
+    # each family (a fixed size, or the sizer from --start) at every lr of the grid; a family's fastest is kept
+    families = [(f"fixed-{b}", int(b), False) for b in args.fixed.split(",")] + [("adaptive", args.start, True)]
     configs: dict[str, dict[str, Any]] = {}
-    for batch in (int(b) for b in args.fixed.split(",")):
+    for family, batch, adaptive in families:
         for factor in grid_factors:
             suffix = "" if len(grid_factors) == 1 else f" lr x{factor:g}"
-            configs[f"fixed-{batch}{suffix}"] = {"batch": batch, "lr": lr_for(batch, args) * factor, "adaptive": False}
-    for factor in grid_factors:
-        suffix = "" if len(grid_factors) == 1 else f" lr x{factor:g}"
-        configs[f"adaptive{suffix}"] = {"batch": args.start, "lr": lr_for(args.start, args) * factor, "adaptive": True}
+            lr = lr_for(batch, args) * factor
+            configs[family + suffix] = {"family": family, "batch": batch, "lr": lr, "adaptive": adaptive}
 
     curves: dict[str, list[Curve]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,11 +201,10 @@ def main() -> None:
                 curves[name].append(run(config["batch"], config["lr"], config["adaptive"], seed, args))
 
     times = {name: statistics.median([c.time_to(args.target) for c in runs]) for name, runs in curves.items()}
-    fastest: dict[str, str] = {}  # "fixed-<batch>" or "adaptive" -> its fastest lr variant
+    fastest: dict[str, str] = {}  # family -> its fastest lr variant
     for name, config in configs.items():
-        key = "adaptive" if config["adaptive"] else f"fixed-{config['batch']}"
-        best = fastest.get(key)
-        fastest[key] = name if best is None or times[name] < times[best] else best
+        best = fastest.get(config["family"])
+        fastest[config["family"]] = name if best is None or times[name] < times[best] else best
     adaptive = fastest.pop("adaptive")
     shown = [*fastest.values(), adaptive]
     best_fixed = min(fastest.values(), key=times.__getitem__)

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 # is 10-30x. The bar sits between the two.
 WAIT_PAYS_GAIN = 3.0
 WAIT_PAYS_UTILIZATION = 0.5
-# How far down the queue a merge is judged (:meth:`Batcher._merge_pays_now`); it bounds the event loop's work.
+# How far down the queue merge candidates are sought (:meth:`Batcher._take`) and a merge is judged
+# (:meth:`Batcher._merge_pays_now`); it bounds the event loop's work per dispatch.
 _SCHEDULE_HORIZON = 64
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
 _TYPICAL_LENGTH = 32

@@ -93,10 +93,15 @@ class ShuffledBatchSampler(_Resumable):
         super().__init__(seed)
         if num_rows < 1 or batch_size < 1:
             raise ConfigError(f"num_rows ({num_rows}) and batch_size ({batch_size}) must be >= 1")
-        self.num_rows, self.batch_size = num_rows, batch_size
+        self.num_rows = num_rows
         # How the current epoch is cut: (position, batch size) from each change on. Part of the state, so a run
         # resumed after a mid-epoch change sees the batches an uninterrupted one would have seen.
         self._cuts: list[tuple[int, int]] = [(0, batch_size)]
+
+    @property
+    def batch_size(self) -> int:
+        """The size of the batches from here on (the last cut's)."""
+        return self._cuts[-1][1]
 
     def set_batch_size(self, batch_size: int) -> None:
         """Cut the rest of the current epoch (and the epochs after it) into batches of ``batch_size`` rows.
@@ -112,7 +117,6 @@ class ShuffledBatchSampler(_Resumable):
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size ({batch_size}) must be >= 1")
-        self.batch_size = batch_size
         self._cuts = [(p, b) for p, b in self._cuts if p < self.position] + [(self.position, batch_size)]
         self._cache = None
 
@@ -125,8 +129,8 @@ class ShuffledBatchSampler(_Resumable):
         return super().state_dict() | {"batch_size": self.batch_size, "cuts": [list(cut) for cut in self._cuts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_size = int(state.get("batch_size", self.batch_size))
-        self._cuts = [(int(p), int(b)) for p, b in state.get("cuts", [(0, self.batch_size)])]
+        size = int(state.get("batch_size", self.batch_size))  # a state saved before cuts were recorded
+        self._cuts = [(int(p), int(b)) for p, b in state.get("cuts", [(0, size)])]
         self._cache = None
         super().load_state_dict(state)
 
