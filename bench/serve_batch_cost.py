@@ -14,7 +14,6 @@ rows at ``--lengths`` tokens at the same time, as under load; the figure is mill
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln import artifact as artifacts
-from kiln._utils import atomic_write_text, package_versions
+from kiln._utils import write_result
 from kiln.runtime import OrtEngine, TextTokenizer, preferred_providers
 from kiln.runtime.hardware import probe
 from kiln.serve.model import default_instances
@@ -121,10 +120,8 @@ def main() -> None:
             str(n): {str(b): row[batches[0]] / v for b, v in row.items()} for n, row in figures.items()
         },
         "hardware": probe(),
-        "versions": package_versions("onnxruntime", "numpy", "kiln"),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    write_result(args.json, payload, ("onnxruntime", "numpy", "kiln"))
     console.print(f"wrote {args.json}")
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
-import json
 import math
 import platform
 import statistics
@@ -42,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kiln._utils import atomic_write_text, package_versions
+from kiln._utils import atomic_write_text, package_versions, write_result
 from kiln.bench.report import _CSS, _figure, _inline, _svg
 from kiln.train import TrainSettings
 from kiln.train.goodput import GoodputSizer
@@ -255,12 +254,9 @@ def main() -> None:
             ]
             for n, runs in curves.items()
         },
-        "versions": package_versions("torch", "accelerate", "kiln"),
-        "machine": platform.platform(),
         "processor": platform.processor(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+    write_result(args.json, payload, ("torch", "accelerate", "kiln"))
     atomic_write_text(args.html, page(task, args, shown, times, grid, medians, curves, ratio, best_fixed, adaptive))
     console.print(f"wrote {args.json} and {args.html}")
 

@@ -13,7 +13,6 @@ Same model, data, batches and optimizer; A and B interleaved in rounds after a w
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kiln._utils import package_versions, percentile
+from kiln._utils import percentile, write_result
 from kiln.data import bundled_dataset
 from kiln.train import ShuffledBatchSampler
 from kiln.train.accumulate import Batch
@@ -121,11 +120,8 @@ def main() -> None:
         "median_s_per_step": {k: statistics.median(v) for k, v in per_step.items()},
         "rounds_s_per_step": per_step,
         "overhead_median": overhead,
-        "versions": package_versions("torch", "accelerate", "kiln"),
-        "machine": platform.platform(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.json, result, ("torch", "accelerate", "kiln"))
     console.print(f"wrote {args.json}")
 
 

@@ -11,8 +11,6 @@ narrower math saves. This measures it instead of assuming: for each model, fresh
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kiln._utils import package_versions, percentile
+from kiln._utils import percentile, write_result
 from kiln.data import bundled_dataset
 from kiln.runtime import probe
 from kiln.train import ShuffledBatchSampler
@@ -99,10 +97,7 @@ def main() -> None:
     console.print(table)
     console.print(f"cpu: {hardware.get('cpu')}; flags: {hardware.get('isa')}; threads={args.threads}")
     payload = {"settings": vars(args) | {"json": str(args.json)}, "results": results, "hardware": hardware}
-    payload["versions"] = package_versions("torch", "accelerate", "kiln")
-    payload["machine"] = platform.platform()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    write_result(args.json, payload, ("torch", "accelerate", "kiln"))
     console.print(f"wrote {args.json}")
 
 

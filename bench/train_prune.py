@@ -12,8 +12,6 @@ interleaved in rounds after a warm-up, at each batch size; medians, and the medi
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,7 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from kiln._utils import package_versions
+from kiln._utils import write_result
 from kiln.artifact import Artifact
 from kiln.config import ExportSettings
 from kiln.data import eval_set
@@ -125,11 +123,8 @@ def main() -> None:
         "size_bytes": size_bytes,
         "speedup_vs_dense": {n: {str(b): v for b, v in per.items()} for n, per in speedups.items()},
         "s_per_run": {n: {str(b): v for b, v in per.items()} for n, per in times.items()},
-        "versions": package_versions("torch", "onnxruntime", "kiln"),
-        "machine": platform.platform(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.json, payload, ("torch", "onnxruntime", "kiln"))
     console.print(f"wrote {args.json}")
 
 

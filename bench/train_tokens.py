@@ -16,8 +16,6 @@ Both take turns in rounds of ``--steps`` steps after a warm-up; real (non-paddin
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kiln._utils import package_versions
+from kiln._utils import write_result
 from kiln.data import english_corpus
 from kiln.train import ShuffledBatchSampler, TokenBudgetBatchSampler
 from kiln.train.loop import Trainer, make_accelerator
@@ -104,11 +102,8 @@ def main() -> None:
         "settings": vars(args) | {"json": str(args.json)},
         "tokens_per_s": rates,
         "ratio_median": ratio,
-        "versions": package_versions("torch", "transformers", "accelerate", "kiln"),
-        "machine": platform.platform(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.json, payload, ("torch", "transformers", "accelerate", "kiln"))
     console.print(f"wrote {args.json}")
 
 

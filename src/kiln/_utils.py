@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
+import platform
 import shutil
 import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 _HASH_CHUNK_BYTES = 1 << 20
 
@@ -90,6 +93,13 @@ def package_versions(*names: str) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return found
+
+
+def write_result(path: Path, payload: dict[str, Any], packages: Sequence[str]) -> Path:
+    """Write a bench script's result as JSON (atomically), with the versions of ``packages`` and the machine."""
+    record = payload | {"versions": package_versions(*packages), "machine": platform.platform()}
+    atomic_write_text(Path(path), json.dumps(record, indent=2, default=str) + "\n")
+    return Path(path)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

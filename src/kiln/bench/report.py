@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kiln._utils import atomic_write_text, human_bytes
-from kiln.bench.results import BenchReport, fidelity_text, primary_fidelity
+from kiln._utils import atomic_write_text
+from kiln.bench.results import COLUMNS, BenchReport, primary_fidelity
 from kiln.fidelity import pareto_front
 
 REPORT_FILE = "index.html"
@@ -57,24 +57,7 @@ def write_html(report: BenchReport, out_dir: Path) -> Path:
 
 def _page(report: BenchReport, svgs: Sequence[str | None]) -> str:
     esc = html.escape
-    head = ["engine", "batch", "p50 ms", "p99 ms", "rows/s", "size", "fidelity"]
-    body = "\n".join(
-        "<tr>"
-        + "".join(
-            f"<td>{esc(cell)}</td>"
-            for cell in (
-                row.engine,
-                str(row.batch_size),
-                f"{row.p50_ms:.3f}",
-                f"{row.p99_ms:.3f}",
-                f"{row.rows_per_s:,.1f}",
-                human_bytes(row.size_bytes),
-                fidelity_text(row.fidelity),
-            )
-        )
-        + "</tr>"
-        for row in report.rows
-    )
+    body = "\n".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row.cells()) + "</tr>" for row in report.rows)
     corpus = ""
     if report.corpus:
         items = "".join(
@@ -98,7 +81,7 @@ def _page(report: BenchReport, svgs: Sequence[str | None]) -> str:
 <h1>Kiln bench: {esc(report.model)} ({esc(report.task)})</h1>
 <p>{esc(report.created_at)}. Latency of one request of <em>batch</em> rows, median and P99 over the timed runs;
 rows/s = batch / median. Fidelity against the first engine on the whole evaluation set.</p>
-<table><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr></thead>
+<table><thead><tr>{"".join(f"<th>{h}</th>" for h in COLUMNS)}</tr></thead>
 <tbody>
 {body}
 </tbody></table>

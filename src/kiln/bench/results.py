@@ -31,6 +31,21 @@ class BenchRow:
     size_bytes: int
     fidelity: dict[str, float] = field(default_factory=dict)
 
+    def cells(self) -> tuple[str, ...]:
+        """The row as text, in the order of :data:`COLUMNS` (the terminal table and the HTML page both show it)."""
+        return (
+            self.engine,
+            str(self.batch_size),
+            f"{self.p50_ms:.3f}",
+            f"{self.p99_ms:.3f}",
+            f"{self.rows_per_s:,.1f}",
+            human_bytes(self.size_bytes),
+            fidelity_text(self.fidelity),
+        )
+
+
+COLUMNS = ("engine", "batch", "p50 ms", "p99 ms", "rows/s", "size", "fidelity")
+
 
 @dataclass(frozen=True)
 class CorpusThroughput:
@@ -111,20 +126,10 @@ class BenchReport:
         from rich.table import Table
 
         table = Table(title=f"{self.model} ({self.task})")
-        table.add_column("engine")
-        for name in ("batch", "p50 ms", "p99 ms", "rows/s", "size"):
-            table.add_column(name, justify="right")
-        table.add_column("fidelity")
+        for name in COLUMNS:
+            table.add_column(name, justify="left" if name in ("engine", "fidelity") else "right")
         for row in self.rows:
-            table.add_row(
-                row.engine,
-                str(row.batch_size),
-                f"{row.p50_ms:.3f}",
-                f"{row.p99_ms:.3f}",
-                f"{row.rows_per_s:,.1f}",
-                human_bytes(row.size_bytes),
-                fidelity_text(row.fidelity),
-            )
+            table.add_row(*row.cells())
         if self.corpus:
             table.caption = "corpus throughput (sorted batching): " + ", ".join(
                 f"{c.engine} {c.sentences_per_s:,.1f} sentences/s" for c in self.corpus
