@@ -1,6 +1,6 @@
 """Bar of issue 4: a goodput-sized batch reaches a held-out accuracy >= 1.3x sooner than the best fixed batch.
 
-Four ways to train the same model on the same data through Kiln's ``Trainer``, constant lr (no schedule):
+Ways to train the same model on the same data through Kiln's ``Trainer``, constant lr (no lr schedule):
 
   fixed-<B>   three fixed batch sizes, each at lr(B) = ``--lr`` x sqrt(B / ``--base-batch``) (the square-root
               rule for Adam; ``--lr-rule linear`` for SGD); ``--lr-grid`` additionally tries each fixed size at
@@ -10,13 +10,18 @@ Four ways to train the same model on the same data through Kiln's ``Trainer``, c
               gain (square root of it for Adam: between 1 and the rule's factor; ``--lr-scaling rule`` for the
               rule); tuned over the same ``--lr-grid`` as the fixed sizes, its fastest kept
 
+  schedule    hand-written batch schedules (``--schedules``, e.g. ``16>64@5``: 16 rows, 64 from step 5), lr by the
+              rule at each size, tuned over the same grid. They know nothing a sizer could not; they are picked
+              from runs of this very test, so the best of them is an upper estimate of what any batch-size
+              schedule reaches here: if it misses the bar, no sizer meets it on this task
+
 Each run records a time-to-accuracy curve: held-out accuracy at every ``--eval-every-s`` seconds of *training*
 time (the evaluation itself is off the clock) until ``--budget-s``. Configs take turns within each round,
 ``--rounds`` rounds, one seed per round; the table gives each config's median time to ``--target`` (a round that
 never reaches it counts as infinitely slow) and the ratio best fixed / best adaptive. Writes JSON and an HTML page
-with the four median curves.
+with the median curves of each family's fastest.
 
-    python bench/train_goodput.py      # the reported run: digits CNN, fixed sizes tuned over lr x0.5/x1/x2
+    python bench/train_goodput.py      # the reported run: digits CNN, everything tuned over lr x0.5/x1/x2/x3
     python bench/train_goodput.py --dataset synthetic --model mlp --hidden 512,512 --lr 1e-3 \
         --fixed 32,128,512 --start 64 --max-batch 1024 --budget-s 6 --eval-every-s 0.05 --target 0.88
 """
@@ -72,7 +77,49 @@ def lr_for(batch: int, args: argparse.Namespace) -> float:
     return float(args.lr * (ratio if args.lr_rule == "linear" else math.sqrt(ratio)))
 
 
-def run(batch: int, lr: float, adaptive: bool, seed: int, args: argparse.Namespace) -> Curve:
+class ScheduledSizer(GoodputSizer):
+    """A fixed batch-size schedule through the sizer's hooks: ``[(0, 16), (5, 64)]`` = 16 rows, 64 from step 5.
+
+    The lr follows ``--lr-rule`` at each size (the fixed sizes' rule), so a schedule differs from a fixed size
+    only in when it changes.
+    """
+
+    def __init__(self, schedule: Sequence[tuple[int, int]], lr_rule: str) -> None:
+        super().__init__(base_batch=schedule[0][1], max_batch=max(b for _, b in schedule))
+        self.schedule, self.lr_rule = list(schedule), lr_rule
+
+    def due(self) -> bool:
+        return True
+
+    def decide(self, step: int) -> int:
+        self.current = [batch for start, batch in self.schedule if step >= start][-1]
+        return self.current
+
+    def lr_factor(self, optimizer: str) -> float:
+        ratio = self.current / self.base_batch
+        return ratio if self.lr_rule == "linear" else math.sqrt(ratio)
+
+
+def parse_schedule(text: str) -> list[tuple[int, int]]:
+    """``"16>32@5>64@15"`` -> ``[(0, 16), (5, 32), (15, 64)]``."""
+    first, *rest = text.split(">")
+    schedule = [(0, int(first))]
+    for part in rest:
+        batch, _, start = part.partition("@")
+        schedule.append((int(start), int(batch)))
+    if [s for s, _ in schedule] != sorted({s for s, _ in schedule}):
+        raise SystemExit(f"--schedules: {text!r} must start at step 0 and rise, like 16>64@5")
+    return schedule
+
+
+def run(
+    batch: int,
+    lr: float,
+    adaptive: bool,
+    seed: int,
+    args: argparse.Namespace,
+    schedule: Sequence[tuple[int, int]] | None = None,
+) -> Curve:
     settings = TrainSettings(
         dataset=args.data_path,
         target="target" if args.dataset == "synthetic" else "",
@@ -88,7 +135,11 @@ def run(batch: int, lr: float, adaptive: bool, seed: int, args: argparse.Namespa
     work = prepare_workload(settings, None)
     optimizer = make_optimizer(work.model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    sizer = GoodputSizer(base_batch=batch, max_batch=args.max_batch, lr_scaling=args.lr_scaling) if adaptive else None
+    sizer: GoodputSizer | None = None
+    if schedule is not None:
+        sizer = ScheduledSizer(schedule, args.lr_rule)
+    elif adaptive:
+        sizer = GoodputSizer(base_batch=batch, max_batch=args.max_batch, lr_scaling=args.lr_scaling)
     trainer = Trainer(
         work.model,
         optimizer,
@@ -98,7 +149,7 @@ def run(batch: int, lr: float, adaptive: bool, seed: int, args: argparse.Namespa
         work.loss_sum,
         accelerator=make_accelerator("cpu", "no"),
         sizer=sizer,
-        noise_every=args.noise_every,
+        noise_every=args.noise_every if schedule is None else 10**9,  # a schedule needs no noise scale
         optimizer_kind=args.optimizer,
     )
     curve = Curve()
@@ -161,9 +212,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3, help="the lr at --base-batch rows")
     parser.add_argument("--base-batch", type=int, default=32)
     parser.add_argument("--lr-rule", default="sqrt", choices=("sqrt", "linear"))
-    parser.add_argument("--lr-grid", default="0.5,1,2", help="multiples of the rule lr tried for each fixed size")
+    parser.add_argument("--lr-grid", default="0.5,1,2,3", help="multiples of the rule lr tried for each config")
     parser.add_argument("--fixed", default="16,64,256")
     parser.add_argument("--start", type=int, default=16)
+    parser.add_argument(
+        "--schedules",
+        default="16>64@5,16>32@5>64@15",
+        help='hand-written batch schedules, comma-separated ("16>64@5": 16 rows, 64 from step 5); "" for none',
+    )
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--lr-scaling", default="adascale", choices=("adascale", "rule"), help="the sizer's lr gain")
     parser.add_argument("--noise-every", type=int, default=4)
@@ -180,13 +236,23 @@ def main() -> None:
     grid_factors = [float(f) for f in args.lr_grid.split(",")]
 
     # each family (a fixed size, or the sizer from --start) at every lr of the grid; a family's fastest is kept
-    families = [(f"fixed-{b}", int(b), False) for b in args.fixed.split(",")] + [("adaptive", args.start, True)]
+    schedules = {f"schedule {text}": parse_schedule(text) for text in args.schedules.split(",") if text}
+    families: list[tuple[str, int, bool, list[tuple[int, int]] | None]]
+    families = [(f"fixed-{b}", int(b), False, None) for b in args.fixed.split(",")]
+    families += [("adaptive", args.start, True, None)]
+    families += [(name, schedule[0][1], False, schedule) for name, schedule in schedules.items()]
     configs: dict[str, dict[str, Any]] = {}
-    for family, batch, adaptive in families:
+    for family, batch, sized, schedule in families:
         for factor in grid_factors:
             suffix = "" if len(grid_factors) == 1 else f" lr x{factor:g}"
             lr = lr_for(batch, args) * factor
-            configs[family + suffix] = {"family": family, "batch": batch, "lr": lr, "adaptive": adaptive}
+            configs[family + suffix] = {
+                "family": family,
+                "batch": batch,
+                "lr": lr,
+                "adaptive": sized,
+                "schedule": schedule,
+            }
 
     curves: dict[str, list[Curve]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,7 +263,9 @@ def main() -> None:
         run(args.start, lr_for(args.start, args), True, 10_000, args)  # warm-up: imports, allocator, caches
         for seed in range(args.rounds):
             for name, config in configs.items():
-                curves[name].append(run(config["batch"], config["lr"], config["adaptive"], seed, args))
+                curves[name].append(
+                    run(config["batch"], config["lr"], config["adaptive"], seed, args, config["schedule"])
+                )
 
     times = {name: statistics.median([c.time_to(args.target) for c in runs]) for name, runs in curves.items()}
     fastest: dict[str, str] = {}  # family -> its fastest lr variant
@@ -205,9 +273,12 @@ def main() -> None:
         best = fastest.get(config["family"])
         fastest[config["family"]] = name if best is None or times[name] < times[best] else best
     adaptive = fastest.pop("adaptive")
-    shown = [*fastest.values(), adaptive]
+    scheduled = [fastest.pop(name) for name in schedules]
+    best_schedule = min(scheduled, key=times.__getitem__) if scheduled else None
+    shown = [*fastest.values(), adaptive, *([best_schedule] if best_schedule else [])]
     best_fixed = min(fastest.values(), key=times.__getitem__)
     ratio = times[best_fixed] / times[adaptive]
+    headroom = times[best_fixed] / times[best_schedule] if best_schedule else math.nan
     grid = np.linspace(0.0, args.budget_s, 200)
     medians = {name: median_curve(curves[name], grid) for name in configs}
 
@@ -219,11 +290,13 @@ def main() -> None:
     for name, config in configs.items():
         runs = curves[name]
         reached = sum(math.isfinite(c.time_to(args.target)) for c in runs)
-        batch = f"{args.start}->{args.max_batch}" if config["adaptive"] else str(config["batch"])
+        sizes = f"{args.start}->{args.max_batch}" if config["adaptive"] else str(config["batch"])
+        if config["schedule"]:
+            sizes = ">".join(str(b) for _, b in config["schedule"])
         final = statistics.median(c.accuracy[-1] for c in runs)
-        mark = " *" if name in (best_fixed, adaptive) else ""
+        mark = " *" if name in (best_fixed, adaptive, best_schedule) else ""
         table.add_row(
-            name + mark, batch, f"{config['lr']:.2g}", f"{times[name]:.3f}s", f"{reached}/{len(runs)}", f"{final:.3f}"
+            name + mark, sizes, f"{config['lr']:.2g}", f"{times[name]:.3f}s", f"{reached}/{len(runs)}", f"{final:.3f}"
         )
     console.print(table)
     verdict = "reached" if ratio >= 1.3 else "missed" if math.isfinite(times[adaptive]) else "adaptive never got there"
@@ -231,6 +304,11 @@ def main() -> None:
         f"best fixed ({best_fixed}) / best adaptive ({adaptive}), time to {args.target}: {ratio:.2f}x "
         f"(bar >= 1.3x: {verdict})"
     )
+    if best_schedule:
+        console.print(
+            f"best fixed / best hand-written schedule ({best_schedule}), picked on this test: {headroom:.2f}x "
+            "(an upper estimate of what any batch-size schedule reaches here)"
+        )
     for change in curves[adaptive][0].changes:
         console.print(
             f"  round 0 {adaptive}: step {change['step']} batch {change['from']} -> {change['to']}, "
@@ -247,6 +325,8 @@ def main() -> None:
         "best_fixed": best_fixed,
         "best_adaptive": adaptive,
         "ratio_best_fixed_over_adaptive": ratio if math.isfinite(ratio) else None,
+        "best_schedule": best_schedule,
+        "ratio_best_fixed_over_best_schedule": headroom if math.isfinite(headroom) else None,
         "curves": {
             n: [
                 {"seconds": c.seconds, "accuracy": c.accuracy, "batch_size": c.batch_size, "changes": c.changes}
@@ -257,7 +337,8 @@ def main() -> None:
         "processor": platform.processor(),
     }
     write_result(args.json, payload, ("torch", "accelerate", "kiln"))
-    atomic_write_text(args.html, page(task, args, shown, times, grid, medians, curves, ratio, best_fixed, adaptive))
+    ratios = (ratio, headroom)
+    atomic_write_text(args.html, page(task, args, shown, times, grid, medians, curves, ratios, best_fixed, adaptive))
     console.print(f"wrote {args.json} and {args.html}")
 
 
@@ -269,10 +350,11 @@ def page(
     grid: np.ndarray[Any, Any],
     medians: dict[str, list[float]],
     curves: dict[str, list[Curve]],
-    ratio: float,
+    ratios: tuple[float, float],
     best_fixed: str,
     adaptive: str,
 ) -> str:
+    ratio, headroom = ratios
     esc = html.escape
     figure = _figure()
     accuracy_axes = figure.add_subplot()
@@ -284,7 +366,7 @@ def page(
     accuracy_axes.set_ylim(max(0.0, min(low, args.target - 0.05)), 1.0)
     accuracy_axes.set_xlabel("training seconds (evaluation off the clock)")
     accuracy_axes.set_ylabel("held-out accuracy (median over rounds)")
-    accuracy_axes.set_title("Time to accuracy: three fixed batch sizes and the goodput sizer")
+    accuracy_axes.set_title("Time to accuracy: fixed batch sizes, the goodput sizer, a schedule")
     accuracy_axes.grid(alpha=0.3)
     accuracy_axes.legend(fontsize="small", loc="lower right")
     batch_figure = _figure()
@@ -309,7 +391,9 @@ def page(
 <body>
 <h1>Goodput batch size vs fixed batch sizes: {esc(task)}</h1>
 <p>Median over {args.rounds} rounds of training seconds to held-out accuracy &ge; {args.target}.
-Best fixed ({esc(best_fixed)}) / best adaptive ({esc(adaptive)}): <strong>{ratio:.2f}x</strong> (bar &ge; 1.3x).</p>
+Best fixed ({esc(best_fixed)}) / best adaptive ({esc(adaptive)}): <strong>{ratio:.2f}x</strong> (bar &ge; 1.3x).
+Best fixed / the best hand-written schedule, picked on this very test (an upper estimate of what any batch-size
+schedule reaches here): {headroom:.2f}x.</p>
 <table><thead><tr><th>config</th><th>seconds to target</th></tr></thead><tbody>{rows}</tbody></table>
 <div class="plots"><figure>{_svg(figure)}</figure><figure>{_svg(batch_figure)}</figure></div>
 <h2>Context</h2>
