@@ -115,15 +115,6 @@ def test_load_rejects_corrupt_manifest(tiny_artifact: artifacts.Artifact) -> Non
         artifacts.load(tiny_artifact.path)
 
 
-def test_resolve_model_suggests_close_name(repository: Path, tiny_artifact: artifacts.Artifact) -> None:
-    assert artifacts.resolve_model(repository, "tiny").path == tiny_artifact.path
-    with pytest.raises(ModelNotFound, match=r'model "tinny" is not in repository .*did you mean "tiny"\?'):
-        artifacts.resolve_model(repository, "tinny")
-    with pytest.raises(ModelNotFound, match="available: tiny") as info:
-        artifacts.resolve_model(repository, "resnet")
-    assert "did you mean" not in str(info.value)
-
-
 def test_failed_write_leaves_no_version_and_no_temp_dir(
     repository: Path, tiny_onnx_model: Path, make_manifest: MakeManifest, tmp_path: Path
 ) -> None:
@@ -217,21 +208,6 @@ def test_config_pbtxt_parses_as_triton_model_config(repository: Path, tiny_artif
     assert config.max_batch_size == 64
     assert [list(i.dims) for i in config.input] == [[4]]
     assert [list(o.dims) for o in config.output] == [[3]]
-
-
-def test_update_manifest_persists(tiny_artifact: artifacts.Artifact) -> None:
-    parity = {"max_abs_error": 1e-6, "cosine": 1.0}
-    artifacts.update_manifest(tiny_artifact, checks={"parity": parity}, benchmarks=[{"batch_size": 1}])
-
-    reloaded = artifacts.load(tiny_artifact.path)  # sha256 still verifies: the model file was not touched
-    assert reloaded.manifest.checks == {"parity": parity}
-    assert reloaded.manifest.benchmarks == [{"batch_size": 1}]
-    assert reloaded.sha256 == tiny_artifact.sha256
-
-
-def test_update_manifest_rejects_unknown_field(tiny_artifact: artifacts.Artifact) -> None:
-    with pytest.raises(ArtifactError, match="manifest has no field 'benchmark'"):
-        artifacts.update_manifest(tiny_artifact, benchmark=[])
 
 
 def _triton_model_config_subset() -> type:

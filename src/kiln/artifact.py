@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln._utils import atomic_directory, atomic_write_text, sha256_file
-from kiln.errors import ArtifactError, IntegrityError, ModelNotFound, did_you_mean
+from kiln.errors import ArtifactError, IntegrityError, ModelNotFound
 from kiln.types import Signature
 
 MANIFEST_FILE = "kiln.json"
@@ -224,19 +224,6 @@ def verify_integrity(artifact: Artifact) -> None:
         )
 
 
-def resolve_model(repository: Path, name: str, version: int | None = None) -> Artifact:
-    """Load ``name`` (latest or given version) from a repository, suggesting a close name when misspelled."""
-    model_dir = repository / name
-    if not versions(model_dir):
-        known = list_models(repository)
-        raise ModelNotFound(
-            f'model "{name}" is not in repository "{repository}"{did_you_mean(name, known)}; '
-            f"available: {', '.join(known) or 'none'}",
-            model=name,
-        )
-    return load(model_dir, version)
-
-
 def write(
     repository: Path | str,
     manifest: Manifest,
@@ -285,16 +272,6 @@ def write(
         raise ArtifactError(f'could not allocate a new version under "{model_dir}"', path=str(model_dir))
     atomic_write_text(model_dir / "config.pbtxt", triton_config(manifest, max_batch_size))
     return load(final)
-
-
-def update_manifest(artifact: Artifact, **changes: Any) -> Artifact:
-    """Record new facts (benchmarks, checks) in an existing version's manifest; the model file is untouched."""
-    for key, value in changes.items():
-        if not hasattr(artifact.manifest, key):
-            raise ArtifactError(f"manifest has no field {key!r}", field=key)
-        setattr(artifact.manifest, key, value)
-    atomic_write_text(artifact.path / MANIFEST_FILE, json.dumps(artifact.manifest.to_dict(), indent=2) + "\n")
-    return artifact
 
 
 def triton_config(manifest: Manifest, max_batch_size: int) -> str:

@@ -16,8 +16,6 @@ from kiln.errors import InvalidInput
 from kiln.runtime.engine import Engine
 from kiln.types import Feeds
 
-TOKENIZER_FILE = "tokenizer.json"
-
 
 class TextTokenizer:
     """A Hugging Face *fast* tokenizer (``tokenizer.json``) without transformers on the hot path."""
