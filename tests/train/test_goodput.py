@@ -163,8 +163,43 @@ def test_sizer_goes_back_when_the_bigger_batch_was_not_faster() -> None:
     assert sizer.decide(step=2) == 16
 
 
+def _line(batch: int, fixed_s: float = 1e-3, per_row_s: float = 1e-5) -> float:
+    """Rows/s of a step that costs ``fixed_s + per_row_s * batch`` seconds."""
+    return batch / (fixed_s + per_row_s * batch)
+
+
+def test_sizer_predicts_unmeasured_sizes_from_a_step_time_line_and_jumps_to_the_best() -> None:
+    sizer = _sizer_with_noise(2000.0)  # nearly all noise: bigger batches keep almost all of a row's worth
+    _observe(sizer, 16, _line(16))
+    assert sizer.decide(step=1) == 32  # one size measured: nothing to fit, so explore the doubling
+    _observe(sizer, 32, _line(32))
+    assert sizer.predicted_rows_per_s(128) == pytest.approx(_line(128))
+    assert sizer.predicted_rows_per_s(256) is None  # beyond 4x the largest measured size: not extrapolated
+    assert sizer.decide(step=2) == 128  # straight to the best predicted size, without trying 64 on the way
+    assert sizer.changes[-1]["measured"] == [16, 32]
+
+
+def test_sizer_does_not_explore_a_size_the_line_predicts_worse() -> None:
+    # 64 -> 128 keeps 88% of a row's worth at this noise scale, so doubling would pass the exploration rule;
+    # but the step-time line says 128 rows run only 14% faster per row, so 128 has less goodput than 64
+    sizer = _sizer_with_noise(400.0)
+    sizer.current = 64
+    for batch in (16, 32, 64):
+        _observe(sizer, batch, _line(batch, per_row_s=5e-5))
+    assert sizer.goodput(128) is not None and sizer.goodput(128) < sizer.goodput(64)  # type: ignore[operator]
+    assert sizer.decide(step=3) == 64 and not sizer.changes
+    assert 128 not in sizer.rows_per_s
+
+
+def test_sizer_does_not_extrapolate_a_line_that_says_bigger_steps_are_free() -> None:
+    sizer = _sizer_with_noise(2000.0)
+    _observe(sizer, 16, 10_000.0)
+    _observe(sizer, 32, 30_000.0)  # a 32-row step measured faster than a 16-row one: noise
+    assert sizer.predicted_rows_per_s(64) is None
+
+
 def test_adaptive_run_grows_the_batch_and_records_why(make_settings: Callable[..., TrainSettings]) -> None:
-    result = train(make_settings(dataset="digits", hidden_sizes=(128,), batch_size=8, epochs=4, adaptive_batch=True))
+    result = train(make_settings(dataset="digits", hidden_sizes=(128,), batch_size=8, epochs=6, adaptive_batch=True))
     assert result.metrics["test_accuracy"] >= 0.9
     assert result.batch_size_changes, "the batch never grew"
     first = result.batch_size_changes[0]

@@ -108,16 +108,19 @@ def efficiency(batch: int, base_batch: int, noise_scale: float) -> float:
 
 @dataclass
 class GoodputSizer:
-    """Chooses the batch size (``base_batch * 2**k`` up to ``max_batch``) with the highest measured goodput.
+    """Chooses the batch size (``base_batch * 2**k`` up to ``max_batch``) with the highest goodput.
 
-    Throughput is measured, never modelled: a size is judged every ``min_steps`` measured steps it runs (so it
-    runs that many before a change), and the sizer only ever steps to the next power of two, so a bad guess costs
-    ``min_steps`` steps. Under data parallelism rank 0's sizer decides and the others follow (:meth:`follow`).
-    It moves to another measured size only when that size's goodput is ``switch_margin`` higher (the
-    medians of a shared machine's step times differ by a few percent from one window to the next, and chasing
-    that noise would move the lr with it). It explores a doubled batch only while doubling keeps at least
-    ``explore_min_efficiency`` of a row's worth, i.e. while the noise scale is well above the batch (0.75: the
-    noise scale is at least twice the current batch).
+    Throughput is measured: a size's figure is the median rows/s of its recent steps, and a size is judged every
+    ``min_steps`` measured steps it runs (so it runs that many before a change). Once two sizes are measured, the
+    throughput of the others is predicted from a step-time line ``t(M) = fixed + per_row·M`` fitted to the
+    measured ones (Pollux models throughput the same way), up to ``extrapolate`` times the largest measured size;
+    the sizer then moves straight to the size with the best goodput, measured or predicted, instead of trying each
+    doubling for ``min_steps`` steps. Before that, with one size measured, it explores a doubled batch while
+    doubling keeps at least ``explore_min_efficiency`` of a row's worth, i.e. while the noise scale is well above
+    the batch (0.75: the noise scale is at least twice the current batch). It moves only when the other size's
+    goodput is ``switch_margin`` higher (the medians of a shared machine's step times differ by a few percent
+    from one window to the next, and chasing that noise would move the lr with it). Under data parallelism
+    rank 0's sizer decides and the others follow (:meth:`follow`).
     """
 
     base_batch: int
@@ -131,6 +134,7 @@ class GoodputSizer:
     recent_steps: int = 16
     min_steps: int = 8
     switch_margin: float = 0.05
+    extrapolate: int = 4
     _recent: dict[int, deque[float]] = field(default_factory=dict, repr=False)
     _steps_at_current: int = field(default=0, repr=False)  # measured steps at the current size since it was chosen
 
@@ -153,11 +157,29 @@ class GoodputSizer:
         recent.append(rows_per_s)
         self.rows_per_s[batch] = statistics.median(recent)
 
+    def predicted_rows_per_s(self, batch: int) -> float | None:
+        """Measured rows/s at ``batch``, or the fitted step-time line's (None: fewer than two sizes measured, a
+        line that says bigger steps cost nothing, or ``batch`` beyond ``extrapolate`` x the largest measured)."""
+        if batch in self.rows_per_s:
+            return self.rows_per_s[batch]
+        if len(self.rows_per_s) < 2 or batch > self.extrapolate * max(self.rows_per_s):
+            return None
+        sizes = list(self.rows_per_s)
+        step_s = [size / self.rows_per_s[size] for size in sizes]
+        mean_size, mean_step = statistics.fmean(sizes), statistics.fmean(step_s)
+        spread = sum((size - mean_size) ** 2 for size in sizes)
+        per_row = sum((size - mean_size) * (t - mean_step) for size, t in zip(sizes, step_s, strict=True)) / spread
+        if per_row <= 0:  # noise, not a cost: no basis to predict from
+            return None
+        fixed = max(0.0, mean_step - per_row * mean_size)
+        return batch / (fixed + per_row * batch)
+
     def goodput(self, batch: int) -> float | None:
         scale = self.noise.value
-        if scale is None or batch not in self.rows_per_s:
+        rows_per_s = self.predicted_rows_per_s(batch)
+        if scale is None or rows_per_s is None:
             return None
-        return self.rows_per_s[batch] * efficiency(batch, self.base_batch, scale)
+        return rows_per_s * efficiency(batch, self.base_batch, scale)
 
     def due(self) -> bool:
         """Whether to judge the batch size now: every ``min_steps`` measured steps at a size, once the noise scale
@@ -171,21 +193,23 @@ class GoodputSizer:
         return known and steps >= self.min_steps and steps % self.min_steps == 0
 
     def decide(self, step: int) -> int:
-        """The batch size from the next step on: the best measured one, or the next size up to explore it.
+        """The batch size from the next step on: the one with the best goodput (measured or predicted), or, while
+        only the current size is measured, the next size up to explore it.
 
         The current size stays until :meth:`due`.
         """
         scale = self.noise.value
         if scale is None or not self.due():
             return self.current
-        measured = {b: g for b in self.rows_per_s if (g := self.goodput(b)) is not None and b <= self.max_batch}
-        best = max(measured, key=measured.__getitem__)
-        if measured[best] < measured[self.current] * (1 + self.switch_margin):  # within the medians' noise
+        sizes = [self.base_batch * 2**k for k in range(int(math.log2(self.max_batch / self.base_batch)) + 1)]
+        known = {b: g for b in {*sizes, self.current} if (g := self.goodput(b)) is not None}
+        best = max(known, key=known.__getitem__)
+        if known[best] < known[self.current] * (1 + self.switch_margin):  # within the medians' noise
             best = self.current
         bigger = self.current * 2
-        # explore upward while the current size is the best so far and the noise scale says growing is cheap
+        # with nothing to predict from, explore upward while the noise scale says growing is cheap
         chosen = best
-        if best == self.current and bigger <= self.max_batch and bigger not in self.rows_per_s:
+        if best == self.current and bigger <= self.max_batch and bigger not in known:
             gain = efficiency(bigger, self.base_batch, scale) / efficiency(self.current, self.base_batch, scale)
             if gain >= self.explore_min_efficiency:
                 chosen = bigger
@@ -195,7 +219,8 @@ class GoodputSizer:
                 "from": self.current,
                 "to": chosen,
                 "noise_scale": scale,
-                "goodput": {str(b): round(g, 1) for b, g in measured.items()},
+                "goodput": {str(b): round(g, 1) for b, g in sorted(known.items())},
+                "measured": sorted(self.rows_per_s),
             }
             self.changes.append(record)
             logger.info(
