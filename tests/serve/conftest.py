@@ -142,8 +142,9 @@ SLOW_HIDDEN = 2048
 
 @pytest.fixture
 def slow_repo(tmp_path: Path) -> Path:
-    """A repository with model "slow": a real ONNX MLP (4 -> 2048 -> 2048 -> 3 softmax), about a millisecond per
-    row on two cores, so queues form without sleeping anywhere. ``input`` FP32 [-1, 4] -> ``probabilities``."""
+    """A repository with model "slow": a real ONNX MLP (4 -> 2048 -> 2048 -> 3 softmax), about 0.05-0.1 ms per
+    row on a 2-core AMD EPYC, so queues form without sleeping anywhere. ``input`` FP32 [-1, 4] ->
+    ``probabilities``."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper

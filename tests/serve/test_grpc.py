@@ -296,13 +296,16 @@ def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(
     slow_repo: Path, start_server: StartServer
 ) -> None:
     # One engine instance busy with a large request: the uneven requests that arrive meanwhile queue up and
-    # leave together, in batches the batcher cuts by cost.
+    # leave together, in batches the batcher cuts by cost. 2048 rows keep the instance busy for about 0.1 s on a
+    # 2-core AMD EPYC, long past the time the small requests take to arrive; with 256 rows (24 ms) they sometimes
+    # arrived after it had finished, and nothing merged.
     from kiln.runtime import OrtEngine
 
-    server = start_server(slow_repo, ServeSettings(instances=1, max_batch_size=64))
+    settings = ServeSettings(instances=1, max_batch_size=64, max_rows_per_request=2048, max_queue_rows=4096)
+    server = start_server(slow_repo, settings)
     client = client_of(server)
     reference = OrtEngine(slow_repo / "slow" / "1" / "model.onnx", intra_op_threads=1)
-    row_counts = [256, 1, 7, 2, 5, 3, 11, 4, 6]
+    row_counts = [2048, 1, 7, 2, 5, 3, 11, 4, 6]
     inputs = {i: rows_of(n, seed=100 + i) for i, n in enumerate(row_counts)}
     results: dict[int, Array] = {}
     errors: list[Exception] = []

@@ -78,9 +78,10 @@ class TrainSettings:
     (``anchor_column``, ``positive_column``) or the built-in ``"pydoc_pairs"``, with in-batch negatives
     (cross-entropy of ``similarity_scale`` x cosine; each micro-batch of ``batch_size`` pairs is its own pool of
     negatives, accumulation does not enlarge it); held-out recall@1 and MRR are reported before and after.
-    ``adaptive_batch`` lets the goodput sizer double the batch (up to ``max_batch_size``, default 16x
-    ``batch_size``; the lr follows AdaScale's gain: x r for SGD, x sqrt(r) for Adam), mid-epoch too, while that raises
-    measured progress per second; the gradient noise scale is measured every ``noise_every`` steps.
+    ``adaptive_batch`` lets the goodput sizer move the batch among ``batch_size`` x 2**k rows (up to
+    ``max_batch_size``, default 16x ``batch_size``; the lr follows AdaScale's gain: x r for SGD, x sqrt(r) for Adam),
+    mid-epoch too, to the size with the most progress per second, measured or predicted from the step times of the
+    sizes it ran; the gradient noise scale is measured every ``noise_every`` steps.
     ``teacher`` (a Kiln artifact directory, or a ``package.module:factory``) turns on distillation:
     ``distill_alpha`` * T² * KL(teacher/T || student/T) + (1 - ``distill_alpha``) * cross-entropy.
     ``prune_ratio`` > 0 prunes after training: that fraction of the units of every prunable layer (hidden
