@@ -354,6 +354,12 @@ def page(
 ) -> str:
     ratio, headroom = ratios
     esc = html.escape
+    schedule_line = (
+        "Best fixed / the best hand-written schedule, picked with hindsight from runs of this very test: "
+        f"{headroom:.2f}x."
+        if math.isfinite(headroom)
+        else ""
+    )
     figure = _figure()
     accuracy_axes = figure.add_subplot()
     for name in shown:
@@ -390,7 +396,7 @@ def page(
 <h1>Goodput batch size vs fixed batch sizes: {esc(task)}</h1>
 <p>Median over {args.rounds} rounds of training seconds to held-out accuracy &ge; {args.target}.
 Best fixed ({esc(best_fixed)}) / best adaptive ({esc(adaptive)}): <strong>{ratio:.2f}x</strong> (bar &ge; 1.3x).
-Best fixed / the best hand-written schedule, picked with hindsight from runs of this very test: {headroom:.2f}x.</p>
+{schedule_line}</p>
 <table><thead><tr><th>config</th><th>seconds to target</th></tr></thead><tbody>{rows}</tbody></table>
 <div class="plots"><figure>{_svg(figure)}</figure><figure>{_svg(batch_figure)}</figure></div>
 <h2>Context</h2>

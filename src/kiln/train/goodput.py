@@ -201,8 +201,11 @@ class GoodputSizer:
         scale = self.noise.value
         if scale is None or not self.due():
             return self.current
-        sizes = [self.base_batch * 2**k for k in range(int(math.log2(self.max_batch / self.base_batch)) + 1)]
-        known = {b: g for b in {*sizes, self.current} if (g := self.goodput(b)) is not None}
+        sizes, size = {self.current}, self.base_batch
+        while size <= self.max_batch:  # the ladder base_batch * 2**k, in integers
+            sizes.add(size)
+            size *= 2
+        known = {b: g for b in sizes if (g := self.goodput(b)) is not None}
         best = max(known, key=known.__getitem__)
         if known[best] < known[self.current] * (1 + self.switch_margin):  # within the medians' noise
             best = self.current
