@@ -9,7 +9,8 @@ Poisson load from a generator in its own process, latency from the scheduled sen
       rate with P99 <= 200 ms and < 1% errors
   (c) `kiln serve`, the same figure with batching on (its default) and off; then, with both servers up, P99 on
       and off at common rates below saturation, steps interleaved on the same arrival schedule ("batching never
-      hurts": P99 on <= 1.1 x P99 off)
+      hurts": P99 on <= 1.1 x P99 off), each ratio with a 90% paired-bootstrap interval over the rounds, and
+      how many requests batching on put in a batch over those rounds (1.0: it ran exactly as off did)
   (d) with --variant: `kiln serve` on the repository's optimized MiniLM version, and its ratio to FP32
   (e) start-to-ready of `kiln serve` (process start until GET /v2/health/ready answers 200)
 
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -260,6 +264,50 @@ def pooled_p99_ms(steps: list[LoadStep]) -> float | None:
     return percentile(latencies, 99) if latencies else None
 
 
+def p99_ratio_interval(
+    on_steps: list[LoadStep], off_steps: list[LoadStep], draws: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """A 90% paired-bootstrap interval of pooled P99 on / pooled P99 off.
+
+    Round ``k`` of both servers ran the same arrival schedule, so rounds are drawn with replacement as pairs
+    and the ratio recomputed ``draws`` times. An interval that holds 1.0 says the two P99s are not told apart
+    by this many rounds on this machine.
+    """
+    pairs = [
+        (_ok_latencies_ms(on), _ok_latencies_ms(off))
+        for on, off in zip(on_steps, off_steps, strict=True)
+        if on.samples is not None and off.samples is not None
+    ]
+    pairs = [(a, b) for a, b in pairs if a.size and b.size]
+    if not pairs:
+        return None
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(draws)
+    for d in range(draws):
+        picked = rng.integers(0, len(pairs), len(pairs))
+        on = np.concatenate([pairs[k][0] for k in picked])
+        off = np.concatenate([pairs[k][1] for k in picked])
+        ratios[d] = np.percentile(on, 99) / np.percentile(off, 99)
+    low, high = np.percentile(ratios, [5, 95])
+    return float(low), float(high)
+
+
+def _ok_latencies_ms(step: LoadStep) -> np.ndarray[Any, Any]:
+    assert step.samples is not None
+    return np.asarray(step.samples.latency_s[step.samples.outcome == 200], dtype=np.float64) * 1e3
+
+
+def batch_counts(url: str) -> tuple[float, float]:
+    """(requests through the batcher, batches executed) so far, from the server's ``/metrics``."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"kiln_queue_duration_seconds": 0.0, "kiln_batch_size_rows": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name in totals:
+            totals[family.name] += sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return totals["kiln_queue_duration_seconds"], totals["kiln_batch_size_rows"]
+
+
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -337,7 +385,11 @@ def main() -> None:
             off_max = searches["kiln batching off"].rate_rps or start
             grid_rates = [round(f * min(on_max, off_max), 1) for f in options.grid]
             console.print(f"  batching on and off, interleaved, at {grid_rates} req/s ...")
+            before = batch_counts(on[0])
             grid_on, grid_off = run_grid(on_client, off_client, grid_rates, options)
+            after = batch_counts(on[0])
+            requests, batches = (b - a for a, b in zip(before, after, strict=True))
+            grid_requests_per_batch = requests / batches if batches else None
             on[1].steps.extend(step for steps in grid_on for step in steps)
             off[1].steps.extend(step for steps in grid_off for step in steps)
         runs["kiln batching on"], runs["kiln batching off"] = on[1], off[1]
@@ -348,6 +400,7 @@ def main() -> None:
                 f"kiln variant v{variant.version}", kiln_command(variant_repo, port, batching=True), port, on_max
             )
         result = summarize(fp32, variant, texts, inproc, runs, searches, grid_rates, grid_on, grid_off, options)
+        result["batching_never_hurts"]["on_requests_per_batch"] = grid_requests_per_batch
         result["wall_s"] = time.perf_counter() - began
         print_table(result)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +449,7 @@ def summarize(
                 "median_round_p99_on_ms": on_median,
                 "median_round_p99_off_ms": off_median,
                 "median_round_on_over_off": on_median / off_median if on_median and off_median else None,
+                "on_over_off_90ci": p99_ratio_interval(on_steps, off_steps),
                 "p99_on_per_round_ms": [s.p99_ms for s in on_steps],
                 "p99_off_per_round_ms": [s.p99_ms for s in off_steps],
                 "errors_on": sum(sum(s.errors.values()) for s in on_steps),
@@ -504,6 +558,18 @@ def print_table(result: dict[str, Any]) -> None:
         + ", ".join(
             "-" if p["median_round_on_over_off"] is None else f"{p['median_round_on_over_off']:.2f}" for p in pairs
         )
+    )
+    never_hurts = result["batching_never_hurts"]
+    per_batch = never_hurts.get("on_requests_per_batch")
+    console.print(
+        "pooled P99 on/off with its 90% paired-bootstrap interval over rounds: "
+        + ", ".join(
+            f"{p['rate_rps']:g}/s {p['on_over_off']:.2f} [{low:.2f}, {high:.2f}]"
+            for p in pairs
+            if p["on_over_off"] is not None and p["on_over_off_90ci"] is not None
+            for low, high in [p["on_over_off_90ci"]]
+        )
+        + ("" if per_batch is None else f"; batching on ran {per_batch:.3f} requests per batch over these rounds")
     )
     console.print(
         f"kiln / in-process {ratio(ratios['kiln_over_in_process_sorted32'])}, kiln / baseline "
