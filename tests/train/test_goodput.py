@@ -179,6 +179,22 @@ def test_sizer_predicts_unmeasured_sizes_from_a_step_time_line_and_jumps_to_the_
     assert sizer.changes[-1]["measured"] == [16, 32]
 
 
+def test_sizer_grows_one_doubling_at_a_time_while_the_noise_scale_is_infinite() -> None:
+    # |G|² estimated <= 0: the noise scale is "infinite", which rates every size's efficiency 1; the line would
+    # send the batch from 32 straight to 128, four times the largest measured size
+    sizer = GoodputSizer(base_batch=16, max_batch=256)
+    sizer.noise.grad_sq, sizer.noise.trace, sizer.noise.updates = -1.0, 5.0, 3
+    assert sizer.noise.value == math.inf
+    _observe(sizer, 16, _line(16))
+    assert sizer.decide(step=1) == 32
+    _observe(sizer, 32, _line(32))
+    assert sizer.goodput(128) is not None and sizer.goodput(128) > sizer.goodput(64)  # type: ignore[operator]
+    assert sizer.decide(step=2) == 64  # one doubling, not the line's best
+    sizer.noise.grad_sq = 1.0  # a finite noise scale (5 rows), now small: the batch goes back down
+    _observe(sizer, 64, _line(64))
+    assert sizer.decide(step=3) == 16
+
+
 def test_sizer_does_not_explore_a_size_the_line_predicts_worse() -> None:
     # 64 -> 128 keeps 88% of a row's worth at this noise scale, so doubling would pass the exploration rule;
     # but the step-time line says 128 rows run only 14% faster per row, so 128 has less goodput than 64

@@ -117,7 +117,8 @@ class GoodputSizer:
     the sizer then moves straight to the size with the best goodput, measured or predicted, instead of trying each
     doubling for ``min_steps`` steps. Before that, with one size measured, it explores a doubled batch while
     doubling keeps at least ``explore_min_efficiency`` of a row's worth, i.e. while the noise scale is well above
-    the batch (0.75: the noise scale is at least twice the current batch). It moves only when the other size's
+    the batch (0.75: the noise scale is at least twice the current batch). While the noise scale is infinite
+    (no gradient signal measured yet) it grows one doubling at a time. It moves only when the other size's
     goodput is ``switch_margin`` higher (the medians of a shared machine's step times differ by a few percent
     from one window to the next, and chasing that noise would move the lr with it). Under data parallelism
     rank 0's sizer decides and the others follow (:meth:`follow`).
@@ -201,8 +202,12 @@ class GoodputSizer:
         scale = self.noise.value
         if scale is None or not self.due():
             return self.current
+        # An infinite noise scale (|G|² measured <= 0) is no measurement of how large it is, only that the gradient
+        # noise swamped the signal in the few samples so far: it rates every size's efficiency 1, and would send
+        # the batch to the largest size the line predicts. Grow by one doubling at a time until it is finite.
+        ceiling = self.max_batch if math.isfinite(scale) else min(self.max_batch, 2 * self.current)
         sizes, size = {self.current}, self.base_batch
-        while size <= self.max_batch:  # the ladder base_batch * 2**k, in integers
+        while size <= ceiling:  # the ladder base_batch * 2**k, in integers
             sizes.add(size)
             size *= 2
         known = {b: g for b in sizes if (g := self.goodput(b)) is not None}
@@ -212,7 +217,7 @@ class GoodputSizer:
         bigger = self.current * 2
         # with nothing to predict from, explore upward while the noise scale says growing is cheap
         chosen = best
-        if best == self.current and bigger <= self.max_batch and bigger not in known:
+        if best == self.current and bigger <= ceiling and bigger not in known:
             gain = efficiency(bigger, self.base_batch, scale) / efficiency(self.current, self.base_batch, scale)
             if gain >= self.explore_min_efficiency:
                 chosen = bigger
