@@ -20,7 +20,7 @@ time (the evaluation itself is off the clock) until ``--budget-s``. Configs take
 never reaches it counts as infinitely slow) and the ratio best fixed / best adaptive. Writes JSON and an HTML page
 with the median curves of each family's fastest.
 
-    python bench/train_goodput.py      # the reported run: digits CNN, everything tuned over lr x0.5/x1/x2/x3
+    python bench/train_goodput.py      # the reported run: digits CNN, everything tuned over lr x1/x2/x3/x4
     python bench/train_goodput.py --dataset synthetic --model mlp --hidden 512,512 --lr 1e-3 \
         --fixed 32,128,512 --start 64 --max-batch 1024 --budget-s 6 --eval-every-s 0.05 --target 0.88
 """
@@ -211,7 +211,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3, help="the lr at --base-batch rows")
     parser.add_argument("--base-batch", type=int, default=32)
     parser.add_argument("--lr-rule", default="sqrt", choices=("sqrt", "linear"))
-    parser.add_argument("--lr-grid", default="0.5,1,2,3", help="multiples of the rule lr tried for each config")
+    parser.add_argument(
+        "--lr-grid",
+        default="1,2,3,4",
+        help="multiples of the rule lr tried for each config (each was fastest at x1-x4 on 2026-11-23, never x0.5)",
+    )
     parser.add_argument("--fixed", default="16,64,256")
     parser.add_argument("--start", type=int, default=16)
     parser.add_argument(
@@ -225,7 +229,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--budget-s", type=float, default=1.2)
     parser.add_argument("--eval-every-s", type=float, default=0.01)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("bench/results/train_goodput.json"))
     parser.add_argument("--html", type=Path, default=Path("bench/results/train_goodput.html"))
