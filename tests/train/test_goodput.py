@@ -11,7 +11,7 @@ import torch
 from kiln.data import bundled_dataset
 from kiln.errors import ConfigError
 from kiln.train import TrainSettings, train
-from kiln.train.goodput import ConsecutiveGradients, GoodputSizer, NoiseScale, efficiency
+from kiln.train.goodput import ConsecutiveGradients, GoodputSizer, NoiseScale, efficiency, observe_pair
 
 
 def test_noise_scale_estimate_matches_the_exact_value_on_real_data() -> None:
@@ -51,6 +51,62 @@ def test_consecutive_steps_recover_a_known_noise_scale() -> None:
         pairs.observe(step, rows, [grad[:50], grad[50:]])  # several parameter tensors: flattened together
     assert noise.updates == 2000  # one sample per pair of steps (0, 1), (2, 3), ...
     assert noise.value == pytest.approx(exact, rel=0.15), (noise.value, exact)
+
+
+def test_two_halves_recover_the_noise_scale_where_consecutive_steps_read_a_moving_gradient_as_noise() -> None:
+    """At a high lr one update moves the gradient (here it swings back and forth across a valley: G, -G, G ...).
+    Two consecutive steps then average to almost nothing, and their estimate says "all noise"; the two halves of
+    one batch see the same weights and recover d·σ²/|G|²."""
+    gen = torch.Generator().manual_seed(0)
+    dims, sigma, rows = 200, 3.0, 16
+    true_grad = torch.randn(dims, generator=gen)
+    exact = dims * sigma**2 / float(true_grad.pow(2).sum())
+    halves, consecutive = NoiseScale(decay=0.99), NoiseScale(decay=0.99)
+    pairs = ConsecutiveGradients(consecutive, every=2)
+    for step in range(4000):
+        at_weights = true_grad if step % 2 == 0 else -true_grad
+        half_a, half_b = (at_weights + sigma * torch.randn(dims, generator=gen) / math.sqrt(rows) for _ in range(2))
+        observe_pair(halves, half_a, half_b, rows)
+        pairs.observe(step, 2 * rows, [(half_a + half_b) / 2])
+    assert halves.value == pytest.approx(exact, rel=0.15), (halves.value, exact)
+    assert consecutive.value == math.inf
+
+
+def test_a_step_that_samples_the_noise_scale_from_its_halves_applies_the_whole_batch_gradient() -> None:
+    """Step 0 runs its batch as two halves (noise_every divides it): the update must equal one whole-batch step."""
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    def first_step(sizer: GoodputSizer | None) -> tuple[dict[str, torch.Tensor], float]:
+        torch.manual_seed(0)
+        settings = TrainSettings(
+            dataset="digits", hidden_sizes=(32,), batch_size=16, optimizer="sgd", lr=0.5, track=False, export=False
+        )  # SGD: the update is the gradient itself (Adam's first step is nearly its sign)
+        work = prepare_workload(settings, None)
+        optimizer = make_optimizer(work.model, settings)
+        trainer = Trainer(
+            work.model,
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+            work.sampler,
+            work.tensors,
+            work.loss_sum,
+            accelerator=make_accelerator("cpu", "no"),
+            sizer=sizer,
+            optimizer_kind="sgd",
+        )
+        loss, rows = trainer.train_step()
+        assert rows == 16
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, loss
+
+    sizer = GoodputSizer(base_batch=16, max_batch=64)
+    halves, halves_loss = first_step(sizer)
+    whole, whole_loss = first_step(None)
+    assert sizer.noise.updates == 1 and sizer.noise.value is not None  # the halves gave a sample at step 0
+    assert halves_loss == pytest.approx(whole_loss, rel=1e-6)
+    for key, value in whole.items():
+        torch.testing.assert_close(halves[key], value, rtol=1e-5, atol=1e-7)
 
 
 def test_consecutive_steps_skip_pairs_that_differ_in_rows_or_are_not_adjacent() -> None:
@@ -221,7 +277,7 @@ def test_adaptive_run_grows_the_batch_and_records_why(make_settings: Callable[..
     first = result.batch_size_changes[0]
     assert first["to"] == 2 * first["from"] and first["noise_scale"] >= 2 * first["from"]
     sizes = [int(h["batch_size"]) for h in result.history]
-    assert sizes[0] == 8 and max(sizes) > 8
+    assert first["from"] == 8 and max(sizes) > 8  # history rows come every 10 steps: the first can follow a change
     # the lr followed the batch (Adam: square root of AdaScale's gain, which lies between 1 and the batch ratio)
     grown = [h for h in result.history if h["batch_size"] > 8]
     assert grown

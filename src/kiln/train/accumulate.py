@@ -52,12 +52,14 @@ def accumulate_gradients(
     no_sync: Callable[[], AbstractContextManager[Any]] = nullcontext,
     global_count: Callable[[int], int] = lambda n: n,
     world_size: int = 1,
+    after_backward: Callable[[int], None] | None = None,
 ) -> WindowLoss:
     """Run forward/backward over ``micro_batches``, leaving in ``.grad`` the gradient of the window's mean loss.
 
     ``global_count`` sums the window's count over data-parallel ranks; since DDP *averages* gradients over
     ``world_size`` ranks, each rank scales its loss by ``world_size / global count`` to get the global mean.
     ``no_sync`` wraps every micro-batch but the last (DDP all-reduces only once per window).
+    ``after_backward(i)`` runs after micro-batch ``i``'s backward (``.grad`` then holds micro-batches ``0..i``).
 
     Raises:
         NonFiniteLoss: a micro-batch's loss is NaN/inf; raised before its backward, so the weights stay good.
@@ -77,5 +79,7 @@ def accumulate_gradients(
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"the loss is {value} on micro-batch {i} of the window", loss=value)
             backward(loss)
+        if after_backward is not None:
+            after_backward(i)
         summed += value
     return WindowLoss(loss=summed / world_size, count=total)

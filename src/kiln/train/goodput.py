@@ -14,10 +14,13 @@ estimators
     tr(Σ)  ≈ (|G_b|² - |G_B|²) / (1/b - 1/B)
 
 each smoothed with an exponential moving average before the ratio is taken (the ratio of noisy estimates is
-badly biased; the ratio of smoothed ones is not). The two sizes come for free from two consecutive steps of
-``M`` rows each (:class:`ConsecutiveGradients`, AdaptDL's single-replica estimator): each step's gradient is a
-``b = M`` sample and their mean a ``B = 2M`` one; no step is split or repeated, so measuring costs one copy of
-the gradient and three norms.
+badly biased; the ratio of smoothed ones is not). In one process, a step that samples the noise scale runs its
+batch of ``M`` rows as two halves (:func:`observe_pair`): each half's gradient is a ``b = M/2`` sample and the
+batch's a ``B = M`` one, both at the same weights; the step applies the same gradient, at the cost of one more
+forward and backward call. Under data parallelism the two sizes come from two consecutive steps
+(:class:`ConsecutiveGradients`, AdaptDL's single-replica estimator: each step's gradient a ``b = M`` sample,
+their mean a ``B = 2M`` one), which costs no extra call but reads as noise how far one update moves the gradient:
+at a high lr that can swamp the signal.
 
 The lr follows the batch by AdaScale's gain (Johnson et al., 2020, as Pollux does): a batch ``S = M / M0`` times
 the base is worth ``r = S·E(M)`` base steps (between 1, when the gradient is all signal, and ``S``, when it is all
@@ -87,15 +90,27 @@ class ConsecutiveGradients:
         """The gradient (mean over ``rows`` rows) the optimizer is about to apply at ``step``."""
         held, self._held = self._held, None
         if held is not None and held[0] == step - 1 and held[1] == rows:
-            flat = _flatten(grads)
-            small_sq = 0.5 * float(held[2].square().sum() + flat.square().sum())  # E|G_M|² from two samples
-            big_sq = float((held[2] + flat).mul_(0.5).square().sum())  # |G_2M|²: the two steps' mean
-            self.noise.update(small_sq, rows, big_sq, 2 * rows)
+            observe_pair(self.noise, held[2], flat_gradient(grads), rows)
         elif step % self.every == 0 and grads:
-            self._held = (step, rows, _flatten(grads))
+            self._held = (step, rows, flat_gradient(grads))
 
 
-def _flatten(grads: list[torch.Tensor]) -> torch.Tensor:
+def observe_pair(noise: NoiseScale, grad_a: torch.Tensor, grad_b: torch.Tensor, rows: int) -> None:
+    """One sample of the noise scale from two gradients, each the mean over ``rows`` rows: their norms give
+    ``E|G_rows|²`` and the norm of their mean ``|G_2rows|²``.
+
+    The two halves of one batch (the trainer in one process) see the same weights. Two consecutive steps
+    (:class:`ConsecutiveGradients`) have one update between them: at a high lr it moves the gradient as much as
+    the batch noise does, their mean comes out shorter than two samples at one point would give, and the estimate
+    reads that signal as noise (an underestimated ``|G|²``, down to a negative one: an infinite noise scale).
+    """
+    small_sq = 0.5 * float(grad_a.square().sum() + grad_b.square().sum())  # E|G_rows|² from two samples
+    big_sq = float((grad_a + grad_b).mul_(0.5).square().sum())  # |G_2rows|²: their mean
+    noise.update(small_sq, rows, big_sq, 2 * rows)
+
+
+def flat_gradient(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients as one float32 vector (a copy)."""
     return torch.cat([g.detach().reshape(-1).float() for g in grads])
 
 

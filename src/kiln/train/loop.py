@@ -23,7 +23,7 @@ from torch import nn
 from kiln.errors import ConfigError, NonFiniteLoss, TrainingDiverged
 from kiln.train.accumulate import Batch, LossSum, accumulate_gradients, count_rows
 from kiln.train.checkpoint import Checkpointer, SavedCheckpoint, capture_rng, restore_rng
-from kiln.train.goodput import ConsecutiveGradients, GoodputSizer
+from kiln.train.goodput import ConsecutiveGradients, GoodputSizer, flat_gradient, observe_pair
 from kiln.train.sampling import ShuffledBatchSampler, TokenBudgetBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -143,11 +143,16 @@ class Trainer:
         self.step = 0
         self._mid_step = False  # True from the first forward of a step until its optimizer update is complete
         self.last_tokens = 0  # real tokens of the last step (text: attention-mask ones; tabular: 0)
-        # goodput: steps k and k + 1 (k % noise_every == 0) give one sample of the gradient noise scale
+        # goodput: one sample of the gradient noise scale every noise_every steps. In one process with one
+        # micro-batch a step, from the two halves of that step's batch (run as two micro-batches: the same
+        # gradient, at one more forward and backward's fixed cost); otherwise from steps k and k + 1
         self.sizer = sizer
         self.noise_every = noise_every
         self.optimizer_kind = optimizer_kind
-        self._gradient_pairs = ConsecutiveGradients(sizer.noise, noise_every) if sizer is not None else None
+        self._split_for_noise = sizer is not None and accelerator.num_processes == 1 and grad_accum_steps == 1
+        self._gradient_pairs = (
+            ConsecutiveGradients(sizer.noise, noise_every) if sizer is not None and not self._split_for_noise else None
+        )
         self._lr_factor = 1.0  # the sizer's lr multiplier applied at the last step
 
     @property
@@ -169,6 +174,19 @@ class Trainer:
             return local
         return int(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum"))
 
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def _halves_for_noise(self, window: list[list[int]]) -> list[list[int]] | None:
+        """The step's batch cut into two equal halves when this step samples the noise scale from them."""
+        if not self._split_for_noise or self.step % self.noise_every != 0:
+            return None
+        rows = list(window[0])
+        if len(rows) < 2 or len(rows) % 2:
+            return None  # an odd batch (an epoch's short last one) is not sampled
+        half = len(rows) // 2
+        return [rows[:half], rows[half:]]
+
     def train_step(self) -> tuple[float, int]:
         """One optimiser step over the next ``grad_accum_steps`` micro-batches: ``(mean loss, rows)``."""
         self._mid_step = True
@@ -177,11 +195,18 @@ class Trainer:
         if self.accelerator.num_processes > 1:  # every rank sees the global batch and takes its share
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
             window = [rows[rank::world] for rows in window]
-        micro = [self._batch(rows) for rows in window]
+        halves = self._halves_for_noise(window)
+        micro = [self._batch(rows) for rows in halves or window]
         if "attention_mask" in micro[0]:
             local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             self.last_tokens = self._global_count(local_tokens)
         self.model.train()
+        first_half: list[torch.Tensor] = []  # with halves: the gradient after the first half's backward
+
+        def keep_first_half(micro_batch: int) -> None:
+            if micro_batch == 0:
+                first_half.append(flat_gradient(self._grads()))
+
         result = accumulate_gradients(
             self.model,
             micro,
@@ -192,10 +217,21 @@ class Trainer:
             no_sync=lambda: self.accelerator.no_sync(self.model),
             global_count=self._global_count,
             world_size=self.accelerator.num_processes,
+            after_backward=keep_first_half if halves else None,
         )
-        if self._gradient_pairs is not None:  # the all-reduced gradient of the window's mean loss
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self._gradient_pairs.observe(self.step, result.count, grads)
+        count_a = self.count(micro[0]) if halves else 0
+        if halves is not None and self.sizer is not None and 0 < count_a < result.count:
+            # .grad after half a is (count_a / count)·G_a; after both, G = (count_a·G_a + count_b·G_b) / count
+            whole, part_a = flat_gradient(self._grads()), first_half[0]
+            count_b = result.count - count_a
+            observe_pair(
+                self.sizer.noise,
+                part_a * (result.count / count_a),
+                (whole - part_a).mul_(result.count / count_b),
+                len(halves[0]),
+            )
+        elif self._gradient_pairs is not None:  # the all-reduced gradient of the window's mean loss
+            self._gradient_pairs.observe(self.step, result.count, self._grads())
         self.optimizer.step()
         self.scheduler.step()
         if self.sizer is not None:  # AdaScale's gain moves with the noise scale: the next step's lr follows
