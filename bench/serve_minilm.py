@@ -256,12 +256,14 @@ def median_round_p99_ms(steps: list[LoadStep]) -> float | None:
 
 def pooled_p99_ms(steps: list[LoadStep]) -> float | None:
     """P99 over the successful requests of several steps together (more samples than any one of them)."""
-    latencies: list[float] = []
-    for step in steps:
-        assert step.samples is not None
-        ok = step.samples.outcome == 200
-        latencies.extend(float(v) for v in step.samples.latency_s[ok] * 1e3)
+    latencies = [float(v) for step in steps for v in _ok_latencies_ms(step)]
     return percentile(latencies, 99) if latencies else None
+
+
+def _ok_latencies_ms(step: LoadStep) -> np.ndarray[Any, Any]:
+    """The latencies of a step's successful requests, in milliseconds."""
+    assert step.samples is not None
+    return np.asarray(step.samples.latency_s[step.samples.outcome == 200], dtype=np.float64) * 1e3
 
 
 def p99_ratio_interval(
@@ -290,11 +292,6 @@ def p99_ratio_interval(
         ratios[d] = np.percentile(on, 99) / np.percentile(off, 99)
     low, high = np.percentile(ratios, [5, 95])
     return float(low), float(high)
-
-
-def _ok_latencies_ms(step: LoadStep) -> np.ndarray[Any, Any]:
-    assert step.samples is not None
-    return np.asarray(step.samples.latency_s[step.samples.outcome == 200], dtype=np.float64) * 1e3
 
 
 def batch_counts(url: str) -> tuple[float, float]:
