@@ -1,11 +1,17 @@
 """kiln.serve.batcher: the schedule arithmetic behind "merge only where it lowers the mean latency without raising
-the worst"."""
+the worst", and how a request's deadline is judged against the queue ahead of it."""
 
 from __future__ import annotations
 
+import asyncio
+
+import numpy as np
 import pytest
 
-from kiln.serve.batcher import _merge_pays, _schedule
+from kiln import artifact as artifacts
+from kiln.serve.batcher import Batcher, BatchPolicy, _merge_pays, _schedule
+from kiln.serve.metrics import ServerMetrics
+from kiln.serve.model import ServedModel, Work
 
 
 def test_two_requests_run_apart_when_the_other_instance_is_about_to_be_free() -> None:
@@ -55,3 +61,36 @@ def test_under_a_growing_backlog_a_merge_that_saves_work_is_taken() -> None:
     together = _schedule([0.050, 0.055], [(0.017, [0.020, 0.021]), *queued[2:]])
     assert _merge_pays(apart, together)
     assert not _merge_pays(together, apart)
+
+
+def _line_cost_model(model: ServedModel, fixed_s: float, per_row_s: float) -> None:
+    """Teach a tensor model's cost model an exact line (one length, as a tensor model's batches have)."""
+    for rows in (1, 2, 4, 8, 16, 32):
+        model.cost.observe(rows, 1, fixed_s + per_row_s * rows)
+
+
+def test_a_deadline_is_judged_by_the_predicted_cost_of_the_queue_ahead(tiny_artifact: artifacts.Artifact) -> None:
+    # one instance, a 1 ms + 0.1 ms/row engine, eight 8-row requests queued (the dispatch loop is not started, so
+    # they stay queued): 8 x 1.8 ms = 14.4 ms of compute ahead, and 1.8 ms for the new request itself
+    model = ServedModel(tiny_artifact, instances=1)
+    _line_cost_model(model, 0.001, 0.0001)
+
+    def work(rows: int) -> Work:
+        feeds = {"input": np.zeros((rows, 4), dtype=np.float32)}
+        return Work(rows=rows, key=(("input", (4,)),), length=1, outputs=["probabilities"], feeds=feeds)
+
+    async def outcome(timeout_s: float) -> str:
+        batcher = Batcher(model, BatchPolicy(max_batch_size=32), ServerMetrics().for_model("tiny", 1))
+        queued = [asyncio.create_task(batcher.submit(work(8), timeout_s=None)) for _ in range(8)]
+        await asyncio.sleep(0)  # they join the queue
+        late = asyncio.create_task(batcher.submit(work(8), timeout_s=timeout_s))
+        await asyncio.sleep(0)
+        result = "queued" if not late.done() else type(late.exception()).__name__
+        for task in [*queued, late]:
+            task.cancel()
+        await asyncio.gather(*queued, late, return_exceptions=True)
+        return result
+
+    # a 30 ms deadline can be met (16.2 ms predicted); a 10 ms one cannot
+    assert asyncio.run(outcome(0.030)) == "queued"
+    assert asyncio.run(outcome(0.010)) == "Overloaded"

@@ -43,7 +43,7 @@ WAIT_PAYS_UTILIZATION = 0.5
 # (:meth:`Batcher._merge_pays_now`); it bounds the event loop's work per dispatch.
 _SCHEDULE_HORIZON = 64
 _RATE_SMOOTHING = 0.05  # weight of the newest inter-arrival gap in the arrival-rate estimate
-_TYPICAL_LENGTH = 32
+_TYPICAL_LENGTH = 32  # tokens of a typical text request, where the batcher plans for requests not yet seen
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class Batcher:
         self.metrics = metrics
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._queued_cost_s = 0.0  # the queued requests' predicted seconds, each run alone
         self._inflight = 0
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
@@ -93,6 +94,7 @@ class Batcher:
         self._last_arrival = 0.0
         self._mean_gap_s = float("inf")  # smoothed time between arrivals
         self._mean_rows = 1.0
+        self._typical_length = _TYPICAL_LENGTH if model.is_text else 1  # a tensor model's batches have length 1
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -144,7 +146,7 @@ class Batcher:
         cost_s = self.model.cost.predict(work.rows, work.length)
         if timeout_s is not None:
             deadline = now + timeout_s
-            expected = self._expected_wait_s() + cost_s
+            expected = self._expected_wait_s(now) + cost_s
             if expected > timeout_s:
                 self.metrics.rejected("deadline")
                 raise Overloaded(
@@ -163,6 +165,7 @@ class Batcher:
         future: asyncio.Future[Feeds] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(work, future, now, deadline, cost_s))
         self._queued_rows += work.rows
+        self._queued_cost_s += cost_s
         self.metrics.queue_depth(self._queued_rows)
         self._arrived.set()
         return await future
@@ -182,12 +185,15 @@ class Batcher:
         """Smoothed arrival rate in rows per second (0 before two arrivals)."""
         return self._mean_rows / self._mean_gap_s if self._mean_gap_s > 0 else 0.0
 
-    def _expected_wait_s(self) -> float:
-        """Queue ahead of a new request, in seconds of predicted compute, spread over the engine instances."""
-        if not self._queued_rows and not self._inflight:
-            return 0.0
-        per_row = self.model.cost.predict(self.policy.max_batch_size, _TYPICAL_LENGTH) / self.policy.max_batch_size
-        return (self._queued_rows + self._inflight * self.policy.max_batch_size / 2) * per_row / len(self.model.engines)
+    def _expected_wait_s(self, now: float) -> float:
+        """Predicted seconds before a new request starts: until an engine instance is free (now, or when the running
+        batch that ends first is predicted to end), then the queue ahead, each request's predicted cost alone (a
+        merge only shortens it), spread over the instances.
+        """
+        free_in = 0.0
+        if not self._free_instances and self._busy_until:
+            free_in = max(0.0, min(self._busy_until.values()) - now)
+        return free_in + max(0.0, self._queued_cost_s) / len(self.model.engines)
 
     # -- the dispatch side --------------------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
@@ -215,9 +221,9 @@ class Batcher:
         if policy.max_batch_size <= 1 or policy.max_queue_delay_s <= 0 or self._queued_rows >= policy.max_batch_size:
             return False
         cost = self.model.cost
-        if cost.batching_gain(policy.max_batch_size, _TYPICAL_LENGTH) < WAIT_PAYS_GAIN:
+        if cost.batching_gain(policy.max_batch_size, self._typical_length) < WAIT_PAYS_GAIN:
             return False
-        busy_alone = self.arrival_rows_per_s * cost.predict(1, _TYPICAL_LENGTH) / len(self.model.engines)
+        busy_alone = self.arrival_rows_per_s * cost.predict(1, self._typical_length) / len(self.model.engines)
         return busy_alone >= WAIT_PAYS_UTILIZATION
 
     async def _gather_batch_mates(self) -> None:
@@ -225,7 +231,7 @@ class Batcher:
         oldest = self._queue[0].enqueued
         wait_s = policy.max_queue_delay_s
         if policy.p99_target_s is not None:
-            full_batch_s = self.model.cost.predict(policy.max_batch_size, _TYPICAL_LENGTH)
+            full_batch_s = self.model.cost.predict(policy.max_batch_size, self._typical_length)
             wait_s = min(wait_s, max(0.0, policy.p99_target_s - full_batch_s) / 2)
         until = oldest + wait_s
         while self._queued_rows < policy.max_batch_size:
@@ -294,6 +300,7 @@ class Batcher:
             if returned:  # back into the queue in arrival order
                 self._queue = deque(sorted([*returned, *self._queue], key=lambda p: p.enqueued))
         self._queued_rows -= sum(p.work.rows for p in taken)
+        self._queued_cost_s = self._queued_cost_s - sum(p.cost_s for p in taken) if self._queue else 0.0
         self.metrics.queue_depth(self._queued_rows)
         for pending in taken:
             self.metrics.queued(now - pending.enqueued)
@@ -330,6 +337,7 @@ class Batcher:
 
     def _fail_expired(self, pending: _Pending) -> None:
         self._queued_rows -= pending.work.rows
+        self._queued_cost_s -= pending.cost_s
         if not pending.future.done():
             self.metrics.rejected("deadline")
             pending.future.set_exception(
