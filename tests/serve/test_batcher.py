@@ -94,3 +94,28 @@ def test_a_deadline_is_judged_by_the_predicted_cost_of_the_queue_ahead(tiny_arti
     # a 30 ms deadline can be met (16.2 ms predicted); a 10 ms one cannot
     assert asyncio.run(outcome(0.030)) == "queued"
     assert asyncio.run(outcome(0.010)) == "Overloaded"
+
+
+def test_drain_ends_when_the_last_queued_request_was_cancelled(tiny_artifact: artifacts.Artifact) -> None:
+    # a client gave up while its request was queued; the dispatch loop drops it and finds nothing to run: drain()
+    # (unload, SIGTERM) must still end, and the queue-depth gauge must read 0
+    model = ServedModel(tiny_artifact, instances=1)
+    metrics = ServerMetrics()
+
+    async def drain_after_a_cancel() -> None:
+        batcher = Batcher(model, BatchPolicy(), metrics.for_model("tiny", 1))
+        feeds = {"input": np.zeros((2, 4), dtype=np.float32)}
+        request = asyncio.create_task(
+            batcher.submit(Work(2, (("input", (4,)),), 1, ["probabilities"], feeds=feeds), timeout_s=None)
+        )
+        await asyncio.sleep(0)  # queued; the dispatch loop is not running yet
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+        draining = asyncio.create_task(batcher.drain())
+        await asyncio.sleep(0)
+        batcher.start()
+        await asyncio.wait_for(draining, timeout=5)
+        await batcher.close()
+
+    asyncio.run(drain_after_a_cancel())
+    assert metrics.registry.get_sample_value("kiln_queue_depth_rows", {"model": "tiny", "version": "1"}) == 0

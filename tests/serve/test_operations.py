@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings
@@ -58,6 +59,12 @@ def test_a_full_queue_answers_overload_with_retry_after_and_never_crashes(
             assert headers["retry-after"] == "1"
             assert "accepts at most 128" in body["error"]
     assert infer(server.http_url)[0] == 200  # the queue drained; the server serves on
+    # each refusal counts once, under its reason: failures by reason add up to the failed requests
+    with urllib.request.urlopen(f"http://{server.http_url}/metrics", timeout=10) as response:
+        samples = [s for f in text_string_to_metric_families(response.read().decode()) for s in f.samples]
+    failures = {s.labels["reason"]: s.value for s in samples if s.name == "kiln_request_failures_total"}
+    failed = [s.value for s in samples if s.name == "kiln_requests_total" and s.labels["outcome"] == "failure"]
+    assert failures == {"queue_full": codes.count(status)} and failed == [codes.count(status)]
 
 
 def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once(

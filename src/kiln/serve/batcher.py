@@ -134,12 +134,12 @@ class Batcher:
         """
         policy = self.policy
         if self._queued_rows + work.rows > policy.max_queue_rows:
-            self.metrics.rejected("queue_full")
             raise Overloaded(
                 f'model "{self.model.name}" has {self._queued_rows} rows queued and accepts at most '
                 f"{policy.max_queue_rows}; retry after a short wait or add capacity",
                 model=self.model.name,
                 retry_after_s=1,
+                reason="queue_full",
             )
         now = time.perf_counter()
         deadline = None
@@ -148,12 +148,12 @@ class Batcher:
             deadline = now + timeout_s
             expected = self._expected_wait_s(now) + cost_s
             if expected > timeout_s:
-                self.metrics.rejected("deadline")
                 raise Overloaded(
                     f"request timeout is {timeout_s * 1000:.0f} ms but the queue ahead of it needs about "
                     f"{expected * 1000:.0f} ms; retry later or allow a longer timeout",
                     model=self.model.name,
                     retry_after_s=1,
+                    reason="deadline",
                 )
         if self._closed:
             raise Overloaded(
@@ -260,7 +260,10 @@ class Batcher:
         now = time.perf_counter()
         while self._queue and self._expired(self._queue[0], now):
             self._fail_expired(self._queue.popleft())
-        if not self._queue:
+        if not self._queue:  # its last requests expired or were cancelled: nothing to run
+            self.metrics.queue_depth(self._queued_rows)
+            if not self._inflight:
+                self._idle.set()  # drain() waits for this, and no batch is left to set it when it ends
             return []
         limit = self.policy.max_batch_size if self.policy.batching else 1
         # Share the backlog among the free engine instances: two requests and two idle instances run side by side,
@@ -339,13 +342,13 @@ class Batcher:
         self._queued_rows -= pending.work.rows
         self._queued_cost_s -= pending.cost_s
         if not pending.future.done():
-            self.metrics.rejected("deadline")
             pending.future.set_exception(
                 Overloaded(
                     f'request to model "{self.model.name}" waited {(time.perf_counter() - pending.enqueued) * 1000:.0f}'
                     " ms in the queue and passed its deadline; retry later or allow a longer timeout",
                     model=self.model.name,
                     retry_after_s=1,
+                    reason="deadline",
                 )
             )
 

@@ -250,7 +250,8 @@ def _public_settings(settings: ServeSettings) -> dict[str, Any]:
 
 
 def _reason(exc: KilnError) -> str:
-    return type(exc).__name__.lower()
+    """The failure's label: the reason the error gives (an overload's ``queue_full`` or ``deadline``), else its kind."""
+    return str(exc.details.get("reason") or type(exc).__name__.lower())
 
 
 def _tensor_metadata(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:

@@ -124,9 +124,6 @@ class ModelMetrics:
     def queue_depth(self, rows: int) -> None:
         self._queue_rows.set(rows)
 
-    def rejected(self, reason: str) -> None:
-        self._server.failures.labels(*self._labels, reason).inc()
-
     def finished(self, seconds: float, outcome: str, reason: str | None = None) -> None:
         """A request answered: ``outcome`` is ``success`` or ``failure`` (then ``reason`` says why)."""
         self._request_seconds[outcome].observe(seconds)
