@@ -45,3 +45,11 @@ def test_malformed_tensors_name_the_input_and_the_rule() -> None:
         from_bytes("t", "BYTES", (1,), b"\x64\0\0\0ab")
     with pytest.raises(InvalidInput, match=r"element 1 is not valid UTF-8"):
         decode_texts("t", np.array([b"ok", b"\xff\xfe"], dtype=np.object_))
+
+
+def test_a_bytes_shape_larger_than_its_data_is_refused_before_anything_is_allocated() -> None:
+    # 10**12 elements would be 7 TiB of object pointers; every element needs at least its 4-byte length
+    with pytest.raises(InvalidInput, match=r'input "t": its shape holds 1000000000000 BYTES elements but the data'):
+        from_bytes("t", "BYTES", (10**12,), b"")
+    with pytest.raises(InvalidInput, match="holds 3 BYTES elements but the data has 8 bytes"):
+        from_bytes("t", "BYTES", (3,), to_bytes(np.array([b"", b""], dtype=np.object_)))

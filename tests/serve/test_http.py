@@ -45,6 +45,17 @@ def infer_body(data: list[Any], shape: list[int], name: str = "input", datatype:
     return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}).encode()
 
 
+def with_fields(**fields: Any) -> bytes:
+    """A valid one-row request, with ``parameters`` (of its input) or ``outputs`` (of the request) set as given."""
+    tensor: dict[str, Any] = {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+    body: dict[str, Any] = {"inputs": [tensor]}
+    if "parameters" in fields:
+        tensor["parameters"] = fields["parameters"]
+    if "outputs" in fields:
+        body["outputs"] = fields["outputs"]
+    return json.dumps(body).encode()
+
+
 @pytest.fixture
 def tiny_server(start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact) -> Any:
     return start_server(tiny_artifact.repository, ServeSettings(max_rows_per_request=64), http=True)
@@ -114,6 +125,13 @@ def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(
         (b"{not json", 400, r"not valid JSON"),
         (b'{"inputs": []}', 400, r'non-empty "inputs" list'),
         (json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4]}]}).encode(), 400, "neither"),
+        (with_fields(parameters=[1]), 400, r'"parameters" of input "input" is \[1\]; it must be a JSON object'),
+        (with_fields(outputs=5), 400, r'"outputs" is 5; send a list of objects with a "name"'),
+        (
+            with_fields(outputs=[{"name": "probabilities", "parameters": "b"}]),
+            400,
+            r'"parameters" of output "probabilities" is \'b\'; it must be a JSON object',
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_json_error_that_names_the_value(
@@ -123,6 +141,23 @@ def test_bad_requests_get_a_4xx_with_a_json_error_that_names_the_value(
     assert code == status
     assert set(payload) == {"error"}
     assert re.search(message, payload["error"]), payload["error"]
+
+
+def test_binary_data_output_applies_to_listed_outputs_that_do_not_say(tiny_server: Any) -> None:
+    # Triton's binary extension: the request's binary_data_output is the default; an output's own binary_data wins
+    def response(outputs: list[dict[str, Any]]) -> tuple[Any, bytes]:  # (headers, case-insensitive; body)
+        tensor = {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+        body = {"inputs": [tensor], "outputs": outputs, "parameters": {"binary_data_output": True}}
+        url = f"http://{tiny_server.http_url}/v2/models/tiny/infer"
+        with urllib.request.urlopen(urllib.request.Request(url, data=json.dumps(body).encode()), timeout=30) as r:
+            return r.headers, r.read()
+
+    headers, body = response([{"name": "probabilities"}])
+    length = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:length])
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 12} and len(body) == length + 12
+    headers, body = response([{"name": "probabilities", "parameters": {"binary_data": False}}])
+    assert headers.get("Inference-Header-Content-Length") is None and len(json.loads(body)["outputs"][0]["data"]) == 3
 
 
 def test_unknown_model_version_and_route_are_404s_with_suggestions(tiny_server: Any) -> None:

@@ -131,6 +131,12 @@ def from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | me
 def deserialize_bytes(name: str, raw: bytes | memoryview, count: int) -> Array:
     """Length-prefixed BYTES elements -> an object array of ``bytes``."""
     view = memoryview(raw)
+    if count * _LENGTH.size > len(view):  # before allocating: the shape is the client's word, the bytes are real
+        raise InvalidInput(
+            f'input "{name}": its shape holds {count} BYTES elements but the data has {len(view)} bytes, and each '
+            "element needs at least 4 (its little-endian length); make the shape match the data",
+            input=name,
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
     for i in range(count):

@@ -234,12 +234,12 @@ class DataPlane:
 
 
 def _response(loaded: LoadedVersion, request: InferRequest, outputs: dict[str, Any]) -> InferResponse:
-    binary = {out.name: out.binary for out in request.outputs}
+    said = {out.name: out.binary for out in request.outputs if out.binary is not None}
     return InferResponse(
         model_name=loaded.model.name,
         model_version=str(loaded.version),
         outputs=outputs,
-        binary={name: binary.get(name, request.binary_output_default) for name in outputs},
+        binary={name: said.get(name, request.binary_output_default) for name in outputs},
         id=request.id,
     )
 

@@ -116,9 +116,7 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         raise InvalidInput(f"request body is not valid JSON ({exc}); send a KServe V2 inference request") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise InvalidInput('request must be a JSON object with a non-empty "inputs" list (KServe V2 inference)')
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput('"parameters" must be a JSON object')
+    parameters = _object(header.get("parameters"), '"parameters"')
     inputs: dict[str, Any] = {}
     datatypes: dict[str, str] = {}
     offset = 0
@@ -133,7 +131,7 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
             raise InvalidInput(f'input "{name}" has no "datatype"; add one, e.g. "FP32" or "BYTES"', input=name)
         numpy_dtype(datatype, name)
         shape = check_shape(name, tensor.get("shape"))
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _object(tensor.get("parameters"), f'"parameters" of input "{name}"').get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(
@@ -154,10 +152,14 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
             "to the bytes after the JSON header"
         )
     outputs = []
-    for out in header.get("outputs") or []:
+    requested = header.get("outputs") or []
+    if not isinstance(requested, list):
+        raise InvalidInput(f'"outputs" is {requested!r}; send a list of objects with a "name", or leave it out')
+    for out in requested:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput('each entry of "outputs" must be an object with a "name"')
-        outputs.append(RequestedOutput(out["name"], bool((out.get("parameters") or {}).get("binary_data", False))))
+        as_bytes = _object(out.get("parameters"), f'"parameters" of output "{out["name"]}"').get("binary_data")
+        outputs.append(RequestedOutput(out["name"], None if as_bytes is None else bool(as_bytes)))
     return InferRequest(
         inputs=inputs,
         outputs=outputs,
@@ -167,6 +169,15 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         timeout_s=_timeout_s(parameters.get("timeout"), timeout_header),
         datatypes=datatypes,
     )
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """A JSON object of the request (``None``: absent, an empty one), or a clear error naming where it is."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f'{what} is {value!r}; it must be a JSON object ({{"name": value, ...}}) or left out')
+    return value
 
 
 def _timeout_s(parameter: Any, header: str | None) -> float | None:

@@ -16,10 +16,11 @@ Array = np.ndarray[Any, Any]
 
 @dataclass(frozen=True)
 class RequestedOutput:
-    """An output the client asked for, and whether it wants it as raw bytes (binary extension)."""
+    """An output the client asked for, and whether it wants it as raw bytes (binary extension; ``None``: it did not
+    say, and the request's ``binary_data_output`` decides)."""
 
     name: str
-    binary: bool = False
+    binary: bool | None = None
 
 
 @dataclass
