@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kiln import artifact as artifacts
 from kiln.serve import BatchCostModel
+from kiln.serve.model import ServedModel
+from kiln.serve.protocol import InferRequest
 
 
 def fitted(fixed: float, per_token: float, per_token2: float = 0.0) -> BatchCostModel:
@@ -115,3 +118,31 @@ def test_no_least_cost_batch_holds_a_pair_that_may_not_share_one() -> None:
                 for j in batch:
                     if i != j:
                         assert model.may_share_batch(rows[i], lengths[i], rows[j], lengths[j])
+
+
+class _Recorded(BatchCostModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def observe(self, rows: int, length: int, seconds: float) -> None:
+        self.seen.append((rows, length))
+        super().observe(rows, length, seconds)
+
+
+@pytest.mark.slow
+def test_token_id_requests_to_a_text_model_are_costed_by_their_padded_length(
+    minilm_artifact: artifacts.Artifact,
+) -> None:
+    # a client that tokenizes itself sends input_ids of 20 tokens a row: the cost model must learn 20 tokens, not 1
+    # (a length of 1 for 20-token batches turns the per-token cost into a fixed one, and batching looks free)
+    model = ServedModel(minilm_artifact, instances=1)
+    ids = np.full((2, 20), 1000, dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    names = [spec.name for spec in model.engines[0].inputs]
+    request = InferRequest(inputs={name: feeds[name] for name in names}, datatypes=dict.fromkeys(names, "INT64"))
+    work = model.prepare(request, max_rows=8)
+    assert work.length == 20
+    model.cost = recorded = _Recorded()
+    model.execute([work, model.prepare(request, max_rows=8)])
+    assert recorded.seen == [(4, 20)]

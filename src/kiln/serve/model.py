@@ -187,7 +187,14 @@ class ServedModel:
         self._check_rows(next(iter(expected)), rows, max_rows)
         if not self.batchable:
             key.append(("unbatched", id(request)))  # never stacked with anything
-        return Work(rows=rows, key=tuple(key), length=1, outputs=outputs, feeds=dict(request.inputs))
+        feeds = dict(request.inputs)
+        return Work(rows=rows, key=tuple(key), length=self._tokens_per_row(feeds), outputs=outputs, feeds=feeds)
+
+    def _tokens_per_row(self, feeds: Feeds) -> int:
+        """The padded length of a text model's token-id tensors (their second axis), what a batch of them costs by;
+        1 for other tensor models."""
+        ids = feeds.get("input_ids") if self.tokenizer is not None else None
+        return int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 1
 
     def _requested_outputs(self, request: InferRequest) -> list[str]:
         if not request.outputs:
@@ -225,11 +232,11 @@ class ServedModel:
             ids = [row for work in works for row in (work.token_ids or [])]
             feeds = TextTokenizer.pad(ids, list(self.engine_inputs))
             length = feeds["input_ids"].shape[1]
-        elif len(works) == 1:
-            feeds, length = works[0].feeds, 1
-        else:
-            feeds = {name: np.concatenate([w.feeds[name] for w in works]) for name in self.engine_inputs}
-            length = 1
+        else:  # tensors: one request, or requests of one key (the same shapes after the first axis)
+            feeds = works[0].feeds
+            if len(works) > 1:
+                feeds = {name: np.concatenate([w.feeds[name] for w in works]) for name in self.engine_inputs}
+            length = works[0].length
         started = time.perf_counter()
         outputs = engine.run(feeds)
         seconds = time.perf_counter() - started
