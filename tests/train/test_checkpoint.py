@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
-from kiln.train import Checkpointer, CheckpointError, StepStats, TrainSettings, train
+from kiln.train import Checkpointer, CheckpointError, StepStats, TrainingDiverged, TrainSettings, train
 from kiln.train.checkpoint import capture_rng, restore_rng
 
 
@@ -76,8 +77,8 @@ def test_a_fresh_run_does_not_overwrite_an_existing_one(make_settings: Callable[
 
 def test_resume_refuses_settings_that_change_the_run(make_settings: Callable[..., TrainSettings]) -> None:
     train(make_settings(max_steps=2))
-    with pytest.raises(ConfigError, match=r"cannot resume: these settings differ .*lr: 0.001 -> 0.01"):
-        train(make_settings(max_steps=4, lr=0.01, resume="latest"))
+    with pytest.raises(ConfigError, match=r"cannot resume: these settings differ .*weight_decay: 0.0 -> 0.01"):
+        train(make_settings(max_steps=4, weight_decay=0.01, resume="latest"))
 
 
 def test_resume_in_process_continues_exactly(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
@@ -110,3 +111,92 @@ def test_a_stop_signal_ends_the_running_step_and_checkpoints_it(
     assert Checkpointer(tmp_path / "ckpt").load()["step"] == 5
     assert signal.getsignal(signum) is before  # the handler was put back
     assert train(make_settings(dataset="digits", max_steps=9, resume="latest")).resumed_from_step == 5
+
+
+def test_only_a_constant_schedule_may_change_its_length_on_resume(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    """epochs/max_steps set how long a decaying lr decays: a new length would move the lr of every resumed step."""
+    for schedule in ("linear", "cosine"):
+        ckpt = str(tmp_path / schedule)
+        train(make_settings(epochs=2, schedule=schedule, checkpoint_dir=ckpt))
+        with pytest.raises(
+            ConfigError, match=rf'cannot resume with epochs: 2 -> 4: with schedule = "{schedule}".*keep epochs = 2, or'
+        ):
+            train(make_settings(epochs=4, schedule=schedule, checkpoint_dir=ckpt, resume="latest"))
+    ckpt = str(tmp_path / "constant")
+    train(make_settings(epochs=2, warmup_steps=3, checkpoint_dir=ckpt))
+    extended = train(make_settings(epochs=4, warmup_steps=3, checkpoint_dir=ckpt, resume="latest"))
+    assert extended.steps == 16  # iris: 4 steps an epoch
+
+
+def test_resume_from_a_file_when_the_pointer_is_corrupt(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    """The corrupt-pointer error says to resume with --resume-from; that resume must then work."""
+    train(make_settings(max_steps=4, checkpoint_every=2))
+    (tmp_path / "ckpt" / "latest.json").write_text('{"step": 4, "fi')
+    with pytest.raises(CheckpointError, match=r"not a valid checkpoint pointer .* resume from one of them with"):
+        train(make_settings(max_steps=6, resume="latest"))
+    resumed = train(make_settings(max_steps=6, resume=str(tmp_path / "ckpt" / "step-00000002.pt")))
+    assert (resumed.resumed_from_step, resumed.steps) == (2, 6)
+    assert Checkpointer(tmp_path / "ckpt").load()["step"] == 6
+
+
+def test_a_stop_after_resuming_an_earlier_checkpoint_writes_its_steps(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    """latest.json names step 4; resumed from step 2 and stopped after step 3, step 3 is written, not dropped."""
+    train(make_settings(max_steps=4, checkpoint_every=2))
+
+    def stop_after_three(stats: StepStats) -> None:
+        if stats.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    earlier = make_settings(max_steps=6, checkpoint_every=2, resume=str(tmp_path / "ckpt" / "step-00000002.pt"))
+    with pytest.raises(KeyboardInterrupt):
+        train(earlier, on_step=stop_after_three)
+    assert Checkpointer(tmp_path / "ckpt").load()["step"] == 3
+
+
+def test_divergence_after_resuming_an_earlier_checkpoint_names_that_checkpoint(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    settings = make_settings(dataset="diabetes", optimizer="sgd", lr=20.0, epochs=5, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged):
+        train(settings)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    good = ckpt.load()
+    ckpt.save(8, {k: v for k, v in good.items() if k not in ("format", "step")})  # latest.json now names step 8
+    with pytest.raises(TrainingDiverged, match=r'last good checkpoint is ".*step-00000002\.pt" \(step 2\)'):
+        train(dataclasses.replace(settings, resume=str(tmp_path / "ckpt" / "step-00000002.pt")))
+
+
+def test_a_resumed_trainer_steps_at_its_own_lr_and_warmup(make_settings: Callable[..., TrainSettings]) -> None:
+    """lr and warmup_steps may change on resume: the very first resumed step runs at the new schedule's lr."""
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import lr_schedule, make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    def trainer(settings: TrainSettings) -> Trainer:
+        work = prepare_workload(settings, None)
+        optimizer = make_optimizer(work.model, settings)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, 100))
+        return Trainer(
+            work.model,
+            optimizer,
+            scheduler,
+            work.sampler,
+            work.tensors,
+            work.loss_sum,
+            accelerator=make_accelerator("cpu", "no"),
+        )
+
+    first = trainer(make_settings(optimizer="sgd", lr=0.5))
+    for _ in range(4):
+        first.train_step()
+    resumed = trainer(make_settings(optimizer="sgd", lr=0.01, warmup_steps=10))
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 5 / 10)  # step 5 of the warm-up
+    resumed.train_step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 6 / 10)

@@ -290,3 +290,8 @@ def test_adaptive_batch_refuses_a_decaying_schedule() -> None:
         ConfigError, match='adaptive_batch changes the steps per epoch, so it needs schedule = "constant"'
     ):
         TrainSettings(adaptive_batch=True, schedule="cosine")
+
+
+def test_adaptive_batch_refuses_a_token_budget() -> None:
+    with pytest.raises(ConfigError, match=r"adaptive_batch .* max_tokens = 512 .* set adaptive_batch = false or"):
+        TrainSettings(dataset="topics.jsonl", model="minilm", adaptive_batch=True, max_tokens=512)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +111,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     good = Checkpointer(tmp_path / "ckpt").load()
     assert good["step"] == 2
     assert all(v.isfinite().all() for v in good["model"].values())
+
+
+def test_a_diverged_run_resumes_as_its_message_advises(make_settings: Callable[..., TrainSettings]) -> None:
+    """SGD at lr 0.3 runs away from step ~19 and overflows at 23; step 16's checkpoint (loss ~3) is still sound."""
+    settings = make_settings(dataset="diabetes", optimizer="sgd", lr=0.3, epochs=3, checkpoint_every=8)
+    advice = r"resume from it with a lower lr, or with warmup_steps above 16 .*\(both may change on resume\)"
+    with pytest.raises(TrainingDiverged, match=r'last good checkpoint is ".*step-00000016\.pt" \(step 16\); ' + advice):
+        train(settings)
+    seen: list[StepStats] = []
+    resumed = train(dataclasses.replace(settings, lr=0.03, warmup_steps=20, resume="latest"), on_step=seen.append)
+    assert (resumed.resumed_from_step, resumed.steps) == (16, 33) and math.isfinite(resumed.metrics["final_loss"])
+    assert seen[0].lr == pytest.approx(0.03 * 18 / 20)  # StepStats.lr is the next step's: the warm-up's 18th
+    assert seen[-1].lr == pytest.approx(0.03)
+
+
+def test_a_run_that_diverges_before_any_checkpoint_is_told_to_start_again(
+    make_settings: Callable[..., TrainSettings],
+) -> None:
+    settings = make_settings(dataset="diabetes", optimizer="sgd", lr=0.3, epochs=3, checkpoint_every=0)
+    with pytest.raises(TrainingDiverged, match=r"no checkpoint exists; start again with a lower lr or more warmup"):
+        train(settings)
+    assert train(dataclasses.replace(settings, lr=0.03, warmup_steps=5)).steps == 33  # same checkpoint_dir
 
 
 def test_config_typo_suggests_the_closest_key(tmp_path: Path) -> None:

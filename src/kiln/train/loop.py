@@ -107,7 +107,7 @@ class Trainer:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
         sampler: Sampler,
         tensors: dict[str, torch.Tensor],
         loss_sum: LossSum,
@@ -278,6 +278,7 @@ class Trainer:
         extra_state: Callable[[], dict[str, Any]] = dict,
         on_step: Callable[[StepStats], None] | None = None,
         stop_at_epoch: int | None = None,
+        resumed_from: SavedCheckpoint | None = None,
     ) -> SavedCheckpoint | None:
         """Train until ``total_steps``, checkpointing every ``checkpoint_every`` steps and at exit.
 
@@ -286,8 +287,12 @@ class Trainer:
         half-done) and a NaN/inf loss keep the last checkpoint as the one to resume from; for the latter
         :class:`TrainingDiverged` names it. ``stop_at_epoch`` (adaptive batch size, where the steps per epoch
         change) also ends the run when that epoch is reached; ``total_steps`` is then a cap and the ETA estimate.
+        ``resumed_from`` is the checkpoint this trainer's state was loaded from (``None``: a fresh start): the last
+        good checkpoint until the loop writes one.
         """
-        last: SavedCheckpoint | None = checkpointer.latest() if checkpointer else None
+        # NOTE: not checkpointer.latest(): a resume from an explicit file may start behind the pointer (or beside
+        # a corrupt one), and a stop must then still write its steps, a divergence name the file resumed from
+        last = resumed_from
         started, done_at_start = time.perf_counter(), self.step
         smoothed_rate = token_rate = 0.0
         try:
@@ -327,10 +332,17 @@ class Trainer:
                     if stop.signal is not None:
                         raise KeyboardInterrupt(f"signal {stop.signal}")
         except NonFiniteLoss as exc:
-            where = f'the last good checkpoint is "{last.path}" (step {last.step})' if last else "no checkpoint exists"
+            # NOTE: warmup ramps the lr over steps 0..warmup_steps only: more of it helps a resume from step k only
+            # when warmup_steps > k
+            advice = (
+                f'the last good checkpoint is "{last.path}" (step {last.step}); resume from it with a lower lr, or '
+                f"with warmup_steps above {last.step} to ramp the lr up again from there (both may change on resume)"
+                if last
+                else "no checkpoint exists; start again with a lower lr or more warmup_steps"
+            )
             raise TrainingDiverged(
                 f"training stopped at step {self.step + 1}: {exc.message}; the weights were not updated with it and "
-                f"{where}; lower lr, add warmup_steps, or check the data for extreme values, then resume",
+                f"{advice}, or check the data for extreme values",
                 step=self.step + 1,
                 checkpoint=str(last.path) if last else None,
             ) from exc
@@ -365,12 +377,23 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a saved state; the lr from here on is this trainer's schedule (lr and warmup may change on resume)."""
+        base_lrs = list(self.scheduler.base_lrs)  # this run's lr: the saved state holds the old run's
         self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = base_lrs
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["trainer"]["step"])
         if self.sizer is not None and state.get("sizer"):
             self.sizer.load_state_dict(state["sizer"])
             self._lr_factor = self.sizer.lr_factor(self.optimizer_kind)  # what the saved lr already holds
+        step, last_lrs = self.scheduler.last_epoch, self.scheduler.get_last_lr()
+        groups = self.optimizer.param_groups
+        for group, base, lr_at, saved in zip(groups, base_lrs, self.scheduler.lr_lambdas, last_lrs, strict=True):
+            # NOTE: no state holds the lr lambdas (warmup_steps), and the saved lr would run the next step
+            scheduled = base * lr_at(step)
+            group["initial_lr"] = base
+            if scheduled != saved:  # lr or warmup_steps changed; otherwise the saved lr stands, to the bit
+                group["lr"] = scheduled * self._lr_factor
         restore_rng(state["rng"])

@@ -15,13 +15,13 @@ import torch
 from kiln import artifact as artifacts
 from kiln.config import ExportSettings, settings_dict
 from kiln.errors import CheckpointError, ConfigError, TrainingDiverged
-from kiln.train.checkpoint import Checkpointer
+from kiln.train.checkpoint import Checkpointer, SavedCheckpoint
 from kiln.train.distributed import is_worker, launch, load_artifact, write_result
 from kiln.train.finetune import prune_and_finetune
 from kiln.train.goodput import GoodputSizer
 from kiln.train.loop import StepStats, Trainer, make_accelerator
 from kiln.train.optim import lr_schedule, make_optimizer
-from kiln.train.settings import TrainSettings, changed_identity
+from kiln.train.settings import TrainSettings, changed_identity, check_schedule_length
 from kiln.train.tracking import make_tracker
 from kiln.train.workload import prepare_workload
 
@@ -121,7 +121,8 @@ def train(
     )
 
     checkpointer = Checkpointer(settings.checkpoint_path, keep=settings.keep_checkpoints)
-    resumed_step, run_id = _resume(trainer, checkpointer, settings)
+    resumed_from, run_id = _resume(trainer, checkpointer, settings)
+    resumed_step = resumed_from.step if resumed_from else 0
     main = bool(accelerator.is_main_process)  # rank 0 alone checkpoints, tracks and exports
     accelerator.wait_for_everyone()  # no rank may see rank 0's first checkpoint as "an existing run"
     tracker = make_tracker(
@@ -153,6 +154,7 @@ def train(
             extra_state=lambda: {"settings": settings_dict(settings), "tracking_run_id": tracker.run_id},
             on_step=report,
             stop_at_epoch=settings.epochs if settings.adaptive_batch and not settings.max_steps else None,
+            resumed_from=resumed_from,
         )
     except TrainingDiverged:
         tracker.finish("FAILED")
@@ -245,8 +247,10 @@ def _result_from_record(settings: TrainSettings, record: dict[str, Any]) -> Trai
     )
 
 
-def _resume(trainer: Trainer, checkpointer: Checkpointer, settings: TrainSettings) -> tuple[int, str | None]:
-    """Load the checkpoint ``settings.resume`` names (``"latest"`` or a path): ``(step, tracking run id)``."""
+def _resume(
+    trainer: Trainer, checkpointer: Checkpointer, settings: TrainSettings
+) -> tuple[SavedCheckpoint | None, str | None]:
+    """Load the checkpoint ``settings.resume`` names (``"latest"`` or a path): ``(that checkpoint, its run id)``."""
     if not settings.resume:
         existing = checkpointer.latest()
         if existing is not None:
@@ -255,8 +259,13 @@ def _resume(trainer: Trainer, checkpointer: Checkpointer, settings: TrainSetting
                 "with --resume, or choose another checkpoint_dir (nothing was overwritten)",
                 path=str(checkpointer.directory),
             )
-        return 0, None
-    state = checkpointer.load(None if settings.resume == "latest" else Path(settings.resume))
+        return None, None
+    path = None if settings.resume == "latest" else Path(settings.resume)
+    state = checkpointer.load(path)
+    if path is None:  # load() read and checked the pointer: it names a file
+        pointed = checkpointer.latest()
+        assert pointed is not None
+        path = pointed.path
     changed = changed_identity(state.get("settings", {}), settings_dict(settings))
     if changed:
         saved = state["settings"]
@@ -266,7 +275,8 @@ def _resume(trainer: Trainer, checkpointer: Checkpointer, settings: TrainSetting
             "the same way; restore them, or start a new run in another checkpoint_dir",
             changed=changed,
         )
+    check_schedule_length(state.get("settings", {}), settings_dict(settings))
     trainer.load_state_dict(state)
-    logger.info("resumed from step %d", trainer.step)
+    logger.info("resumed from step %d (%s)", trainer.step, path)
     run_id = state.get("tracking_run_id") if settings.track else None
-    return trainer.step, run_id
+    return SavedCheckpoint(trainer.step, path), run_id

@@ -30,11 +30,15 @@ PRECISIONS = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PRUNE_IMPORTANCE = ("l1", "taylor")
 
-# Settings that may change between a run and its resume: they steer bookkeeping, not the optimisation path.
+# Settings that may change between a run and its resume: they steer bookkeeping, the run's length, or the lr that
+# a diverged run resumes with (TrainingDiverged advises both; the trainer applies them from the first resumed step).
 RESUMABLE_CHANGES = frozenset(
     {
+        # epochs and max_steps with schedule = "constant" only: a decaying one's length is fixed (check_schedule_length)
         "epochs",
         "max_steps",
+        "lr",
+        "warmup_steps",
         "checkpoint_every",
         "keep_checkpoints",
         "checkpoint_dir",
@@ -211,6 +215,13 @@ class TrainSettings:
             raise ConfigError(f"noise_every is {self.noise_every}; it must be >= 1")
         self._check_prune()
         self._check_embedding(text)
+        if self.adaptive_batch and self.max_tokens:
+            raise ConfigError(
+                f"adaptive_batch moves the batch among batch_size x 2**k rows, and max_tokens = {self.max_tokens} "
+                "batches by token budget instead, so adaptive_batch would do nothing; set adaptive_batch = false or "
+                "max_tokens = 0",
+                setting="adaptive_batch",
+            )
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ConfigError('mixed_precision "fp16" needs a GPU; on CPU use "bf16" or "no"')
 
@@ -319,3 +330,25 @@ def changed_identity(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
     """Settings that differ between a checkpoint and this run and would change the optimisation path."""
     names = [f.name for f in fields(TrainSettings)]
     return [k for k in names if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current.get(k)]
+
+
+def check_schedule_length(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse a resume that changes the length of a decaying lr schedule (``epochs`` or ``max_steps``).
+
+    Linear and cosine decay over the run's total steps, fixed when the run started (no state holds them): a new
+    length would move the lr of every resumed step at once. A constant schedule may be extended.
+    """
+
+    def length(s: Mapping[str, Any]) -> tuple[str, Any]:
+        return ("max_steps", s.get("max_steps")) if s.get("max_steps") else ("epochs", s.get("epochs"))
+
+    if current["schedule"] == "constant" or "epochs" not in saved or length(saved) == length(current):
+        return
+    changed = [k for k in ("epochs", "max_steps") if saved.get(k) != current[k]]
+    raise ConfigError(
+        f"cannot resume with {', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in changed)}: with schedule = "
+        f'"{current["schedule"]}" epochs and max_steps set the steps the lr decays over, fixed when the run started, '
+        f"so every resumed step's lr would jump; keep {' and '.join(f'{k} = {saved.get(k)!r}' for k in changed)}, or "
+        "start a new run in another checkpoint_dir",
+        changed=changed,
+    )
