@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,7 +49,7 @@ def prune_and_finetune(
         report.params_before,
         report.params_after,
     )
-    steps = settings.prune_epochs * math.ceil(len(sampler) / settings.grad_accum_steps)
+    steps = sampler.optimizer_steps(settings.prune_epochs, settings.grad_accum_steps)
     if steps == 0:
         return model, report, 0
     optimizer = make_optimizer(model, settings, lr=settings.prune_lr or settings.lr)

@@ -96,8 +96,7 @@ def train(
     # the fine-tune after pruning walks its own epochs from the start: a copy before training moves the sampler
     fresh_sampler = copy.deepcopy(sampler) if settings.prune_ratio else None
     optimizer = make_optimizer(model, settings)
-    steps_per_epoch = math.ceil(len(sampler) / settings.grad_accum_steps)
-    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    total_steps = settings.max_steps or sampler.optimizer_steps(settings.epochs, settings.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total_steps))
     accelerator = make_accelerator(settings.device, settings.mixed_precision)
     sizer = (

@@ -10,6 +10,7 @@ Both follow the same contract (also ``torch.utils.data.DataLoader(batch_sampler=
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,6 +42,11 @@ class _Resumable:
 
     def __len__(self) -> int:
         return len(self._batches())
+
+    def optimizer_steps(self, epochs: int, grad_accum_steps: int = 1) -> int:
+        """Optimizer steps in epochs ``0 .. epochs - 1``, each ending at its epoch's end (a token budget's epochs
+        differ by a batch or two: each packs its own shuffle)."""
+        return sum(math.ceil(len(self.epoch_batches(e)) / grad_accum_steps) for e in range(epochs))
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self._batches()
