@@ -102,3 +102,61 @@ def test_kiln_train_nproc_2_grows_the_batch(make_settings: Callable[..., TrainSe
     assert result.metrics["test_accuracy"] >= 0.9
     state = Checkpointer(tmp_path / "ckpt").load()
     assert state["sampler"]["epoch"] == 5 and state["sizer"]["changes"] == result.batch_size_changes
+
+
+def _diverging_rank(rank: int, port: int, results: Any) -> None:
+    """One of two data-parallel ranks (gloo) whose loss turns NaN at step 3 on rank 1 only."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    from kiln.errors import TrainingDiverged
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    settings = TrainSettings(dataset="digits", hidden_sizes=(32,), batch_size=8, track=False, export=False)
+    work = prepare_workload(settings, None)
+    optimizer = make_optimizer(work.model, settings)
+    trainer: Trainer
+
+    def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = work.loss_sum(model, batch)
+        return loss * float("nan") if rank == 1 and trainer.step == 3 else loss
+
+    trainer = Trainer(
+        work.model,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        work.sampler,
+        work.tensors,
+        loss_sum,
+        accelerator=make_accelerator("cpu", "no"),
+    )
+    try:
+        trainer.fit(6)
+        results.put((rank, "finished", trainer.step))
+    except TrainingDiverged as exc:
+        results.put((rank, "diverged", exc.details["step"]))
+    trainer.accelerator.wait_for_everyone()
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_update() -> None:
+    """Rank 1 alone sees a NaN loss: if it stopped alone, rank 0 would wait in the gradient all-reduce (gloo's
+    timeout is 30 minutes). Both must raise TrainingDiverged at the same step, with no update applied."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_diverging_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    try:
+        got = sorted(results.get(timeout=120) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    assert got == [(0, "diverged", 4), (1, "diverged", 4)]
+    assert [worker.exitcode for worker in workers] == [0, 0]

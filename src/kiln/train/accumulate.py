@@ -62,7 +62,9 @@ def accumulate_gradients(
     ``after_backward(i)`` runs after micro-batch ``i``'s backward (``.grad`` then holds micro-batches ``0..i``).
 
     Raises:
-        NonFiniteLoss: a micro-batch's loss is NaN/inf; raised before its backward, so the weights stay good.
+        NonFiniteLoss: a micro-batch's loss is NaN/inf; raised before its backward, so the weights stay good. Not
+            with several ranks: each must run the window's backward (the last one all-reduces the gradients), or
+            the others would wait in that all-reduce; the caller checks the ranks' summed loss instead.
     """
     local = sum(count(b) for b in micro_batches)
     total = global_count(local)
@@ -76,7 +78,7 @@ def accumulate_gradients(
             with autocast():
                 loss = loss_sum(model, batch) * scale  # this micro-batch's share of the window's mean
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if world_size == 1 and not math.isfinite(value):
                 raise NonFiniteLoss(f"the loss is {value} on micro-batch {i} of the window", loss=value)
             backward(loss)
         if after_backward is not None:

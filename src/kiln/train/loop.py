@@ -219,6 +219,11 @@ class Trainer:
             world_size=self.accelerator.num_processes,
             after_backward=keep_first_half if halves else None,
         )
+        loss = result.loss  # this rank's share of the window's mean loss: the ranks' shares add up to it
+        if self.accelerator.num_processes > 1:
+            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="sum"))
+            if not math.isfinite(loss):  # every rank sees the same sum, so all stop here, before the update
+                raise NonFiniteLoss(f"the loss summed over the {self.accelerator.num_processes} ranks is {loss}")
         count_a = self.count(micro[0]) if halves else 0
         if halves is not None and self.sizer is not None and 0 < count_a < result.count:
             # .grad after half a is (count_a / count)·G_a; after both, G = (count_a·G_a + count_b·G_b) / count
@@ -241,9 +246,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._mid_step = False
-        loss = result.loss  # this rank's share of the window's mean loss: the ranks' shares add up to it
-        if self.accelerator.num_processes > 1:
-            loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="sum"))
         return loss, global_rows
 
     def _adapt_batch(self) -> None:
