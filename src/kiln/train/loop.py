@@ -375,6 +375,7 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "trainer": {"step": self.step},
             "sizer": self.sizer.state_dict() if self.sizer is not None else None,
+            "scaler": scaler.state_dict() if (scaler := getattr(self.accelerator, "scaler", None)) else None,
             "rng": capture_rng(),
         }
 
@@ -387,6 +388,9 @@ class Trainer:
         self.scheduler.base_lrs = base_lrs
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["trainer"]["step"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):  # fp16: the loss scale it had found, not the default again
+            scaler.load_state_dict(state["scaler"])
         if self.sizer is not None and state.get("sizer"):
             self.sizer.load_state_dict(state["sizer"])
             self._lr_factor = self.sizer.lr_factor(self.optimizer_kind)  # what the saved lr already holds
