@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +160,72 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_update() -> None:
                 worker.kill()
     assert got == [(0, "diverged", 4), (1, "diverged", 4)]
     assert [worker.exitcode for worker in workers] == [0, 0]
+
+
+def _wine_trainer() -> Any:
+    """SGD on wine, 33-row batches: 133 training rows make four batches and a last one of a single row."""
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    settings = TrainSettings(
+        dataset="wine", hidden_sizes=(16,), batch_size=33, optimizer="sgd", lr=0.1, track=False, export=False
+    )
+    work = prepare_workload(settings, None)
+    optimizer = make_optimizer(work.model, settings)
+
+    def collate(rows: Sequence[int]) -> dict[str, torch.Tensor]:  # fails on no rows, as text padding does
+        if not rows:
+            raise ValueError("collate got no rows")
+        index = torch.as_tensor(list(rows))
+        return {k: v[index] for k, v in work.tensors.items()}
+
+    return Trainer(
+        work.model,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        work.sampler,
+        work.tensors,
+        work.loss_sum,
+        accelerator=make_accelerator("cpu", "no"),
+        collate=collate,
+    )
+
+
+def _one_row_batch_rank(rank: int, port: int, results: Any) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    trainer = _wine_trainer()
+    trainer.fit(10)  # two epochs, each ending in a one-row batch
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # tensors would share memory
+    results.put((rank, trainer.step, weights))
+    trainer.accelerator.wait_for_everyone()
+
+
+def test_a_batch_with_fewer_rows_than_ranks_trains_as_one_process_does() -> None:
+    """A one-row batch gives rank 1 no share of it: rank 1 runs a row at zero weight, so both ranks still meet in
+    the gradient all-reduce, and the result equals one process training on the same batches."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_one_row_batch_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    try:
+        got = {rank: (steps, weights) for rank, steps, weights in (results.get(timeout=120) for _ in workers)}
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    torch.set_num_threads(1)
+    alone = _wine_trainer()
+    alone.fit(10)
+    assert got[0][0] == got[1][0] == alone.step == 10
+    for key, value in alone.model.state_dict().items():
+        torch.testing.assert_close(torch.from_numpy(got[0][1][key]), value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(got[1][1][key]), value, rtol=1e-5, atol=1e-6)

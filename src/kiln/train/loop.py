@@ -192,14 +192,29 @@ class Trainer:
         self._mid_step = True
         window = self.sampler.next_window(self.grad_accum_steps)
         global_rows = sum(len(r) for r in window)
+        ghosts: list[bool] = []  # micro-batches this rank runs at zero weight
         if self.accelerator.num_processes > 1:  # every rank sees the global batch and takes its share
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            window = [rows[rank::world] for rows in window]
+            # A batch of fewer rows than ranks (an epoch's short last one, a long text alone in its token budget)
+            # leaves some ranks no share. They run its first row at zero weight: every rank still joins the
+            # gradient all-reduce, and the window's gradient is its real rows' alone.
+            shares = [rows[rank::world] for rows in window]
+            ghosts = [not share for share in shares]
+            window = [share or rows[:1] for share, rows in zip(shares, window, strict=True)]
         halves = self._halves_for_noise(window)
         micro = [self._batch(rows) for rows in halves or window]
+        ghost_ids = {id(batch) for batch, ghost in zip(micro, ghosts, strict=False) if ghost}  # none in one process
         if "attention_mask" in micro[0]:
-            local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            local_tokens = sum(int(b["attention_mask"].sum()) for b in micro if id(b) not in ghost_ids)
             self.last_tokens = self._global_count(local_tokens)
+
+        def count(batch: Batch) -> int:
+            return 0 if id(batch) in ghost_ids else self.count(batch)
+
+        def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+            loss = self.loss_sum(model, batch)
+            return loss * 0.0 if id(batch) in ghost_ids else loss
+
         self.model.train()
         first_half: list[torch.Tensor] = []  # with halves: the gradient after the first half's backward
 
@@ -210,8 +225,8 @@ class Trainer:
         result = accumulate_gradients(
             self.model,
             micro,
-            self.loss_sum,
-            count=self.count,
+            loss_sum if ghost_ids else self.loss_sum,
+            count=count if ghost_ids else self.count,
             backward=torch.Tensor.backward if self._plain else self.accelerator.backward,
             autocast=self._autocast,
             no_sync=lambda: self.accelerator.no_sync(self.model),
