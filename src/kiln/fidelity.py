@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import InvalidInput
+
 Array = np.ndarray[Any, Any]
 
 
@@ -51,22 +53,41 @@ def embedding_fidelity(reference: Array, candidate: Array) -> dict[str, float]:
 
 
 def predictions(output: Array, task: str) -> Array:
-    """Class ids from probabilities/logits (2-D) or from labels (1-D); values for regression."""
+    """Class ids from probabilities/logits (2-D) or from labels (1-D integers); values for regression.
+
+    One float column is a binary classifier's score: a probability of class 1 when every value lies in [0, 1]
+    (cut at 0.5), a logit otherwise (cut at 0).
+    """
     if task == "regression":
         return output.reshape(len(output))
     if output.ndim == 2 and output.shape[1] > 1:
         classes: Array = np.argmax(output, axis=1)
         return classes
-    return output.reshape(len(output))
+    flat = output.reshape(len(output))
+    if flat.dtype.kind == "f":
+        cut = 0.5 if flat.size and flat.min() >= 0.0 and flat.max() <= 1.0 else 0.0
+        binary: Array = (flat > cut).astype(np.int64)
+        return binary
+    return flat
 
 
 def task_score(output: Array, labels: Array, task: str) -> dict[str, float]:
-    """Accuracy for classification; R² (higher is better, so the same guard applies) for regression."""
+    """Accuracy for classification; R² (higher is better, so the same guard applies) for regression.
+
+    Raises:
+        InvalidInput: classification labels that are not class ids (strings, say): they could never equal a
+            predicted class, and an accuracy of 0 would let the accuracy guard pass any variant.
+    """
     pred = predictions(output, task)
     if task == "regression":
         residual = float(np.sum((labels - pred) ** 2))
         total = float(np.sum((labels - np.mean(labels)) ** 2)) or 1.0
         return {"r2": 1.0 - residual / total}
+    if labels.dtype.kind not in "iub" and pred.dtype.kind in "iub":
+        raise InvalidInput(
+            f"the held-out labels are {labels.dtype} values ({', '.join(map(repr, labels[:3].tolist()))} ...) but the "
+            "model predicts class ids; store the labels as class ids 0..K-1, in the order of the model's outputs"
+        )
     return {"accuracy": float(np.mean(pred == labels))}
 
 
