@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,20 @@ def test_write_creates_triton_layout(repository: Path, tiny_artifact: artifacts.
     assert (model_dir / "config.pbtxt").is_file()
     assert tiny_artifact.repository == repository
     assert artifacts.list_models(repository) == ["tiny"]
+
+
+def test_a_version_gets_the_modes_of_a_plain_mkdir_and_open(
+    repository: Path, tiny_artifact: artifacts.Artifact
+) -> None:
+    # a server running as another user must be able to read the repository (tempfile alone gives 0700 and 0600)
+    probe_dir, probe_file = repository / "probe-dir", repository / "probe-file"
+    probe_dir.mkdir()
+    probe_file.write_bytes(b"")
+    dir_mode, file_mode = (stat.S_IMODE(p.stat().st_mode) for p in (probe_dir, probe_file))
+    version = tiny_artifact.path
+    assert stat.S_IMODE(version.stat().st_mode) == dir_mode
+    for written in (version / "kiln.json", version / "model.onnx", repository / "tiny" / "config.pbtxt"):
+        assert stat.S_IMODE(written.stat().st_mode) == file_mode, written
 
 
 def test_manifest_records_sha256_and_signature(tiny_onnx_model: Path, tiny_artifact: artifacts.Artifact) -> None:

@@ -45,6 +45,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _process_umask() -> int:
+    # NOTE: os.umask can only be read by setting it; done once, at import, before any thread could create files
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes owner-only directories and files (0700/0600); what Kiln publishes gets the modes a plain mkdir
+# or open would give, so a server running as another user can read a repository Kiln wrote
+_DIR_MODE = 0o777 & ~_process_umask()
+_FILE_MODE = _DIR_MODE & 0o666
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temp directory next to ``final``; on success fsync it and rename it to ``final``.
@@ -57,6 +70,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
+        os.chmod(tmp, _DIR_MODE)
         os.rename(tmp, final)  # NOTE: fails if final exists and is non-empty: we never overwrite a version.
         _fsync_dir(final.parent)
     except BaseException:
@@ -77,6 +91,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), _FILE_MODE)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
