@@ -82,9 +82,65 @@ def test_file_lists_become_tuples_and_ints_become_floats(tmp_path: Path) -> None
 
 def test_file_section_defaults_to_the_stage_name_and_can_be_chosen(tmp_path: Path) -> None:
     config_file = write_toml(tmp_path, "[bench]\nruns = 3\n[ci]\nruns = 4\n[optimize]\nmeasure_repeats = 9\n")
-    assert resolve(BenchSettings, config_file=config_file, environ={}).runs == 3
     assert resolve(BenchSettings, config_file=config_file, section="ci", environ={}).runs == 4
-    assert resolve(OptimizeSettings, config_file=config_file, environ={}).measure_repeats == 9
+    stages_only = write_toml(tmp_path, "[bench]\nruns = 3\n[optimize]\nmeasure_repeats = 9\n")
+    assert resolve(BenchSettings, config_file=stages_only, environ={}).runs == 3
+    assert resolve(OptimizeSettings, config_file=stages_only, environ={}).measure_repeats == 9
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("[laod]\nrates = [10]\n", r'unknown table \[laod\] \(did you mean "load"\?\)'),
+        ("runs = 3\n[bench]\nsamples = 8\n", r'unknown top-level key "runs"'),
+    ],
+)
+def test_unknown_table_or_top_level_key_in_config_file_is_refused(tmp_path: Path, text: str, what: str) -> None:
+    config_file = write_toml(tmp_path, text)
+    with pytest.raises(ConfigError, match=what + r".*tables \[export\], \[optimize\], \[bench\], \[load\]") as info:
+        resolve(BenchSettings, config_file=config_file, environ={})
+    assert info.value.details["key"] in ("laod", "runs")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[bench]\nbatch_sizes = 8\n", (8,)),  # a scalar for a list setting is a list of one
+        ("[bench]\nruns = 10.0\n", 10),  # an integral float for an int setting is that int
+    ],
+)
+def test_file_values_of_a_near_type_are_converted(tmp_path: Path, text: str, expected: object) -> None:
+    settings = resolve(BenchSettings, config_file=write_toml(tmp_path, text), environ={})
+    value = settings.batch_sizes if "batch_sizes" in text else settings.runs
+    assert value == expected and type(value) is type(expected)
+
+
+def test_a_load_rate_as_a_number_is_a_list_of_one_float(tmp_path: Path) -> None:
+    from kiln.bench import LoadSettings
+
+    config_file = write_toml(tmp_path, "[load]\nrates = 40\n")
+    rates = resolve(LoadSettings, config_file=config_file, section="load", environ={}).rates
+    assert rates == (40.0,) and isinstance(rates[0], float)
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("[bench]\nruns = 10.5\n", r'"runs" has value 10.5; it must be of type int'),
+        ("[bench]\nruns = true\n", r'"runs" has value True; it must be of type int'),
+        ("[bench]\ninclude_torch = 1\n", r'"include_torch" has value 1; it must be of type bool'),
+        ("[bench]\nreport_dir = 3\n", r'"report_dir" has value 3; it must be of type str \| None'),
+        ("[bench]\nbatch_sizes = [1, 2.5]\n", r'"batch_sizes" has value \[1, 2.5\]; it must be of type tuple\[int'),
+        ('[optimize]\nmin_cosine = "high"\n', r'"min_cosine" has value \'high\'; it must be of type float'),
+    ],
+)
+def test_file_values_of_the_wrong_type_name_the_setting_the_type_and_the_file(
+    tmp_path: Path, text: str, what: str
+) -> None:
+    config_file = write_toml(tmp_path, text)
+    cls = OptimizeSettings if "[optimize]" in text else BenchSettings
+    with pytest.raises(ConfigError, match=what + r'.*fix \[(bench|optimize)\] \w+ in the config file ".*kiln.toml"'):
+        resolve(cls, config_file=config_file, environ={})
 
 
 def test_typo_in_config_file_key_suggests_the_right_one(tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from kiln.errors import ConfigError, did_you_mean
 
@@ -137,41 +138,70 @@ class ServeSettings:
             raise ConfigError(f"ports must be in 0..65535 (got http {self.http_port}, grpc {self.grpc_port})")
 
 
-def _coerce(name: str, raw: Any, annotation: Any) -> Any:
-    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)  # "<class 'int'>" -> "int"
-    try:
-        if isinstance(raw, str):
-            if text.startswith("tuple"):
-                inner = "int" if "int" in text else "float" if "float" in text else "str"
-                parts = [p.strip() for p in raw.split(",") if p.strip()]
-                return tuple(int(p) if inner == "int" else float(p) if inner == "float" else p for p in parts)
-            if text.startswith("bool"):
-                if raw.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if raw.lower() in ("0", "false", "no", "off"):
-                    return False
+# Every table a config file may hold, one per stage: ``[load]`` is ``kiln bench --url``'s, ``[train]`` ``kiln train``'s.
+STAGE_TABLES = ("export", "optimize", "bench", "load", "serve", "train")
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)  # "<class 'int'>" -> "int"
+
+
+def _scalar(raw: Any, kind: Any) -> Any:
+    """``raw`` as a ``kind`` (bool, int, float or str): strings are parsed, other values must already fit.
+
+    Raises:
+        ValueError: ``raw`` does not fit ``kind``.
+    """
+    if isinstance(raw, str):
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw) if kind in (int, float) else raw
+    if kind is str or (kind is bool and not isinstance(raw, bool)):
+        raise ValueError(raw)
+    if kind in (int, float):
+        # NOTE: bool is an int subclass; `runs = true` is a mistake, not 1.
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(raw)
+        if kind is int and isinstance(raw, float):
+            if not raw.is_integer():
                 raise ValueError(raw)
-            if text.startswith("int"):
-                return int(raw)
-            if text.startswith("float"):
-                return float(raw)
-            return raw
-        if text.startswith("tuple") and isinstance(raw, list):
-            return tuple(raw)
-        if text.startswith("float") and isinstance(raw, int):
-            return float(raw)
-        return raw
+            return int(raw)  # `runs = 10.0` means 10
+        return kind(raw)
+    return raw
+
+
+def _coerce(name: str, raw: Any, annotation: Any, source: str) -> Any:
+    """``raw`` (from ``source``: a flag, a variable or a config file) as a value of the field's type."""
+    kind = annotation
+    if get_origin(kind) in (Union, types.UnionType):  # `int | None`: None never gets here (it means "not given")
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
+    try:
+        if get_origin(kind) is tuple:
+            item_kind = get_args(kind)[0]
+            if isinstance(raw, str):
+                items: Any = [p.strip() for p in raw.split(",") if p.strip()]
+            else:
+                items = raw if isinstance(raw, list | tuple) else [raw]  # `rates = 40` means (40,)
+            return tuple(_scalar(item, item_kind) for item in items)
+        return _scalar(raw, kind)
     except ValueError as exc:
         raise ConfigError(
-            f'setting "{name}" has value {raw!r}; it must be of type {text}; fix the flag, the KILN_{name.upper()} '
-            "variable or the config file",
+            f'setting "{name}" has value {raw!r}; it must be of type {_type_name(annotation)}; fix {source}',
             setting=name,
             value=raw,
+            source=source,
         ) from exc
 
 
 def load_config_file(path: Path | None, section: str) -> dict[str, Any]:
-    """The ``[section]`` table of a TOML config file (empty when there is no file)."""
+    """The ``[section]`` table of a TOML config file (empty when there is no file).
+
+    Every table of the file must be a stage's (``STAGE_TABLES``) or ``section``; there are no top-level keys.
+    """
     if path is None:
         return {}
     if not path.is_file():
@@ -180,9 +210,19 @@ def load_config_file(path: Path | None, section: str) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f'config file "{path}" is not valid TOML ({exc}); fix the syntax', path=str(path)) from exc
-    table = data.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f'config file "{path}": [{section}] must be a table', path=str(path))
+    known = list(dict.fromkeys([*STAGE_TABLES, section]))
+    for key, value in data.items():
+        if key in known and not isinstance(value, dict):
+            raise ConfigError(f'config file "{path}": [{key}] must be a table', path=str(path))
+        if key not in known:
+            what = f"table [{key}]" if isinstance(value, dict) else f'top-level key "{key}"'
+            raise ConfigError(
+                f'config file "{path}" has unknown {what}{did_you_mean(key, known)}; settings go in one of the '
+                f"tables {', '.join(f'[{k}]' for k in known)}",
+                path=str(path),
+                key=key,
+            )
+    table: dict[str, Any] = data.get(section, {})
     return table
 
 
@@ -208,7 +248,8 @@ def resolve(
     known = [f.name for f in fields(cls)]
     values: dict[str, Any] = {}
 
-    file_values = load_config_file(config_file, section or cls.__name__.removesuffix("Settings").lower())
+    section = section or cls.__name__.removesuffix("Settings").lower()
+    file_values = load_config_file(config_file, section)
     for key, raw in file_values.items():
         if key not in known:
             raise ConfigError(
@@ -216,17 +257,17 @@ def resolve(
                 f"known keys: {', '.join(known)}",
                 key=key,
             )
-        values[key] = _coerce(key, raw, hints[key])
+        values[key] = _coerce(key, raw, hints[key], f'[{section}] {key} in the config file "{config_file}"')
     for key in known:
         env_value = env.get(f"KILN_{key.upper()}")
         if env_value is not None:
-            values[key] = _coerce(key, env_value, hints[key])
+            values[key] = _coerce(key, env_value, hints[key], f"the KILN_{key.upper()} variable")
     for key, raw in (overrides or {}).items():
         if raw is None:
             continue
         if key not in known:
             raise ConfigError(f'unknown setting "{key}"{did_you_mean(key, known)}', key=key)
-        values[key] = _coerce(key, raw, hints[key])
+        values[key] = _coerce(key, raw, hints[key], "the flag or argument")
     return cls(**values)
 
 

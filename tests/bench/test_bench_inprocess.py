@@ -161,3 +161,19 @@ def test_settings_outside_their_rules_are_config_errors(mlp_artifacts: list[arti
         bench(mlp_artifacts[:1], settings=BenchSettings(batch_sizes=()))
     with pytest.raises(ConfigError, match='"runs" is 0'):
         bench(mlp_artifacts[:1], settings=BenchSettings(runs=0))
+
+
+def test_bad_settings_name_a_kiln_bench_flag_that_exists(mlp_artifacts: list[artifacts.Artifact]) -> None:
+    import typer
+
+    from kiln.cli import app
+
+    command = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    options = {opt for param in command.params for opt in [*param.opts, *param.secondary_opts]}
+    for bad in (BenchSettings(warmup_runs=-1), BenchSettings(runs=0), BenchSettings(samples=0)):
+        with pytest.raises(ConfigError, match=r"fix --[\w-]+ or KILN_") as info:
+            bench(mlp_artifacts[:1], settings=bad)
+        flag = info.value.message.split("fix ")[-1].split(" ")[0]
+        assert flag in options, info.value.message
+    with pytest.raises(ConfigError, match=r'"warmup_runs" is -1; .* fix --warmup or KILN_WARMUP_RUNS'):
+        bench(mlp_artifacts[:1], settings=BenchSettings(warmup_runs=-1))

@@ -7,6 +7,7 @@ Poisson bounds.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import socket
 import struct
@@ -320,6 +321,21 @@ def test_search_max_rate_brackets_then_bisects(capacity: float, start: float) ->
     assert capacity / 2 ** (1 / 16) <= found.rate_rps <= capacity  # 4 bisections of a factor-2 bracket
     assert len(found.steps) == len(server.rates)
     assert search_max_rate(CapacityServer(0.1), start_rps=1.0, cooldown_s=0.0).rate_rps is None
+
+
+@pytest.mark.parametrize(("capacity", "expected_rates"), [(math.inf, [90.0, 100.0]), (95.0, [90.0, 100.0])])
+def test_search_max_rate_never_tries_or_reports_a_rate_past_max_rps(
+    capacity: float, expected_rates: list[float]
+) -> None:
+    server = CapacityServer(capacity)
+    found = search_max_rate(server, start_rps=90.0, max_rps=100.0, growth=1.5, refine_steps=3, cooldown_s=0.0)
+    assert server.rates[:2] == expected_rates  # the step past 90 is max_rps itself, not 135
+    assert max(server.rates) <= 100.0
+    assert found.rate_rps is not None and found.rate_rps <= min(capacity, 100.0)
+    if capacity == math.inf:
+        assert found.rate_rps == 100.0 and len(server.rates) == 2  # max_rps held: nothing left to bisect
+    with pytest.raises(ConfigError, match="start_rps 120 is above max_rps 100"):
+        search_max_rate(CapacityServer(capacity), start_rps=120.0, max_rps=100.0, cooldown_s=0.0)
 
 
 class LuckyServer(CapacityServer):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,17 @@ def test_export_then_inspect_as_table_and_json(tmp_path: Path, tiny_onnx_model: 
     as_json = json.loads(kiln("inspect", repo / "tiny", "--json").stdout)
     assert as_json["name"] == "tiny" and as_json["version"] == 1
     assert as_json["model"]["sha256"] == artifacts.load(repo / "tiny").sha256
+
+
+def test_export_of_an_onnx_file_with_a_dataset_records_its_task_and_class_names(
+    tmp_path: Path, tiny_onnx_model: Path
+) -> None:
+    exported = kiln("export", tiny_onnx_model, "--dataset", "iris", "--out", tmp_path / "repo", "--name", "tiny")
+    assert exported.returncode == 0, exported.stderr
+    manifest = artifacts.load(tmp_path / "repo" / "tiny").manifest
+    assert manifest.task == "classification"
+    assert manifest.postprocessing["labels"] == ["setosa", "versicolor", "virginica"]
+    assert manifest.eval_data["rows"] > 0
 
 
 def test_tampered_model_file_is_refused_by_inspect(tiny_artifact: artifacts.Artifact) -> None:
@@ -133,6 +145,50 @@ def test_optimize_unknown_recipe_suggests_the_closest_and_writes_nothing(tiny_ar
     model_dir = tiny_artifact.path.parent
     assert_one_line_error(kiln("optimize", model_dir, "--recipes", "int8-dynamic-per-chanel"), "did you mean")
     assert artifacts.versions(model_dir) == [1]
+
+
+@pytest.fixture
+def benchable_dir(repository: Path, tiny_onnx_model: Path, make_manifest: Callable[..., artifacts.Manifest]) -> Path:
+    """The tiny classifier with a held-out set of 16 rows, so ``kiln bench`` can run on it."""
+    import numpy as np
+
+    from kiln.data import heldout_asset
+
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    manifest = make_manifest(eval_data={"kind": "tabular", "file": "heldout.npz", "rows": len(x)})
+    assets: dict[str, Path | bytes] = {"heldout.npz": heldout_asset({"input": x}, np.zeros(len(x), np.int64))}
+    return artifacts.write(repository, manifest, tiny_onnx_model, assets=assets).path
+
+
+def test_bench_report_dir_comes_from_the_environment_then_the_config_file(tmp_path: Path, benchable_dir: Path) -> None:
+    config = tmp_path / "kiln.toml"
+    config.write_text('[bench]\nreport_dir = "from-file"\n', encoding="utf-8")
+    quick = ("bench", benchable_dir, "--batch-sizes", "1", "--runs", "1", "--warmup", "0", "--samples", "8")
+    quick += ("--no-torch", "--config", config)
+
+    from_env = kiln(*quick, cwd=tmp_path, env={"KILN_REPORT_DIR": str(tmp_path / "from-env")})
+    assert from_env.returncode == 0, from_env.stderr
+    assert (tmp_path / "from-env" / "bench.json").is_file()
+    assert not (tmp_path / "from-file").exists() and not (tmp_path / "kiln-report").exists()
+
+    from_file = kiln(*quick, cwd=tmp_path)
+    assert from_file.returncode == 0, from_file.stderr
+    assert (tmp_path / "from-file" / "bench.json").is_file() and not (tmp_path / "kiln-report").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "flags"),
+    [
+        (("--url", "http://127.0.0.1:1", "--model", "m", "--runs", "5", "--batch-sizes", "1"), "--batch-sizes, --runs"),
+        (("--url", "http://127.0.0.1:1", "--model", "m", "--no-torch"), "--no-torch applies"),
+        (("--url", "http://127.0.0.1:1", "--model", "m", "--closed-loop", "4", "--concurrency", "8"), "--concurrency"),
+        (("--url", "http://127.0.0.1:1", "--model", "m", "--closed-loop", "4", "--rates", "10"), "--rates applies"),
+        (("kiln-repo/tiny", "--rates", "10,20", "--model", "m"), "--model, --rates apply only with --url"),
+        (("kiln-repo/tiny", "--json"), "--json applies only with --url"),
+    ],
+)
+def test_bench_refuses_flags_of_the_other_mode(tmp_path: Path, args: tuple[str, ...], flags: str) -> None:
+    assert_one_line_error(kiln("bench", *args, cwd=tmp_path), flags, "leave")
 
 
 @pytest.mark.slow

@@ -125,6 +125,10 @@ def _corpus_and_fidelity(
     return corpus, fidelity
 
 
+# The ``kiln bench`` flag of each setting checked here, where it is not ``--`` + the name with dashes.
+_FLAGS = {"warmup_runs": "--warmup"}
+
+
 def _check_settings(settings: BenchSettings) -> None:
     rules: list[tuple[str, object, bool, str]] = [
         (
@@ -140,8 +144,8 @@ def _check_settings(settings: BenchSettings) -> None:
     for name, value, ok, rule in rules:
         if not ok:
             raise ConfigError(
-                f'bench setting "{name}" is {value}; it must be {rule}; fix --{name.replace("_", "-")} or '
-                f"KILN_{name.upper()}",
+                f'bench setting "{name}" is {value}; it must be {rule}; fix '
+                f"{_FLAGS.get(name, '--' + name.replace('_', '-'))} or KILN_{name.upper()}",
                 setting=name,
                 value=value,
             )

@@ -220,8 +220,9 @@ def search_max_rate(
     """Find the highest Poisson rate with P99 <= ``p99_ms`` and fewer than ``max_error_rate`` errors.
 
     Rates grow geometrically from ``start_rps`` (or shrink, if it already fails) until one step passes and the
-    next fails, then ``refine_steps`` bisections (geometric midpoints) narrow the gap. Each step is bounded by
-    ``duration_s`` and by 1.5x the requests its rate expects in that time.
+    next fails, then ``refine_steps`` bisections (geometric midpoints) narrow the gap. No step goes past ``max_rps``:
+    the growth ends with a step at ``max_rps`` itself. Each step is bounded by ``duration_s`` and by 1.5x the
+    requests its rate expects in that time.
 
     Near saturation one short step's P99 swings a lot, so a lucky step can name a rate the server does not hold.
     With ``confirm`` = k, the best passing rate is run k more times and must pass a majority of its k + 1 steps;
@@ -229,6 +230,13 @@ def search_max_rate(
     """
     if growth <= 1.0 or start_rps <= 0:
         raise ConfigError(f"growth {growth:g} must be > 1 and start_rps {start_rps:g} > 0")
+    if start_rps > max_rps:
+        raise ConfigError(
+            f"start_rps {start_rps:g} is above max_rps {max_rps:g}; the search never tries a rate past max_rps, "
+            "so start at or below it",
+            start_rps=start_rps,
+            max_rps=max_rps,
+        )
     steps: list[LoadStep] = []
 
     def passes(rate: float) -> bool:
@@ -248,15 +256,20 @@ def search_max_rate(
     rate = start_rps
     if passes(rate):
         low = rate
-        while (rate := rate * growth) <= max_rps and passes(rate):
+        # NOTE: the last step up is max_rps itself, never a rate past it: a bracket above max_rps would send the
+        # bisection (and so the result) past the limit. high stays None when max_rps itself passes.
+        while rate < max_rps:
+            rate = min(rate * growth, max_rps)
+            if not passes(rate):
+                high = rate
+                break
             low = rate
-        high = rate
     else:
         high = rate
         while (rate := rate / growth) >= min_rps and not passes(rate):
             high = rate
         low = rate if rate >= min_rps else None
-    if low is not None:
+    if low is not None and high is not None:
         for _ in range(refine_steps):
             middle = math.sqrt(low * high)
             if passes(middle):

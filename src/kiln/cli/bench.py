@@ -58,6 +58,21 @@ def bench(
             raise ConfigError(
                 f"pass model directories ({', '.join(map(str, models))}) or --url, not both; --url loads a server"
             )
+        _refuse_flags(
+            {
+                "--batch-sizes": batch_sizes,
+                "--runs": runs,
+                "--warmup": warmup,
+                "--samples": samples,
+                "--no-torch": no_torch or None,
+            },
+            "to model directories compared in-process, not to --url (a server under load)",
+        )
+        if closed_loop is not None:
+            _refuse_flags(
+                {"--rates": rates, "--concurrency": concurrency},
+                "to open-loop (Poisson) steps, not to --closed-loop (a fixed number of clients)",
+            )
         _bench_url(
             url,
             model,
@@ -81,7 +96,33 @@ def bench(
             "kiln bench needs model directories to compare in-process (e.g. kiln bench kiln-repo/minilm), "
             "or --url URL --model NAME to load a server"
         )
-    _bench_in_process(models, batch_sizes, runs, warmup, samples, no_torch, report_dir or DEFAULT_REPORT_DIR, config)
+    _refuse_flags(
+        {
+            "--model": model,
+            "--model-version": model_version,
+            "--rates": rates,
+            "--duration-s": duration_s,
+            "--max-requests": max_requests,
+            "--concurrency": concurrency,
+            "--closed-loop": closed_loop,
+            "--binary" if binary else "--json": binary,
+            "--texts-per-request": texts_per_request,
+            "--rows-per-request": rows_per_request,
+        },
+        "only with --url (a server under load), not to model directories compared in-process",
+    )
+    _bench_in_process(models, batch_sizes, runs, warmup, samples, no_torch, report_dir, config)
+
+
+def _refuse_flags(flags: dict[str, object], applies: str) -> None:
+    """A ConfigError naming the flags given (not None) that do not apply here, rather than ignoring them."""
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        one = len(given) == 1
+        raise ConfigError(
+            f"{', '.join(given)} {'applies' if one else 'apply'} {applies}; leave {'it' if one else 'them'} out",
+            flags=given,
+        )
 
 
 def _bench_in_process(
@@ -91,7 +132,7 @@ def _bench_in_process(
     warmup: int | None,
     samples: int | None,
     no_torch: bool,
-    report_dir: Path,
+    report_dir: Path | None,
     config: Path | None,
 ) -> None:
     from kiln.artifact import Artifact, load, versions
@@ -106,9 +147,12 @@ def _bench_in_process(
             "warmup_runs": warmup,
             "samples": samples,
             "include_torch": False if no_torch else None,
+            "report_dir": str(report_dir) if report_dir is not None else None,
         },
         config_file=config,
     )
+    # --report-dir > KILN_REPORT_DIR > [bench] report_dir > the CLI's default (the library writes no report)
+    report_dir = Path(settings.report_dir) if settings.report_dir else DEFAULT_REPORT_DIR
     artifacts: list[Artifact] = []
     for path in models:
         found = versions(path)

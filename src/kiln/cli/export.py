@@ -50,12 +50,14 @@ def export(
     )
     example: Any = None
     eval_data: tuple[Any, Any] | None = None
-    task = None
+    task: str | None = None
+    labels: tuple[str, ...] | None = None
     if dataset:
         from kiln.data import bundled_dataset
 
         data = bundled_dataset(dataset)
         example, eval_data, task = data.x_test, (data.x_test, data.y_test), data.task
+        labels = data.target_names or None
     if model:
         import torch
 
@@ -77,6 +79,7 @@ def export(
             example_inputs=example,
             eval_data=eval_data,
             task=task,
+            labels=labels,
             settings=settings,
             factory=model,
             weights=weights,
@@ -96,6 +99,8 @@ def export(
                 name=name,
                 example_inputs=example,
                 eval_data=eval_data,
+                task=task,
+                labels=labels,
                 settings=settings,
                 trust_pickle=trust_pickle,
             )
