@@ -209,3 +209,69 @@ def test_minilm_matches_sentence_transformers(minilm_artifact: artifacts.Artifac
     assert got.shape == expected.shape == (48, 384)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # normalisation is in the graph
+
+
+# --- sources the happy path above does not cover ----------------------------------------------------------------------
+
+
+def _head() -> Any:
+    import torch
+
+    class Head(torch.nn.Module):
+        """forward()'s parameter is ``x``, not Kiln's input name ``input``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.linear(x))
+
+    torch.manual_seed(0)
+    return Head().eval()
+
+
+def test_dynamo_export_of_a_forward_whose_parameter_is_not_named_input_keeps_a_dynamic_batch(tmp_path: Path) -> None:
+    import torch
+
+    module = _head()
+    art = export(module, out=tmp_path, name="head", example_inputs=torch.randn(4, 8))  # the default exporter
+
+    assert art.manifest.settings["export"]["exporter"] == "dynamo"
+    assert art.manifest.signature.inputs[0].shape == (-1, 8)
+    engine = OrtEngine(art.model_path)
+    for rows in (1, 9):
+        x = np.random.default_rng(rows).normal(size=(rows, 8)).astype(np.float32)
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                engine.run({"input": x})["output"], module(torch.from_numpy(x)).numpy(), atol=1e-5
+            )
+
+
+def test_float64_example_inputs_of_a_float32_module_are_cast_not_a_torch_crash(tmp_path: Path) -> None:
+    module = _mlp()
+    x64 = np.random.default_rng(0).normal(size=(4, 8))  # NumPy's default float64
+    settings = ExportSettings(exporter="torchscript")
+    art = export(module, out=tmp_path, name="mlp", example_inputs=x64, eval_data=(x64, None), settings=settings)
+
+    assert art.manifest.signature.inputs[0].dtype == "FP32"
+    assert art.manifest.checks["parity"]["passed"] is True
+
+
+def test_classifier_without_predict_proba_is_exported_as_a_classifier(tmp_path: Path) -> None:
+    from sklearn.datasets import load_wine
+    from sklearn.svm import LinearSVC
+
+    x, y = load_wine(return_X_y=True)
+    x = x.astype(np.float32)
+    clf = LinearSVC().fit(x[:150], y[:150])
+    assert not hasattr(clf, "predict_proba")
+    art = export(clf, out=tmp_path, name="svc", example_inputs=x[:32], eval_data=(x[150:], y[150:]))
+
+    assert art.manifest.task == "classification"
+    assert [s.name for s in art.manifest.signature.outputs] == ["label", "probabilities"]
+    engine = OrtEngine(art.model_path)
+    for rows in (1, 28):
+        out = engine.run({"input": x[150 : 150 + rows]})
+        np.testing.assert_array_equal(out["label"], clf.predict(x[150 : 150 + rows]))
+        np.testing.assert_allclose(out["probabilities"], clf.decision_function(x[150 : 150 + rows]), atol=1e-4)

@@ -140,3 +140,84 @@ def test_minilm_guard_rejects_per_tensor_int8_and_keeps_per_channel(minilm_artif
     fused = " ".join(result.fusions())
     assert "Attention x6" in fused and "SkipLayerNormalization" in fused
     assert artifacts.versions(minilm_artifact.path.parent) == [1]
+
+
+def test_float64_calibration_is_cast_to_the_input_dtype_and_quantizes(digits_mlp: artifacts.Artifact) -> None:
+    from sklearn.datasets import load_digits
+
+    x = load_digits(return_X_y=True)[0][:128]  # float64, as np.savez of a default NumPy array keeps it
+    settings = OptimizeSettings(recipes=("int8-static-minmax",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(digits_mlp, settings=settings, calibration=[{"input": x[i : i + 16]} for i in range(0, 128, 16)])
+
+    (candidate,) = result.candidates
+    assert candidate.figures, candidate.reason  # built and scored, not "does not apply to this graph"
+    (step,) = candidate.history
+    assert step["facts"]["quantized_nodes"] > 0 and step["facts"]["calibration_batches"] == 8
+
+
+def test_calibration_of_another_dtype_kind_names_the_input_and_both_dtypes(digits_mlp: artifacts.Artifact) -> None:
+    settings = OptimizeSettings(recipes=("int8-static-minmax",), **QUICK)  # type: ignore[arg-type]
+    wrong: list[dict[str, Any]] = [{"input": np.zeros((4, 64), dtype=np.complex64)}]
+    with pytest.raises(CalibrationError, match=r'"input" has dtype complex64; the model expects float32'):
+        optimize(digits_mlp, settings=settings, calibration=wrong)
+
+
+def _unlabelled_mlp(tmp_path: Path, rows: int) -> artifacts.Artifact:
+    """A torch MLP exported with ``rows`` held-out rows and no labels (the guard compares outputs, not accuracy)."""
+    import torch
+
+    from kiln.config import ExportSettings
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = np.random.default_rng(0).normal(size=(rows, 8)).astype(np.float32)  # every row distinct
+    return export(
+        module,
+        out=tmp_path / "repo",
+        name="mlp",
+        example_inputs=x[:4],
+        eval_data=(x, None),
+        settings=ExportSettings(exporter="torchscript"),
+    )
+
+
+def test_static_int8_without_labels_calibrates_on_rows_the_guard_does_not_score(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln.optimize import measure, passes
+
+    parent = _unlabelled_mlp(tmp_path, rows=128)
+    calibrated: list[np.ndarray[Any, Any]] = []
+    scored: list[np.ndarray[Any, Any]] = []
+    quantize_static, run = passes.quantize_static, measure.Workload.run
+
+    def spy_quantize(src: Path, dst: Path, calibration: Any, *args: Any, **kwargs: Any) -> Any:
+        calibrated.extend(feeds["input"] for feeds in calibration)
+        return quantize_static(src, dst, calibration, *args, **kwargs)
+
+    def spy_run(self: measure.Workload, *args: Any, **kwargs: Any) -> Any:
+        assert self.data.feeds is not None
+        scored.append(self.data.feeds["input"])
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(passes, "quantize_static", spy_quantize)
+    monkeypatch.setattr(measure.Workload, "run", spy_run)
+    settings = OptimizeSettings(recipes=("int8-static-minmax",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(parent, settings=settings)
+
+    assert result.candidates[0].figures, result.candidates[0].reason  # it was built and scored
+    calibration_rows = {row.tobytes() for batch in calibrated for row in batch}
+    scored_rows = {row.tobytes() for batch in scored for row in batch}
+    assert calibration_rows and scored_rows
+    assert not calibration_rows & scored_rows
+
+
+def test_static_int8_is_skipped_with_the_reason_when_the_held_out_set_is_too_small_to_split(tmp_path: Path) -> None:
+    parent = _unlabelled_mlp(tmp_path, rows=6)
+    settings = OptimizeSettings(recipes=("int8-static-minmax", "int8-dynamic-per-channel"), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(parent, settings=settings)
+
+    static, dynamic = result.candidates
+    assert static.status == "skipped"
+    assert "6 rows" in static.reason and "--calibration" in static.reason
+    assert dynamic.status != "skipped"

@@ -253,7 +253,7 @@ def _export_torch(
     if example_inputs is None:
         raise InvalidInput("a PyTorch model needs example_inputs (a batch of real inputs) to be exported")
     module = module.eval()
-    feeds = torch_export.as_feeds(example_inputs, input_names)
+    feeds = torch_export.match_module_dtype(module, torch_export.as_feeds(example_inputs, input_names))
     n_out = torch_export.count_outputs(module, feeds)
     outputs = list(output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]))
     if len(outputs) != n_out:

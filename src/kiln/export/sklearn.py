@@ -39,7 +39,31 @@ def final_estimator(model: Any) -> Any:
 
 
 def task_of(model: Any) -> str:
-    return "classification" if hasattr(final_estimator(model), "predict_proba") else "regression"
+    # NOTE: not hasattr(predict_proba): LinearSVC, SVC(), RidgeClassifier and Perceptron classify without it.
+    from sklearn.base import is_classifier
+
+    return "classification" if is_classifier(final_estimator(model)) else "regression"
+
+
+def _converter_options(model: Any) -> dict[int, dict[str, Any]] | None:
+    """``zipmap=False`` (plain tensors, not a list of label -> probability maps) where the converter has it.
+
+    Some classifier converters (LinearSVC's) have no ``zipmap`` option and already output plain tensors;
+    skl2onnx rejects an option a converter does not declare.
+    """
+    if task_of(model) != "classification":
+        return None
+    estimator = final_estimator(model)
+    try:
+        from skl2onnx import get_model_alias
+        from skl2onnx.common._registration import get_converter  # NOTE: private: a move means "assume zipmap"
+    except ImportError:
+        return {id(estimator): {"zipmap": False}}
+    try:
+        allowed = get_converter(get_model_alias(type(estimator))).get_allowed_options() or {}
+    except (KeyError, RuntimeError, ValueError):  # no registered converter: to_onnx reports it, naming the class
+        return None
+    return {id(estimator): {"zipmap": False}} if "zipmap" in allowed else None
 
 
 def convert(model: Any, example: np.ndarray[Any, Any], opset: int, workdir: Path) -> tuple[Path, list[str]]:
@@ -51,9 +75,8 @@ def convert(model: Any, example: np.ndarray[Any, Any], opset: int, workdir: Path
     x = np.asarray(example, dtype=np.float32)
     if x.ndim != 2:
         raise InvalidInput(f"example inputs for a scikit-learn model must be 2-D (rows, features); got shape {x.shape}")
-    options = {id(final_estimator(model)): {"zipmap": False}} if task_of(model) == "classification" else None
     try:
-        onx = to_onnx(model, x[:1], target_opset={"": opset, "ai.onnx.ml": 3}, options=options)
+        onx = to_onnx(model, x[:1], target_opset={"": opset, "ai.onnx.ml": 3}, options=_converter_options(model))
     except Exception as exc:
         raise ExportError(
             f"skl2onnx cannot convert {type(model).__name__}: {str(exc).strip().splitlines()[0]}; "
@@ -83,6 +106,8 @@ def reference(model: Any, output_names: list[str]) -> Any:
         if task_of(model) == "classification":
             label = np.asarray(model.predict(x))
             label = label.astype(object) if label.dtype.kind in "OUS" else label.astype(np.int64)
+            if not hasattr(model, "predict_proba"):  # the second output holds decision scores: compare labels only
+                return {output_names[0]: label}
             return {output_names[0]: label, output_names[1]: model.predict_proba(x).astype(np.float32)}
         return {output_names[0]: np.asarray(model.predict(x), dtype=np.float32).reshape(len(x), -1)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ import numpy as np
 from kiln.errors import ExportError, InvalidInput
 from kiln.types import Feeds
 
+logger = logging.getLogger(__name__)
 ExampleInputs = Any  # Tensor | ndarray | tuple of them | mapping name -> tensor/ndarray
 
 
@@ -55,6 +57,32 @@ def torch_reference(module: Any, output_names: Sequence[str]) -> Any:
         return {n: r.detach().cpu().numpy() for n, r in zip(output_names, result, strict=True)}
 
     return run
+
+
+def match_module_dtype(module: Any, feeds: Feeds) -> Feeds:
+    """The feeds with float inputs cast to the module's float parameter dtype (float64 numpy data -> float32).
+
+    NumPy makes float64 by default while most modules hold float32 weights; torch refuses to mix them
+    ("mat1 and mat2 must have the same dtype"). Integer inputs (token ids, indices) are left alone.
+    """
+    import torch
+
+    numpy_of: dict[Any, np.dtype[Any]] = {
+        torch.float16: np.dtype(np.float16),
+        torch.float32: np.dtype(np.float32),
+        torch.float64: np.dtype(np.float64),
+    }
+    float_dtypes = {p.dtype for p in [*module.parameters(), *module.buffers()] if p.dtype.is_floating_point}
+    # No float weights, mixed precision on purpose, or bfloat16 (no numpy twin): the inputs are the user's call.
+    if len(float_dtypes) != 1 or (want := numpy_of.get(float_dtypes.pop())) is None:
+        return feeds
+    cast: Feeds = {}
+    for name, array in feeds.items():
+        if array.dtype.kind == "f" and array.dtype != want:
+            logger.info('example input "%s" is %s; casting it to the model\'s %s', name, array.dtype, want)
+            array = array.astype(want)
+        cast[name] = array
+    return cast
 
 
 def count_outputs(module: Any, feeds: Feeds) -> int:
@@ -107,9 +135,11 @@ def export_module(
                     dynamo=False,
                 )
         elif exporter == "dynamo":
-            shapes = {
-                name: dict.fromkeys(dynamic_axes.get(name, {}), torch.export.Dim.DYNAMIC) or None for name in names
-            }
+            # Positional, in forward() order: torch.export keys a dict by forward()'s parameter names, not by
+            # Kiln's input names ("input", "input_0", ...), and rejects any other keys.
+            shapes = tuple(
+                dict.fromkeys(dynamic_axes.get(name, {}), torch.export.Dim.DYNAMIC) or None for name in names
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(

@@ -102,11 +102,18 @@ class FeedsReader:
         self._iter = iter(self._batches)
 
 
-def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> None:
-    """Calibration feeds must name the model's inputs with matching dtype and fixed dims."""
+def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> list[Feeds]:
+    """Calibration feeds must name the model's inputs with matching dtype and fixed dims.
+
+    Returns the batches with each array in its input's dtype: a float array for a float input is cast (an .npz
+    saved from default NumPy holds float64, ORT's calibrator wants the model's float32), and so is an integer
+    array for an integer input when every value fits. Any other dtype mismatch is a CalibrationError.
+    """
     if not batches:
         raise CalibrationError("calibration data is empty; pass at least one batch of real inputs")
+    conformed: list[Feeds] = []
     for number, feeds in enumerate(batches):
+        batch = dict(feeds)
         for spec in signature.inputs:
             if spec.name not in feeds:
                 raise CalibrationError(
@@ -128,6 +135,26 @@ def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> None
                     expected=list(spec.shape),
                     actual=list(array.shape),
                 )
+            batch[spec.name] = _as_input_dtype(array, spec.numpy_dtype, number, spec.name)
+        conformed.append(batch)
+    return conformed
+
+
+def _as_input_dtype(array: Any, want: Any, number: int, name: str) -> Any:
+    if array.dtype == want:
+        return array
+    same_kind = (array.dtype.kind == want.kind == "f") or (array.dtype.kind in "iu" and want.kind in "iu")
+    cast = array.astype(want) if same_kind else None
+    if cast is None or (want.kind in "iu" and not (cast == array).all()):
+        raise CalibrationError(
+            f'calibration batch {number}, input "{name}" has dtype {array.dtype}; the model expects {want}; '
+            f"save the calibration arrays as {want} (e.g. array.astype(np.{want.name}))",
+            batch=number,
+            input=name,
+            expected=str(want),
+            actual=str(array.dtype),
+        )
+    return cast
 
 
 def quantize_static(
@@ -144,7 +171,7 @@ def quantize_static(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    validate_calibration(calibration, signature)
+    calibration = validate_calibration(calibration, signature)
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "entropy": CalibrationMethod.Entropy,

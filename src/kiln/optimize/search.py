@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, float], None]
 _CALIBRATION_ROWS = CALIBRATION_TEXTS  # tabular models calibrate on as many held-out rows
 _CALIBRATION_BATCH = 16
+_MIN_SPLIT_ROWS = 8  # fewer held-out rows cannot give both the guard and the calibration a share
 
 
 def optimize(
@@ -57,10 +58,19 @@ def optimize(
     hardware = probe()
     recipes = candidates(parent, gpu=bool(hardware["gpu"]), names=settings.recipes)
     data = eval_set(parent, limit=settings.eval_samples)
-    if parent.manifest.task != "embedding" and data.labels is not None and data.rows >= 8:
+    # Static INT8 calibrates on held-out rows the guard never scores (with or without labels): a variant calibrated
+    # on the rows it is judged on would pass a guard it may fail on new data. Text models calibrate on corpus texts
+    # before the evaluation offset instead.
+    calibration_pool: EvalSet | None = None
+    static_skip_reason = ""
+    if data.feeds is not None and data.rows >= _MIN_SPLIT_ROWS:
         data, calibration_pool = data.take(slice(0, data.rows * 3 // 4)), data.take(slice(data.rows * 3 // 4, None))
-    else:
-        calibration_pool = None
+    elif data.feeds is not None and calibration is None:
+        static_skip_reason = (
+            f"static INT8 needs calibration rows apart from the ones the accuracy guard scores; the held-out set "
+            f"has {data.rows} rows (at least {_MIN_SPLIT_ROWS} to split); export with more eval_data or pass "
+            "calibration data (--calibration)"
+        )
     workload = Workload(parent, data)
     batch_sizes = tuple(sorted({*settings.batch_sizes, settings.target_batch_size}))
     started = time.monotonic()
@@ -81,6 +91,9 @@ def optimize(
             report(f"{recipe.name}: building", index / len(recipes))
             if time.monotonic() - started > settings.time_budget_s:
                 reports.append(CandidateReport.skipped(recipe, f"time budget of {settings.time_budget_s:g} s spent"))
+                continue
+            if static_skip_reason and any(step.kind == "int8_static" for step in recipe.steps):
+                reports.append(CandidateReport.skipped(recipe, static_skip_reason))
                 continue
             reports.append(
                 _evaluate(
@@ -212,9 +225,11 @@ def _calibration_from(parent: artifacts.Artifact, workload: Workload, pool: Eval
             TextTokenizer.pad(workload.tokenizer.encode(texts[i : i + _CALIBRATION_BATCH]), names)
             for i in range(0, len(texts), _CALIBRATION_BATCH)
         ]
-    source = pool or workload.data
-    if source.feeds is None:
-        raise InvalidInput(f'model "{parent.name}" has no tensor held-out data to calibrate on; pass --calibration')
+    source = pool
+    if source is None or source.feeds is None:  # never the guard's own rows (workload.data)
+        raise InvalidInput(
+            f'model "{parent.name}" has no held-out rows apart from the guard\'s to calibrate on; pass --calibration'
+        )
     # NOTE: equal-sized batches: ORT's calibrators stack per-batch statistics and fail on a ragged last batch.
     batch = min(_CALIBRATION_BATCH, source.rows)
     rows = min(source.rows, _CALIBRATION_ROWS) // batch * batch
