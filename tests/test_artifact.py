@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -29,17 +30,18 @@ def test_write_creates_triton_layout(repository: Path, tiny_artifact: artifacts.
 
 
 def test_a_version_gets_the_modes_of_a_plain_mkdir_and_open(
-    repository: Path, tiny_artifact: artifacts.Artifact
+    repository: Path, tiny_onnx_model: Path, make_manifest: Callable[..., artifacts.Manifest]
 ) -> None:
-    # a server running as another user must be able to read the repository (tempfile alone gives 0700 and 0600)
-    probe_dir, probe_file = repository / "probe-dir", repository / "probe-file"
-    probe_dir.mkdir()
-    probe_file.write_bytes(b"")
-    dir_mode, file_mode = (stat.S_IMODE(p.stat().st_mode) for p in (probe_dir, probe_file))
-    version = tiny_artifact.path
-    assert stat.S_IMODE(version.stat().st_mode) == dir_mode
-    for written in (version / "kiln.json", version / "model.onnx", repository / "tiny" / "config.pbtxt"):
-        assert stat.S_IMODE(written.stat().st_mode) == file_mode, written
+    # a server running as another user must be able to read the repository; tempfile alone gives 0700 and 0600
+    # (under umask 022 a plain mkdir gives 0755 and open 0644; set here, or a 077 umask would hide the bug)
+    previous = os.umask(0o022)
+    try:
+        artifact = artifacts.write(repository, make_manifest(), tiny_onnx_model)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(artifact.path.stat().st_mode) == 0o755
+    for written in (artifact.path / "kiln.json", artifact.path / "model.onnx", repository / "tiny" / "config.pbtxt"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
 
 
 def test_manifest_records_sha256_and_signature(tiny_onnx_model: Path, tiny_artifact: artifacts.Artifact) -> None:

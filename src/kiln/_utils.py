@@ -45,17 +45,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _process_umask() -> int:
-    # NOTE: os.umask can only be read by setting it; done once, at import, before any thread could create files
+def _umask_by_setting() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-# tempfile makes owner-only directories and files (0700/0600); what Kiln publishes gets the modes a plain mkdir
-# or open would give, so a server running as another user can read a repository Kiln wrote
-_DIR_MODE = 0o777 & ~_process_umask()
-_FILE_MODE = _DIR_MODE & 0o666
+# NOTE: os.umask can only be read by setting it, which races with threads creating files; so it is read that way
+# once, at import, and where Linux shows it (/proc/self/status) it is read there at each write instead.
+_IMPORT_UMASK = _umask_by_setting()
+
+
+def _modes() -> tuple[int, int]:
+    """(directory, file) modes a plain mkdir and open would give now: tempfile makes owner-only ones (0700/0600),
+    and what Kiln publishes must be readable by a server running as another user, as the umask allows."""
+    mask = _IMPORT_UMASK
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii", errors="replace")
+        mask = int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return 0o777 & ~mask, 0o666 & ~mask
 
 
 @contextmanager
@@ -70,7 +80,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        os.chmod(tmp, _DIR_MODE)
+        os.chmod(tmp, _modes()[0])
         os.rename(tmp, final)  # NOTE: fails if final exists and is non-empty: we never overwrite a version.
         _fsync_dir(final.parent)
     except BaseException:
@@ -91,7 +101,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fchmod(fh.fileno(), _FILE_MODE)
+            os.fchmod(fh.fileno(), _modes()[1])
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 
@@ -53,3 +55,15 @@ def test_a_bytes_shape_larger_than_its_data_is_refused_before_anything_is_alloca
         from_bytes("t", "BYTES", (10**12,), b"")
     with pytest.raises(InvalidInput, match="holds 3 BYTES elements but the data has 8 bytes"):
         from_bytes("t", "BYTES", (3,), to_bytes(np.array([b"", b""], dtype=np.object_)))
+
+
+def test_the_binary_form_is_little_endian_and_row_major_as_the_extension_says() -> None:
+    # against bytes built outside the codec, so a mistake made both ways (encode and decode) cannot hide
+    assert to_bytes(np.array([1, 256], np.uint16)) == b"\x01\x00\x00\x01"
+    assert to_bytes(np.arange(6, dtype=np.int32).reshape(2, 3).T) == struct.pack("<6i", 0, 3, 1, 4, 2, 5)
+    assert to_bytes(np.array([True, False])) == b"\x01\x00"
+    assert to_bytes(np.array([1.5], np.float16)) == struct.pack("<e", 1.5)
+    assert to_bytes(np.array([b"hi", b""], dtype=np.object_)) == struct.pack("<I", 2) + b"hi" + struct.pack("<I", 0)
+    np.testing.assert_array_equal(from_bytes("x", "INT64", (2,), struct.pack("<2q", -1, 2**40)), [-1, 2**40])
+    np.testing.assert_array_equal(from_bytes("x", "FP64", (1, 2), struct.pack("<2d", 0.5, -2.0)), [[0.5, -2.0]])
+    assert list(from_bytes("t", "BYTES", (2,), struct.pack("<I", 2) + b"hi" + struct.pack("<I", 0))) == [b"hi", b""]

@@ -90,9 +90,11 @@ def test_infer_json_and_binary_match_numpy(tiny_server: Any, tiny_weights: tuple
         assert result.get_response()["model_version"] == "1"
 
 
-def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(
+def test_concurrent_uneven_requests_are_each_answered_exactly(
     tiny_server: Any, tiny_weights: tuple[Array, Array]
 ) -> None:
+    # that queued requests of uneven rows merge into batches and split back is tested over gRPC, where the one
+    # instance is held busy so that they surely queue (test_grpc.py); here: many concurrent HTTP calls, each exact
     rng = np.random.default_rng(2)
     requests = [rng.normal(size=(int(rows), 4)).astype(np.float32) for rows in rng.integers(1, 9, size=60)]
 

@@ -19,8 +19,12 @@ def test_two_processes_equal_one_on_the_same_global_batch(
     make_settings: Callable[..., TrainSettings], tmp_path: Path
 ) -> None:
     common = {"dataset": "digits", "max_steps": 6, "batch_size": 32, "optimizer": "sgd", "lr": 0.1, "cpu_threads": 1}
-    two = train(make_settings(nproc=2, checkpoint_dir=str(tmp_path / "two"), **common))
-    one = train(make_settings(nproc=1, checkpoint_dir=str(tmp_path / "one"), **common))
+    seen_two: list[Any] = []
+    seen_one: list[Any] = []
+    two = train(make_settings(nproc=2, checkpoint_dir=str(tmp_path / "two"), **common), on_step=seen_two.append)
+    one = train(make_settings(nproc=1, checkpoint_dir=str(tmp_path / "one"), **common), on_step=seen_one.append)
+    # the two-process run trained in torchrun's workers, not here: this process saw none of its steps
+    assert (len(seen_two), len(seen_one)) == (0, 6)
     assert two.steps == one.steps == 6
     assert [h["loss"] for h in two.history] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
     a, b = Checkpointer(tmp_path / "two").load()["model"], Checkpointer(tmp_path / "one").load()["model"]

@@ -37,6 +37,26 @@ def test_bf16_autocast_on_cpu_still_learns(make_settings: Callable[..., TrainSet
     assert result.metrics["test_accuracy"] >= 0.9
 
 
+def test_bf16_runs_the_layers_in_bf16_and_keeps_fp32_weights(make_settings: Callable[..., TrainSettings]) -> None:
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    work = prepare_workload(make_settings(dataset="digits", mixed_precision="bf16", device="cpu"), None)
+    optimizer = make_optimizer(work.model, make_settings())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    accelerator = make_accelerator("cpu", "bf16")
+    trainer = Trainer(
+        work.model, optimizer, scheduler, work.sampler, work.tensors, work.loss_sum, accelerator=accelerator
+    )
+    linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
+    seen: list[torch.dtype] = []
+    linear.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+    trainer.train_step()
+    assert seen == [torch.bfloat16]  # autocast ran the layer in bf16
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # the weights stay fp32
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
