@@ -33,11 +33,40 @@ def test_two_processes_equal_one_on_the_same_global_batch(
     assert two.metrics["test_accuracy"] == pytest.approx(one.metrics["test_accuracy"], abs=1 / 450)
 
 
-def _adaptive_rank(rank: int, port: int, results: Any) -> None:
-    """One of two data-parallel ranks (gloo): 60 steps with the goodput sizer; rank 1's own sizer never grows."""
+def _join_as_rank(rank: int, port: int) -> None:
+    """Make this spawned process rank ``rank`` of two (gloo on localhost:``port``), on one thread."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
+
+
+def _run_two_ranks(target: Callable[[int, int, Any], None], timeout_s: float) -> list[Any]:
+    """Run ``target(rank, port, results)`` as ranks 0 and 1 in spawned processes: what each put in ``results``.
+
+    A rank that does not answer within ``timeout_s`` fails the test (the processes are killed); both must exit 0.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=target, args=(rank, port, results)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    try:
+        got = [results.get(timeout=timeout_s) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    return got
+
+
+def _adaptive_rank(rank: int, port: int, results: Any) -> None:
+    """One of two data-parallel ranks (gloo): 60 steps with the goodput sizer; rank 1's own sizer never grows."""
+    _join_as_rank(rank, port)
     from kiln.train.goodput import GoodputSizer
     from kiln.train.loop import Trainer, make_accelerator
     from kiln.train.optim import make_optimizer
@@ -70,18 +99,7 @@ def _adaptive_rank(rank: int, port: int, results: Any) -> None:
 def test_rank_0_decides_the_batch_size_for_every_rank() -> None:
     """Each rank measures its own throughput, so their sizers can disagree; the ranks must still step through the
     same batch sizes and lrs. Here rank 1's sizer would never grow the batch: it follows rank 0's."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_adaptive_rank, args=(rank, port, results)) for rank in (0, 1)]
-    for worker in workers:
-        worker.start()
-    got = {rank: (sizes, lrs) for rank, sizes, lrs in (results.get(timeout=240) for _ in workers)}
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    got = {rank: (sizes, lrs) for rank, sizes, lrs in _run_two_ranks(_adaptive_rank, timeout_s=240)}
     (sizes0, lrs0), (sizes1, lrs1) = got[0], got[1]
     assert max(sizes0) > 8, "rank 0's sizer never grew the batch"
     assert sizes1 == sizes0
@@ -110,9 +128,7 @@ def test_kiln_train_nproc_2_grows_the_batch(make_settings: Callable[..., TrainSe
 
 def _diverging_rank(rank: int, port: int, results: Any) -> None:
     """One of two data-parallel ranks (gloo) whose loss turns NaN at step 3 on rank 1 only."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+    _join_as_rank(rank, port)
     from kiln.errors import TrainingDiverged
     from kiln.train.loop import Trainer, make_accelerator
     from kiln.train.optim import make_optimizer
@@ -147,23 +163,7 @@ def _diverging_rank(rank: int, port: int, results: Any) -> None:
 def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_update() -> None:
     """Rank 1 alone sees a NaN loss: if it stopped alone, rank 0 would wait in the gradient all-reduce (gloo's
     timeout is 30 minutes). Both must raise TrainingDiverged at the same step, with no update applied."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_diverging_rank, args=(rank, port, results)) for rank in (0, 1)]
-    for worker in workers:
-        worker.start()
-    try:
-        got = sorted(results.get(timeout=120) for _ in workers)
-    finally:
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
-    assert got == [(0, "diverged", 4), (1, "diverged", 4)]
-    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert sorted(_run_two_ranks(_diverging_rank, timeout_s=120)) == [(0, "diverged", 4), (1, "diverged", 4)]
 
 
 def _wine_trainer() -> Any:
@@ -197,9 +197,7 @@ def _wine_trainer() -> Any:
 
 
 def _one_row_batch_rank(rank: int, port: int, results: Any) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+    _join_as_rank(rank, port)
     trainer = _wine_trainer()
     trainer.fit(10)  # two epochs, each ending in a one-row batch
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -211,21 +209,7 @@ def _one_row_batch_rank(rank: int, port: int, results: Any) -> None:
 def test_a_batch_with_fewer_rows_than_ranks_trains_as_one_process_does() -> None:
     """A one-row batch gives rank 1 no share of it: rank 1 runs a row at zero weight, so both ranks still meet in
     the gradient all-reduce, and the result equals one process training on the same batches."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_one_row_batch_rank, args=(rank, port, results)) for rank in (0, 1)]
-    for worker in workers:
-        worker.start()
-    try:
-        got = {rank: (steps, weights) for rank, steps, weights in (results.get(timeout=120) for _ in workers)}
-    finally:
-        for worker in workers:
-            worker.join(timeout=30)
-            if worker.is_alive():
-                worker.kill()
+    got = {rank: (steps, weights) for rank, steps, weights in _run_two_ranks(_one_row_batch_rank, timeout_s=120)}
     torch.set_num_threads(1)
     alone = _wine_trainer()
     alone.fit(10)
