@@ -64,31 +64,29 @@ def _run_two_ranks(target: Callable[[int, int, Any], None], timeout_s: float) ->
     return got
 
 
+def _constant_lr_trainer(work: Any, settings: TrainSettings, **trainer_args: Any) -> Any:
+    """A Trainer on ``work`` (``prepare_workload(settings)``) at ``settings.lr``, constant, on the CPU;
+    ``trainer_args`` (loss_sum, collate, sizer, ...) replace its defaults."""
+    from kiln.train.loop import Trainer, make_accelerator
+    from kiln.train.optim import make_optimizer
+
+    optimizer = make_optimizer(work.model, settings)
+    args: dict[str, Any] = {"loss_sum": work.loss_sum, "accelerator": make_accelerator("cpu", "no")} | trainer_args
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return Trainer(work.model, optimizer, scheduler, work.sampler, work.tensors, **args)
+
+
 def _adaptive_rank(rank: int, port: int, results: Any) -> None:
     """One of two data-parallel ranks (gloo): 60 steps with the goodput sizer; rank 1's own sizer never grows."""
     _join_as_rank(rank, port)
     from kiln.train.goodput import GoodputSizer
-    from kiln.train.loop import Trainer, make_accelerator
-    from kiln.train.optim import make_optimizer
     from kiln.train.workload import prepare_workload
 
     settings = TrainSettings(dataset="digits", hidden_sizes=(32,), batch_size=8, track=False, export=False)
-    work = prepare_workload(settings, None)
-    optimizer = make_optimizer(work.model, settings)
     sizer = GoodputSizer(base_batch=8, max_batch=64)
     if rank == 1:
         sizer.explore_min_efficiency = 2.0  # no bigger batch is ever worth exploring to this rank's sizer
-    trainer = Trainer(
-        work.model,
-        optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        work.sampler,
-        work.tensors,
-        work.loss_sum,
-        accelerator=make_accelerator("cpu", "no"),
-        sizer=sizer,
-        noise_every=2,
-    )
+    trainer = _constant_lr_trainer(prepare_workload(settings, None), settings, sizer=sizer, noise_every=2)
     sizes: list[int] = []
     trainer.fit(60, on_step=lambda stats: sizes.append(stats.batch_size))
     lrs = [float(group["lr"]) for group in trainer.optimizer.param_groups]
@@ -130,28 +128,16 @@ def _diverging_rank(rank: int, port: int, results: Any) -> None:
     """One of two data-parallel ranks (gloo) whose loss turns NaN at step 3 on rank 1 only."""
     _join_as_rank(rank, port)
     from kiln.errors import TrainingDiverged
-    from kiln.train.loop import Trainer, make_accelerator
-    from kiln.train.optim import make_optimizer
     from kiln.train.workload import prepare_workload
 
     settings = TrainSettings(dataset="digits", hidden_sizes=(32,), batch_size=8, track=False, export=False)
     work = prepare_workload(settings, None)
-    optimizer = make_optimizer(work.model, settings)
-    trainer: Trainer
 
     def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = work.loss_sum(model, batch)
         return loss * float("nan") if rank == 1 and trainer.step == 3 else loss
 
-    trainer = Trainer(
-        work.model,
-        optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        work.sampler,
-        work.tensors,
-        loss_sum,
-        accelerator=make_accelerator("cpu", "no"),
-    )
+    trainer = _constant_lr_trainer(work, settings, loss_sum=loss_sum)
     try:
         trainer.fit(6)
         results.put((rank, "finished", trainer.step))
@@ -168,15 +154,12 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_before_the_update() -> None:
 
 def _wine_trainer() -> Any:
     """SGD on wine, 33-row batches: 133 training rows make four batches and a last one of a single row."""
-    from kiln.train.loop import Trainer, make_accelerator
-    from kiln.train.optim import make_optimizer
     from kiln.train.workload import prepare_workload
 
     settings = TrainSettings(
         dataset="wine", hidden_sizes=(16,), batch_size=33, optimizer="sgd", lr=0.1, track=False, export=False
     )
     work = prepare_workload(settings, None)
-    optimizer = make_optimizer(work.model, settings)
 
     def collate(rows: Sequence[int]) -> dict[str, torch.Tensor]:  # fails on no rows, as text padding does
         if not rows:
@@ -184,16 +167,7 @@ def _wine_trainer() -> Any:
         index = torch.as_tensor(list(rows))
         return {k: v[index] for k, v in work.tensors.items()}
 
-    return Trainer(
-        work.model,
-        optimizer,
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        work.sampler,
-        work.tensors,
-        work.loss_sum,
-        accelerator=make_accelerator("cpu", "no"),
-        collate=collate,
-    )
+    return _constant_lr_trainer(work, settings, collate=collate)
 
 
 def _one_row_batch_rank(rank: int, port: int, results: Any) -> None:
