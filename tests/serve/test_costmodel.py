@@ -42,7 +42,7 @@ def test_a_fast_outlier_does_not_turn_a_term_negative_or_move_the_fixed_cost() -
     # cost about 10% low (0.0018), a non-negative but not robust fit about 10% high (0.0022).
     shapes = ((1, 16), (2, 16), (4, 16), (8, 16), (1, 32), (4, 32), (1, 64), (2, 64), (4, 64), (1, 128))
     samples = [(r, n, (0.002 + 1.5e-4 * r * n) * (0.7 if (r, n) == (1, 128) else 1.0)) for r, n in shapes]
-    samples += samples[:9]  # 19 in all: the model refits after the 3rd and the 19th
+    samples += samples[:6]  # 16 in all: the model refits at each of its first 16 samples
     model = BatchCostModel()
     for sample in samples:
         model.observe(*sample)
@@ -50,6 +50,32 @@ def test_a_fast_outlier_does_not_turn_a_term_negative_or_move_the_fixed_cost() -
     assert min(fixed, per_token, per_token2) >= 0
     assert fixed == pytest.approx(0.002, rel=0.05)
     assert per_token == pytest.approx(1.5e-4, rel=0.05)
+
+
+def test_the_first_samples_are_each_fitted_not_only_the_first_three() -> None:
+    # A tensor model's warm-up on one instance: 1, 2, 8 and 32 rows, twice each. Alone, the first three say
+    # that 2 rows cost twice 1 row: no fixed cost, so merging requests would never pay. The rest show 1.6 ms of
+    # fixed cost a call (0.2 ms a row). The model used to fit the first three and then wait for 16 more.
+    model = BatchCostModel()
+    for rows, seconds in ((1, 0.001), (1, 0.001), (2, 0.002), (2, 0.002)):
+        model.observe(rows, 1, seconds)
+    for rows in (8, 8, 32, 32):
+        model.observe(rows, 1, 0.0016 + 0.0002 * rows)
+    assert model.coefficients[0] > 0.0005
+    assert model.batching_gain(32, 1) > 2
+
+
+def test_refit_fits_every_sample_in_the_window() -> None:
+    model = BatchCostModel()
+    for i in range(16):  # no fixed cost: 1 ms a row
+        model.observe((1, 2, 8, 32)[i % 4], 1, 0.001 * (1, 2, 8, 32)[i % 4])
+    for i in range(15):  # 2 ms a call: the 17th to 31st samples wait for the 32nd one's refit
+        model.observe((1, 2, 8, 32)[i % 4], 1, 0.002 + 0.001 * (1, 2, 8, 32)[i % 4])
+    before = model.coefficients
+    assert before[0] == pytest.approx(0.0, abs=1e-9)
+    model.refit()
+    assert model.coefficients != before
+    assert len(model.samples) == 31
 
 
 def test_batches_slowed_down_by_another_process_do_not_skew_the_fit() -> None:
@@ -146,3 +172,14 @@ def test_token_id_requests_to_a_text_model_are_costed_by_their_padded_length(
     model.cost = recorded = _Recorded()
     model.execute([work, model.prepare(request, max_rows=8)])
     assert recorded.seen == [(4, 20)]
+
+
+@pytest.mark.slow
+def test_warmup_leaves_the_cost_model_fitted_on_every_shape_it_measured(minilm_artifact: artifacts.Artifact) -> None:
+    # ten text shapes, two measured runs each: 20 samples, and the periodic refit comes after the 16th
+    model = ServedModel(minilm_artifact, instances=1)
+    model.warmup(max_batch_size=32)
+    assert len(model.cost.samples) == 20
+    fitted_at_warmup = model.cost.coefficients
+    model.cost.refit()
+    assert model.cost.coefficients == fitted_at_warmup

@@ -36,12 +36,27 @@ class BatchCostModel:
         self.fitted = False
 
     def observe(self, rows: int, length: int, seconds: float) -> None:
-        """Record one measured batch (called from worker threads)."""
+        """Record one measured batch (called from worker threads).
+
+        The fit is redone at every sample while there are few (a fit on the first three alone, 1 and 2 rows of
+        the smallest shape, can say that a call has no fixed cost at all), then every ``_REFIT_EVERY`` samples.
+        """
         with self._lock:
             self._samples.append((rows, max(length, 1), seconds))
             self._since_fit += 1
-            if self._since_fit >= _REFIT_EVERY or not self.fitted:
+            if self._since_fit >= _REFIT_EVERY or len(self._samples) <= _REFIT_EVERY:
                 self._fit()
+
+    def refit(self) -> None:
+        """Fit every sample in the window now (the warm-up calls it, so serving starts from all it measured)."""
+        with self._lock:
+            self._fit()
+
+    @property
+    def samples(self) -> tuple[tuple[int, int, float], ...]:
+        """The measured batches in the window: ``(rows, length, seconds)``, oldest first."""
+        with self._lock:
+            return tuple(self._samples)
 
     def _fit(self) -> None:
         self._since_fit = 0

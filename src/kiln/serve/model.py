@@ -273,6 +273,7 @@ class ServedModel:
 
         with ThreadPoolExecutor(len(self.engines)) as pool:
             list(pool.map(warm, range(len(self.engines))))
+        self.cost.refit()  # the last shapes measured may have come after the last periodic refit
         return time.perf_counter() - started
 
     def _warmup_shapes(self, max_batch_size: int) -> list[tuple[int, int]]:
