@@ -145,6 +145,20 @@ def slow_repo(tmp_path: Path) -> Path:
     """A repository with model "slow": a real ONNX MLP (4 -> 2048 -> 2048 -> 3 softmax), about 0.05-0.1 ms per
     row on a 2-core AMD EPYC, so queues form without sleeping anywhere. ``input`` FP32 [-1, 4] ->
     ``probabilities``."""
+    return _slow_repo(tmp_path, per_call_layers=0)
+
+
+@pytest.fixture
+def per_call_repo(tmp_path: Path) -> Path:
+    """Model "slow" plus a cost each call pays whatever its rows (2-3 ms: eight 2048 x 2048 matrix-vector
+    products on the first row, added to the logits times zero), as a GPU's launch cost is paid: merging requests
+    saves a call's cost each, and the learned cost model sees it through the noise of a loaded machine. Without
+    it, the per-call cost is 0.1-1 ms against 0.1 ms a row, and a merge of small requests pays or not by noise.
+    """
+    return _slow_repo(tmp_path, per_call_layers=8)
+
+
+def _slow_repo(tmp_path: Path, per_call_layers: int) -> Path:
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -156,19 +170,40 @@ def slow_repo(tmp_path: Path) -> Path:
     w1 = rng.normal(size=(4, SLOW_HIDDEN)).astype(np.float32) / 2
     w2 = rng.normal(size=(SLOW_HIDDEN, SLOW_HIDDEN)).astype(np.float32) / SLOW_HIDDEN**0.5
     w3 = rng.normal(size=(SLOW_HIDDEN, 3)).astype(np.float32) / SLOW_HIDDEN**0.5
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("MatMul", ["a2", "w3"], ["logits"]),
+    ]
+    initializers = [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))]
+    if per_call_layers:  # first row only: its cost does not grow with the batch; tanh keeps it finite, 0 * it is 0
+        starts, ends = (numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "zero_i"), (1, "one_i")))
+        initializers += [starts, ends, numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
+        nodes += [
+            helper.make_node("Slice", ["a1", "zero_i", "one_i", "zero_i"], ["p0"]),
+            *(
+                node
+                for i in range(per_call_layers)
+                for node in (
+                    helper.make_node("MatMul", [f"p{i}", "w2"], [f"q{i}"]),
+                    helper.make_node("Tanh", [f"q{i}"], [f"p{i + 1}"]),
+                )
+            ),
+            helper.make_node("ReduceSum", [f"p{per_call_layers}"], ["per_call_sum"], keepdims=0),
+            helper.make_node("Mul", ["per_call_sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["logits", "nothing"], ["logits_kept"]),
+        ]
+    nodes.append(
+        helper.make_node("Softmax", ["logits_kept" if per_call_layers else "logits"], ["probabilities"], axis=-1)
+    )
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "w1"], ["h1"]),
-            helper.make_node("Relu", ["h1"], ["a1"]),
-            helper.make_node("MatMul", ["a1", "w2"], ["h2"]),
-            helper.make_node("Relu", ["h2"], ["a2"]),
-            helper.make_node("MatMul", ["a2", "w3"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-        ],
+        nodes,
         "slow",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
