@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from kiln.bench import LoadClient, LoadReport, LoadSettings, load_test, search_m
 from kiln.bench.load import payloads_for
 from kiln.bench.loadclient import poisson_schedule
 from kiln.bench.loadreport import read_load_json
-from kiln.bench.loadresults import LoadStep
+from kiln.bench.loadresults import STEP_COLUMNS, LoadStep, step_cells
 from kiln.bench.loadtarget import BINARY_HEADER, V2Target, encode_request, wait_ready
 from kiln.errors import ConfigError, ModelNotFound
 from kiln.types import Signature, TensorSpec
@@ -233,6 +234,15 @@ def test_text_models_get_real_sentences_in_json_and_binary(text_artifacts: list[
             assert step.ok == step.requests > 0, step.errors
             assert report.payload["kind"] == "text" and report.payload["texts_per_request"] == 2
             assert report.payload["outputs"] == [{"name": "sentence_embedding", "datatype": "FP32", "shape": [2, 8]}]
+
+
+def test_the_table_shows_how_late_the_client_sent_in_open_loop_only() -> None:
+    open_step = replace(synthetic_step(40.0, 60.0), send_lag_p99_ms=12.5)
+    closed_step = replace(synthetic_step(40.0, 60.0), mode="closed", target_rps=None, clients=4)
+    lag = STEP_COLUMNS.index("send lag p99 ms")
+    assert step_cells(open_step)[lag] == "12.5"
+    assert step_cells(closed_step)[lag] == "-"
+    assert len(step_cells(open_step)) == len(STEP_COLUMNS)
 
 
 def test_closed_loop_runs_each_client_count(tiny_url: str, tiny_client: LoadClient) -> None:

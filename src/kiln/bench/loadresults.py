@@ -243,7 +243,7 @@ class LoadReport:
         return Path(path)
 
     def table(self) -> Table:
-        """A rich table: one row per step (rate, throughput, P50/P90/P99, errors)."""
+        """A rich table: one row per step (rate, throughput, P50/P90/P99, the client's send lag, errors)."""
         from rich.table import Table
 
         table = Table(title=f"load: {self.name}")
@@ -256,8 +256,13 @@ class LoadReport:
         return table
 
 
-STEP_COLUMNS = ("rate", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors")
-"""The columns of a load step, in the order ``step_cells`` fills them (rich table and HTML report alike)."""
+STEP_COLUMNS = ("rate", "requests", "ok/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "send lag p99 ms", "errors")
+"""The columns of a load step, in the order ``step_cells`` fills them (rich table and HTML report alike).
+
+``send lag``: how late the client sent its requests against their Poisson schedule (P99; "-" in closed loop,
+which has no schedule). Latency counts from the scheduled time, so a client that lags shows up in both; when the
+lag is a large part of the P99, the client's machine, not the server, set the figure.
+"""
 
 
 def step_cells(step: LoadStep) -> list[str]:
@@ -271,6 +276,7 @@ def step_cells(step: LoadStep) -> list[str]:
         str(step.requests),
         f"{step.achieved_rps:,.1f}",
         *(_ms(value) for value in (step.p50_ms, step.p90_ms, step.p99_ms, step.max_ms)),
+        _ms(step.send_lag_p99_ms) if step.target_rps is not None else "-",
         errors,
     ]
 
