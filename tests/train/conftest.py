@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kiln.train import TrainSettings
+from kiln.train.loop import Trainer
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,6 +47,28 @@ def make_settings(tmp_path: Path) -> Callable[..., TrainSettings]:
             "out": str(tmp_path / "repo"),
         }
         return TrainSettings(**(base | overrides))
+
+    return make
+
+
+@pytest.fixture
+def make_trainer() -> Callable[..., Trainer]:
+    """A Trainer over a settings' workload on the CPU, with the settings' lr schedule (constant by default) over
+    100 steps, without mixed precision unless ``accelerator`` says otherwise; ``trainer_args`` (sizer,
+    optimizer_kind, ...) go to the Trainer."""
+    from kiln.train.loop import make_accelerator
+    from kiln.train.optim import lr_schedule, make_optimizer
+    from kiln.train.workload import prepare_workload
+
+    def make(settings: TrainSettings, *, accelerator: Any = None, **trainer_args: Any) -> Trainer:
+        work = prepare_workload(settings, None)
+        optimizer = make_optimizer(work.model, settings)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, 100))
+        accelerator = accelerator or make_accelerator("cpu", "no")
+        return Trainer(
+            work.model, optimizer, scheduler, work.sampler, work.tensors, work.loss_sum, accelerator=accelerator,
+            **trainer_args,
+        )  # fmt: skip
 
     return make
 

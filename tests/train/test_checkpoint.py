@@ -19,8 +19,6 @@ from kiln.errors import ConfigError
 from kiln.train import Checkpointer, CheckpointError, StepStats, TrainingDiverged, TrainSettings, train
 from kiln.train.checkpoint import capture_rng, restore_rng
 from kiln.train.loop import Trainer, make_accelerator
-from kiln.train.optim import lr_schedule, make_optimizer
-from kiln.train.workload import prepare_workload
 
 
 def _state(value: float) -> dict[str, object]:
@@ -176,28 +174,23 @@ def test_divergence_after_resuming_an_earlier_checkpoint_names_that_checkpoint(
         train(dataclasses.replace(settings, resume=str(tmp_path / "ckpt" / "step-00000002.pt")))
 
 
-def _trainer(settings: TrainSettings, accelerator: Any = None) -> Trainer:
-    """A Trainer over ``settings``' workload (constant lr unless ``settings`` say otherwise), on the CPU."""
-    work = prepare_workload(settings, None)
-    optimizer = make_optimizer(work.model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, 100))
-    accelerator = accelerator or make_accelerator("cpu", "no")
-    return Trainer(work.model, optimizer, scheduler, work.sampler, work.tensors, work.loss_sum, accelerator=accelerator)
-
-
-def test_a_resumed_trainer_steps_at_its_own_lr_and_warmup(make_settings: Callable[..., TrainSettings]) -> None:
+def test_a_resumed_trainer_steps_at_its_own_lr_and_warmup(
+    make_settings: Callable[..., TrainSettings], make_trainer: Callable[..., Trainer]
+) -> None:
     """lr and warmup_steps may change on resume: the very first resumed step runs at the new schedule's lr."""
-    first = _trainer(make_settings(optimizer="sgd", lr=0.5))
+    first = make_trainer(make_settings(optimizer="sgd", lr=0.5))
     for _ in range(4):
         first.train_step()
-    resumed = _trainer(make_settings(optimizer="sgd", lr=0.01, warmup_steps=10))
+    resumed = make_trainer(make_settings(optimizer="sgd", lr=0.01, warmup_steps=10))
     resumed.load_state_dict(first.state_dict())
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 5 / 10)  # step 5 of the warm-up
     resumed.train_step()
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 6 / 10)
 
 
-def test_the_gradient_scalers_loss_scale_survives_a_resume(make_settings: Callable[..., TrainSettings]) -> None:
+def test_the_gradient_scalers_loss_scale_survives_a_resume(
+    make_settings: Callable[..., TrainSettings], make_trainer: Callable[..., Trainer]
+) -> None:
     """fp16 (a GPU) runs with a gradient scaler whose loss scale it finds as it goes; a resume must not start it
     again from the default. A CPU GradScaler drives the same code path here."""
 
@@ -206,11 +199,11 @@ def test_the_gradient_scalers_loss_scale_survives_a_resume(make_settings: Callab
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
         return accelerator
 
-    first = _trainer(make_settings(), with_scaler())
+    first = make_trainer(make_settings(), accelerator=with_scaler())
     for _ in range(3):
         first.train_step()
     first.accelerator.scaler.update(77.0)  # as if overflows had backed it off
-    resumed = _trainer(make_settings(), with_scaler())
+    resumed = make_trainer(make_settings(), accelerator=with_scaler())
     resumed.load_state_dict(first.state_dict())
     assert resumed.accelerator.scaler.get_scale() == 77.0
     resumed.train_step()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -72,30 +73,17 @@ def test_two_halves_recover_the_noise_scale_where_consecutive_steps_read_a_movin
     assert consecutive.value == math.inf
 
 
-def test_a_step_that_samples_the_noise_scale_from_its_halves_applies_the_whole_batch_gradient() -> None:
+def test_a_step_that_samples_the_noise_scale_from_its_halves_applies_the_whole_batch_gradient(
+    make_trainer: Callable[..., Any],
+) -> None:
     """Step 0 runs its batch as two halves (noise_every divides it): the update must equal one whole-batch step."""
-    from kiln.train.loop import Trainer, make_accelerator
-    from kiln.train.optim import make_optimizer
-    from kiln.train.workload import prepare_workload
 
     def first_step(sizer: GoodputSizer | None) -> tuple[dict[str, torch.Tensor], float]:
         torch.manual_seed(0)
         settings = TrainSettings(
             dataset="digits", hidden_sizes=(32,), batch_size=16, optimizer="sgd", lr=0.5, track=False, export=False
         )  # SGD: the update is the gradient itself (Adam's first step is nearly its sign)
-        work = prepare_workload(settings, None)
-        optimizer = make_optimizer(work.model, settings)
-        trainer = Trainer(
-            work.model,
-            optimizer,
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-            work.sampler,
-            work.tensors,
-            work.loss_sum,
-            accelerator=make_accelerator("cpu", "no"),
-            sizer=sizer,
-            optimizer_kind="sgd",
-        )
+        trainer = make_trainer(settings, sizer=sizer, optimizer_kind="sgd")
         loss, rows = trainer.train_step()
         assert rows == 16
         return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, loss

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,18 +38,13 @@ def test_bf16_autocast_on_cpu_still_learns(make_settings: Callable[..., TrainSet
     assert result.metrics["test_accuracy"] >= 0.9
 
 
-def test_bf16_runs_the_layers_in_bf16_and_keeps_fp32_weights(make_settings: Callable[..., TrainSettings]) -> None:
-    from kiln.train.loop import Trainer, make_accelerator
-    from kiln.train.optim import make_optimizer
-    from kiln.train.workload import prepare_workload
+def test_bf16_runs_the_layers_in_bf16_and_keeps_fp32_weights(
+    make_settings: Callable[..., TrainSettings], make_trainer: Callable[..., Any]
+) -> None:
+    from kiln.train.loop import make_accelerator
 
-    work = prepare_workload(make_settings(dataset="digits", mixed_precision="bf16", device="cpu"), None)
-    optimizer = make_optimizer(work.model, make_settings())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    accelerator = make_accelerator("cpu", "bf16")
-    trainer = Trainer(
-        work.model, optimizer, scheduler, work.sampler, work.tensors, work.loss_sum, accelerator=accelerator
-    )
+    settings = make_settings(dataset="digits", mixed_precision="bf16", device="cpu")
+    trainer = make_trainer(settings, accelerator=make_accelerator("cpu", "bf16"))
     linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
     seen: list[torch.dtype] = []
     linear.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
