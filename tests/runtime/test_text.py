@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,6 +97,37 @@ def test_tokenizer_truncates_at_max_length(tokenizer_json: Path) -> None:
     assert ids[0][0] == CLS_ID and ids[0][-1] == SEP_ID  # truncation keeps the special tokens
     assert ids[1] == [CLS_ID, *ids[1][1:-1], SEP_ID] and len(ids[1]) < 16
     assert short.max_length == 16
+
+
+def test_cutting_long_texts_first_changes_no_token_of_real_english(tokenizer_json: Path) -> None:
+    # The cut makes a text's cost bounded (a 15 MB string took 13 s to tokenize whole); it must not change ids.
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(tokenizer_json))
+    reference.no_padding()
+    reference.enable_truncation(max_length=16)
+    short = TextTokenizer(tokenizer_json, max_length=16)  # reads at most 16 x 32 = 512 characters
+    texts = english_corpus()
+    huge = " ".join(texts)[:400_000]
+    assert max(len(t) for t in texts) > short.max_chars == 512
+    assert short.encode([*texts, huge]) == [e.ids for e in reference.encode_batch([*texts, huge])]
+
+
+def test_the_tokenizer_never_reads_past_max_chars_of_a_text(tokenizer_json: Path) -> None:
+    tokenizer = TextTokenizer(tokenizer_json, max_length=128)
+    assert tokenizer.vocab_size == 30522  # MiniLM's BERT uncased vocabulary
+    library = tokenizer._tokenizer
+    read: list[int] = []
+
+    class Recording:
+        def encode_batch(self, texts: list[str]) -> Any:
+            read.extend(len(t) for t in texts)
+            return library.encode_batch(texts)
+
+    tokenizer._tokenizer = Recording()
+    huge = "word " * 2_000_000  # 10 MB
+    (ids,) = tokenizer.encode([huge])
+    assert read == [128 * 32] and len(ids) == 128
 
 
 def test_tokenizer_does_not_pad(tokenizer: TextTokenizer) -> None:

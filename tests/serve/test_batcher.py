@@ -4,6 +4,8 @@ the worst", and how a request's deadline is judged against the queue ahead of it
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,3 +121,64 @@ def test_drain_ends_when_the_last_queued_request_was_cancelled(tiny_artifact: ar
 
     asyncio.run(drain_after_a_cancel())
     assert metrics.registry.get_sample_value("kiln_queue_depth_rows", {"model": "tiny", "version": "1"}) == 0
+
+
+@pytest.fixture
+def lookup_artifact(tmp_path: Path) -> artifacts.Artifact:
+    """A real ONNX embedding lookup: ``emb = table[idx]``, table 10 x 4 (row i holds 4i..4i+3). An index past the
+    table passes every check before the queue (INT64, shape [-1]) and fails in ONNX Runtime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.types import Signature, TensorSpec
+
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["emb"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "lookup.onnx"
+    onnx.save(model, str(path))
+    signature = Signature(inputs=(TensorSpec("idx", "INT64", (-1,)),), outputs=(TensorSpec("emb", "FP32", (-1, 4)),))
+    return artifacts.write(tmp_path / "repo", artifacts.Manifest(name="lookup", signature=signature), path)
+
+
+def test_a_request_the_engine_refuses_fails_alone_not_with_its_batch(lookup_artifact: artifacts.Artifact) -> None:
+    # four requests queued before the dispatch loop starts, a cost model that says merging pays: one batch, which
+    # ONNX Runtime refuses for index 99. Each runs again alone: three answers and one InvalidInput (a 400).
+    from kiln.errors import InvalidInput
+
+    model = ServedModel(lookup_artifact, instances=1)
+    _line_cost_model(model, 0.010, 0.0001)
+    batches: list[int] = []
+    execute = model.execute
+
+    def recording(works: list[Work], instance: int = 0, *, learn: bool = True) -> list[Any]:
+        batches.append(len(works))
+        return execute(works, instance, learn=learn)
+
+    model.execute = recording  # type: ignore[method-assign]
+    indices = [[1, 2], [3], [99, 0], [9]]
+
+    async def run_all() -> list[Any]:
+        batcher = Batcher(model, BatchPolicy(max_batch_size=32), ServerMetrics().for_model("lookup", 1))
+        works = [Work(len(i), (), 1, ["emb"], feeds={"idx": np.array(i, dtype=np.int64)}) for i in indices]
+        requests = [asyncio.create_task(batcher.submit(w, timeout_s=None)) for w in works]
+        await asyncio.sleep(0)  # all four queued
+        batcher.start()
+        results = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), timeout=30)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(run_all())
+    assert batches == [4, 1, 1, 1, 1]  # together, then each alone
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(results[i]["emb"], table[indices[i]])
+    assert isinstance(results[2], InvalidInput)
+    assert "idx=99" in str(results[2]) and "check the values" in str(results[2])

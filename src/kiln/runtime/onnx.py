@@ -108,5 +108,15 @@ class OrtEngine:
         if missing:
             raise InvalidInput(f'input "{missing[0]}" is missing; this model needs {", ".join(expected)}')
         ready = {k: np.ascontiguousarray(v, dtype=expected[k].numpy_dtype) for k, v in feeds.items()}
-        values = self._session.run(self._output_names, ready)
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        try:
+            values = self._session.run(self._output_names, ready)
+        except InvalidArgument as exc:
+            # The names were checked above and the dtypes cast: what ONNX Runtime refuses is the values or the
+            # shapes the graph cannot take (an index past a table, tensors of different lengths).
+            raise InvalidInput(
+                f"ONNX Runtime refused the input values of model {self.name!r}: {exc}; check the values (for "
+                "token ids: within the vocabulary, every tensor of the same length)"
+            ) from None
         return dict(zip(self._output_names, values, strict=True))

@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kiln.errors import Overloaded
+from kiln.errors import InvalidInput, Overloaded
 from kiln.serve.metrics import ModelMetrics
 from kiln.serve.model import ServedModel, Work
 from kiln.types import Feeds
@@ -353,19 +353,37 @@ class Batcher:
             )
 
     def _run(self, group: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: run one batch on engine ``instance`` and hand the results back to the event loop."""
+        """Worker thread: run one batch on engine ``instance`` and hand the results back to the event loop.
+
+        When a batch of several requests fails, each of them runs again alone, so a request the engine refuses
+        (a value no check before the queue could see) fails by itself, not with the requests it was batched with.
+        """
         try:
-            started = time.perf_counter()
-            try:
-                results = self.model.execute([p.work for p in group], instance)
-            except Exception as exc:  # every waiter of a failed batch gets the error
-                logger.exception("batch of %d requests failed on %s", len(group), self.model.name)
-                loop.call_soon_threadsafe(_fail_all, group, exc)
-                return
-            self.metrics.batch(sum(p.work.rows for p in group), time.perf_counter() - started)
-            loop.call_soon_threadsafe(_resolve_all, group, results)
+            if not self._run_together(group, instance, loop) and len(group) > 1:
+                logger.warning(
+                    "a batch of %d requests failed on %s; running them one by one", len(group), self.model.name
+                )
+                for pending in group:
+                    self._run_together([pending], instance, loop)
         finally:
             loop.call_soon_threadsafe(self._finished, instance)
+
+    def _run_together(self, group: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run ``group`` as one batch; hand back its results, or, for one request, its error. False if it failed."""
+        started = time.perf_counter()
+        try:
+            results = self.model.execute([p.work for p in group], instance)
+        except Exception as exc:
+            if len(group) == 1:
+                if isinstance(exc, InvalidInput):  # the request's own values: the client's mistake, told in a 400
+                    logger.info("request refused by %s's engine: %s", self.model.name, exc)
+                else:
+                    logger.exception("request failed on %s", self.model.name)
+                loop.call_soon_threadsafe(_fail_all, group, exc)
+            return False
+        self.metrics.batch(sum(p.work.rows for p in group), time.perf_counter() - started)
+        loop.call_soon_threadsafe(_resolve_all, group, results)
+        return True
 
     def _finished(self, instance: int) -> None:
         self._inflight -= 1

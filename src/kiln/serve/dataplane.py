@@ -213,7 +213,11 @@ class DataPlane:
         self._inflight += 1
         metrics.inflight.inc()
         try:
-            work = loaded.model.prepare(request, max_rows=self.settings.max_rows_per_request)
+            max_rows = self.settings.max_rows_per_request
+            if loaded.model.slow_to_prepare(request, max_rows=max_rows):  # long texts: tokenize off the event loop
+                work = await asyncio.to_thread(loaded.model.prepare, request, max_rows=max_rows)
+            else:
+                work = loaded.model.prepare(request, max_rows=max_rows)
             timeout_s = request.timeout_s
             if timeout_s is None and self.settings.default_timeout_ms:
                 timeout_s = self.settings.default_timeout_ms / 1000
@@ -223,6 +227,9 @@ class DataPlane:
             raise
         except Exception:
             metrics.finished(time.perf_counter() - started, "failure", "internal")
+            raise
+        except asyncio.CancelledError:  # the client went away (gRPC cancels the handler)
+            metrics.finished(time.perf_counter() - started, "failure", "cancelled")
             raise
         finally:
             self._inflight -= 1

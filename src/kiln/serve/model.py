@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 TEXT_INPUT = "text"
 # (rows, tokens): enough rows and lengths to separate the per-call, per-token and attention terms of the cost.
 _WARMUP_TEXT_SHAPES = ((1, 16), (2, 16), (4, 16), (8, 16), (1, 32), (4, 32), (1, 64), (2, 64), (4, 64), (1, 128))
+# Text a request may carry and still be tokenized on the event loop (about 10-20 ms of work at most; a
+# typical request is a sentence or a paragraph). Longer ones are tokenized on a thread.
+_LOOP_TEXT_CHARS = 32_768
 _WARM_RUNS = 2  # measured runs per warm-up shape, after its first (cold) run
 _WARMUP_TENSOR_ROWS = (1, 2, 8, 32)
 
@@ -135,6 +138,14 @@ class ServedModel:
             )
         return self._prepare_tensors(request, outputs, max_rows)
 
+    def slow_to_prepare(self, request: InferRequest, *, max_rows: int) -> bool:
+        """Whether :meth:`prepare` would tokenize more than ``_LOOP_TEXT_CHARS`` characters: the server then runs it
+        on a thread, as a long tokenization on the event loop stalls every other request and the health probes."""
+        array = request.inputs.get(TEXT_INPUT) if self.tokenizer is not None else None
+        if array is None or array.dtype != np.object_ or array.size > max_rows:  # prepare() refuses those at once
+            return False
+        return sum(len(item) for item in array.flat if isinstance(item, bytes | str)) > _LOOP_TEXT_CHARS
+
     def _prepare_tensors(self, request: InferRequest, outputs: list[str], max_rows: int) -> Work:
         expected = self.engine_inputs
         public = [spec.name for spec in self.inputs]
@@ -188,7 +199,45 @@ class ServedModel:
         if not self.batchable:
             key.append(("unbatched", id(request)))  # never stacked with anything
         feeds = dict(request.inputs)
+        for name, spec in expected.items():
+            if spec.dtype == "BYTES":  # ONNX Runtime takes str for its string tensors, and str() of bytes is "b'..'"
+                feeds[name] = np.array(decode_texts(name, feeds[name]), dtype=np.object_).reshape(feeds[name].shape)
+        if self.tokenizer is not None:
+            self._check_token_ids(feeds)
         return Work(rows=rows, key=tuple(key), length=self._tokens_per_row(feeds), outputs=outputs, feeds=feeds)
+
+    def _check_token_ids(self, feeds: Feeds) -> None:
+        """Token tensors sent to a text model: ids within the vocabulary, 1 to ``max_length`` a row, every tensor
+        of the shape of ``input_ids``. The engine would fail on them otherwise, and fail the batch they are in."""
+        assert self.tokenizer is not None
+        ids = feeds.get("input_ids")
+        if ids is None or ids.ndim != 2:
+            return
+        limit = self.tokenizer.max_length
+        if not 1 <= ids.shape[1] <= limit:
+            raise InvalidInput(
+                f'input "input_ids" has {ids.shape[1]} tokens a row; model "{self.name}" takes 1 to {limit} (its '
+                f'tokenizer truncates to {limit}); send shorter rows, or send "{TEXT_INPUT}" and let the server '
+                "tokenize",
+                input="input_ids",
+            )
+        vocab = self.tokenizer.vocab_size
+        outside = (ids < 0) | (ids >= vocab)
+        if outside.any():
+            row, column = (int(i) for i in np.argwhere(outside)[0])
+            raise InvalidInput(
+                f'input "input_ids" holds token id {int(ids[row, column])} (row {row}, position {column}); model '
+                f'"{self.name}" has token ids 0 to {vocab - 1}; tokenize with the model\'s tokenizer, or send '
+                f'"{TEXT_INPUT}"',
+                input="input_ids",
+            )
+        for name, array in feeds.items():
+            if array.shape != ids.shape:
+                raise InvalidInput(
+                    f'input "{name}" has shape {list(array.shape)} but "input_ids" has {list(ids.shape)}; send every '
+                    "token tensor with the same shape",
+                    input=name,
+                )
 
     def _tokens_per_row(self, feeds: Feeds) -> int:
         """The padded length of a text model's token-id tensors (their second axis), what a batch of them costs by;
