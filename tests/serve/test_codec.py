@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kiln.errors import InvalidInput
-from kiln.serve.codec import decode_texts, from_bytes, from_json_data, to_bytes, to_json_data
+from kiln.serve.codec import check_shape, decode_texts, from_bytes, from_json_data, to_bytes, to_json_data
 
 
 def test_json_data_flat_or_nested_gives_the_same_tensor() -> None:
@@ -67,3 +68,57 @@ def test_the_binary_form_is_little_endian_and_row_major_as_the_extension_says() 
     np.testing.assert_array_equal(from_bytes("x", "INT64", (2,), struct.pack("<2q", -1, 2**40)), [-1, 2**40])
     np.testing.assert_array_equal(from_bytes("x", "FP64", (1, 2), struct.pack("<2d", 0.5, -2.0)), [[0.5, -2.0]])
     assert list(from_bytes("t", "BYTES", (2,), struct.pack("<I", 2) + b"hi" + struct.pack("<I", 0))) == [b"hi", b""]
+
+
+def test_a_shape_of_more_than_64_dimensions_is_refused_with_the_limit() -> None:
+    # numpy cannot hold more than 64 dimensions; past that it raised ValueError, a 500 on every transport
+    with pytest.raises(InvalidInput, match=r'input "x" has 65 dimensions; .* at most 64 .* reshape'):
+        check_shape("x", [1] * 65)
+    assert from_json_data("x", "FP32", check_shape("x", [1] * 64), [2.5]).shape == (1,) * 64
+    with pytest.raises(InvalidInput, match=r'input "x" has shape \[True, 4\]'):
+        check_shape("x", [True, 4])  # a boolean is not a dimension, though Python counts it as the int 1
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "message"),
+    [
+        ("BOOL", ["false", "false"], r'element 0 is "false" \(a string\); BOOL data must be JSON booleans'),
+        ("BOOL", [5, 0], r"element 0 is 5 \(an integer\); BOOL data must be JSON booleans"),
+        ("BOOL", [[True, False], [True, "a"]], r'element 3 is "a" \(a string\)'),
+        ("INT8", [1.7], r"element 0 is 1.7 \(a float\); INT8 data must be JSON integers"),
+        ("INT32", [1, True], r"element 1 is true \(a boolean\); INT32 data must be JSON integers"),
+        ("INT64", ["1"], r'element 0 is "1" \(a string\); INT64 data must be JSON integers'),
+        ("UINT8", [1.0], r"element 0 is 1.0 \(a float\)"),
+        ("FP32", [1, None, 3], r"element 1 is null; FP32 data must be JSON numbers"),
+        ("FP32", ["1", 2, 3], r'element 0 is "1" \(a string\); FP32 data must be JSON numbers'),
+        ("FP32", [True, 2, 3], r"element 0 is true \(a boolean\)"),
+        ("FP64", [[1.0], [{"a": 1}]], r'element 1 is \{"a":1\} \(an object\)'),
+        ("INT8", [1, 300], r"element 1 is 300, out of range for INT8 \[-128, 127\]"),
+        ("UINT8", [-1], r"element 0 is -1, out of range for UINT8 \[0, 255\]"),
+        ("INT64", [2**63], r"element 0 is 9223372036854775808, out of range for INT64"),
+        ("FP32", [1.0, 1e300], r"element 1 is 1e\+300, out of range for FP32 \(largest finite 3.4028235e\+38\)"),
+        ("FP16", [1e6], r"element 0 is 1000000.0, out of range for FP16 \(largest finite 65504\)"),
+        ("FP16", [-70000], r"element 0 is -70000, out of range for FP16"),
+    ],
+)
+def test_json_data_must_be_of_the_datatype_json_type_and_range(datatype: str, data: Any, message: str) -> None:
+    # Triton's rules: BOOL takes booleans, INT*/UINT* integers, FP* numbers that fit; nothing is coerced
+    shape = (np.asarray(data, dtype=np.object_).size,)
+    with pytest.raises(InvalidInput, match=rf'input "x" has data that is not {datatype}: {message}'):
+        from_json_data("x", datatype, shape, data)
+
+
+def test_strict_json_data_still_takes_every_valid_form() -> None:
+    np.testing.assert_array_equal(from_json_data("x", "FP32", (2, 2), [[1, 2.5], [3, -4]]), [[1, 2.5], [3, -4]])
+    np.testing.assert_array_equal(from_json_data("x", "BOOL", (1, 2), [[True, False]]), [[True, False]])
+    np.testing.assert_array_equal(from_json_data("x", "INT8", (3,), [-128, 0, 127]), [-128, 0, 127])
+    assert from_json_data("x", "UINT64", (1,), [2**64 - 1])[0] == 2**64 - 1
+    assert from_json_data("x", "FP16", (1,), [65504])[0] == 65504
+    assert from_json_data("x", "FP64", (1,), [1e300])[0] == 1e300
+    # nesting is flattened as Triton does, whatever its depth or mix
+    np.testing.assert_array_equal(from_json_data("x", "INT32", (3,), [1, [2, [3]]]), [1, 2, 3])
+    np.testing.assert_array_equal(from_json_data("x", "INT32", (2, 1, 1), [[[1]], [[2]]]), [[[1]], [[2]]])
+    assert from_json_data("x", "FP32", (0, 4), []).shape == (0, 4)
+    # gRPC's typed contents may carry inf and nan themselves: only a finite value that overflows is refused
+    values = from_json_data("x", "FP32", (2,), [float("inf"), float("nan")])
+    assert np.isinf(values[0]) and np.isnan(values[1])

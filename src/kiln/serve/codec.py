@@ -7,11 +7,14 @@ Every malformed input raises ``InvalidInput`` with the tensor's name, the rule a
 
 from __future__ import annotations
 
+import itertools
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from kiln.errors import InvalidInput
 from kiln.serve.protocol import Array
@@ -40,13 +43,25 @@ def v2_datatype(array: Array) -> str:
     return NUMPY_TO_V2[array.dtype.name]
 
 
+# numpy's limit (NPY_MAXDIMS); past it numpy raises ValueError, so the codec refuses the shape first
+MAX_DIMENSIONS = 64
+
+
 def check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    """A V2 shape as a tuple, or a clear error: a list of at most 64 non-negative integers (booleans are not)."""
+    if not isinstance(shape, list | tuple) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput(
             f'input "{name}" has shape {shape!r}; a shape is a list of non-negative integers, e.g. [2, 4]',
             input=name,
         )
-    return tuple(int(d) for d in shape)
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidInput(
+            f'input "{name}" has {len(shape)} dimensions; this server takes at most {MAX_DIMENSIONS} (numpy\'s '
+            "limit); reshape the tensor to fewer dimensions",
+            input=name,
+            shape=list(shape),
+        )
+    return tuple(shape)
 
 
 def _element_count(shape: Sequence[int]) -> int:
@@ -57,49 +72,148 @@ def _element_count(shape: Sequence[int]) -> int:
 
 
 def from_json_data(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> Array:
-    """A tensor from V2 JSON ``data`` (flat in row-major order, or nested), checked against ``shape``."""
+    """A tensor from V2 JSON ``data`` (flat in row-major order, or nested), checked against ``shape``.
+
+    Strict as Triton is: BOOL takes JSON booleans, INT*/UINT* JSON integers, FP* JSON numbers (integers or floats)
+    whose value fits the datatype. Nothing is coerced: ``"false"`` is not ``false``, ``1.7`` is not an INT8.
+    """
     dtype = numpy_dtype(datatype, name)
     expected = _element_count(shape)
-    if datatype == "BYTES":
-        flat = _flatten(data)
-        array = np.empty(len(flat), dtype=np.object_)
-        for i, item in enumerate(flat):
-            if isinstance(item, str):
-                array[i] = item.encode("utf-8")
-            elif isinstance(item, bytes):
-                array[i] = item
-            else:
-                raise InvalidInput(
-                    f'input "{name}" is BYTES but element {i} is {type(item).__name__} {item!r}; send strings',
-                    input=name,
-                )
-    else:
-        try:
-            array = np.asarray(data, dtype=dtype).reshape(-1)
-        except OverflowError as exc:
-            raise InvalidInput(
-                f'input "{name}" has a value out of range for {datatype} ({exc}); send values that fit {datatype}',
-                input=name,
-            ) from None
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(
-                f'input "{name}" has data that is not {datatype} ({exc}); send numbers of that type, '
-                "flat in row-major order or nested",
-                input=name,
-            ) from None
-    if array.size != expected:
+    flat, kinds = _flatten(data)
+    if len(flat) != expected:
         raise InvalidInput(
-            f'input "{name}" has {array.size} elements but shape {list(shape)} needs {expected}; '
+            f'input "{name}" has {len(flat)} elements but shape {list(shape)} needs {expected}; '
             "make the data match the shape",
             input=name,
             shape=list(shape),
         )
-    return array.reshape(shape)
+    if datatype == "BYTES":
+        return _bytes_array(name, flat).reshape(shape)
+    return _numeric_array(name, datatype, dtype, flat, kinds).reshape(shape)
 
 
-def _flatten(data: Any) -> list[Any]:
-    if not isinstance(data, list):
-        return [data]
+# The JSON types a numeric datatype takes, by numpy kind. NOTE: bool is its own type here, not an int, because the
+# sets hold exact types (``type(True) is bool``), which is what lets one set comparison refuse true for an INT32.
+_JSON_TYPES: dict[str, frozenset[type]] = {
+    "b": frozenset({bool}),
+    "i": frozenset({int}),
+    "u": frozenset({int}),
+    "f": frozenset({int, float}),
+}
+_TYPE_NAMES: dict[type, str] = {
+    bool: " (a boolean)",
+    int: " (an integer)",
+    float: " (a float)",
+    str: " (a string)",
+    list: " (a list)",
+    dict: " (an object)",
+    type(None): "",  # "null" says it
+}
+
+
+def _numeric_array(name: str, datatype: str, dtype: np.dtype[Any], flat: list[Any], kinds: set[type]) -> Array:
+    allowed = _JSON_TYPES[dtype.kind]
+    if not kinds <= allowed:  # one set comparison on the hot path; the element is looked for only on error
+        index, item = next((i, item) for i, item in enumerate(flat) if type(item) not in allowed)
+        if dtype.kind == "b":
+            rule = "BOOL data must be JSON booleans: send true or false"
+        elif dtype.kind in "iu":
+            rule = f"{datatype} data must be JSON integers: send whole numbers, not floats, booleans or strings"
+        else:
+            rule = f"{datatype} data must be JSON numbers: send integers or floats, not booleans, strings or null"
+        raise InvalidInput(
+            f'input "{name}" has data that is not {datatype}: element {index} is {_show(item)}; {rule}',
+            input=name,
+            datatype=datatype,
+            element=index,
+        )
+    try:
+        if dtype.kind != "f":
+            return np.asarray(flat, dtype=dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is found below, by isfinite
+            array = np.asarray(flat, dtype=dtype)
+    except OverflowError:  # an integer outside the datatype's range (numpy 2 refuses it rather than wrap)
+        raise _out_of_range(name, datatype, dtype, flat) from None
+    # a finite value that became inf does not fit; inf and nan themselves can only come from gRPC's typed contents
+    if not np.isfinite(array).all() and any(
+        math.isfinite(flat[i]) for i in np.flatnonzero(~np.isfinite(array)).tolist()
+    ):
+        raise _out_of_range(name, datatype, dtype, flat)
+    return array
+
+
+def _out_of_range(name: str, datatype: str, dtype: np.dtype[Any], flat: list[Any]) -> InvalidInput:
+    index, item = next((i, item) for i, item in enumerate(flat) if not _fits(item, dtype))
+    if dtype.kind == "f":
+        limit = f"(largest finite {float(np.finfo(dtype).max):.8g}); send smaller values"
+    else:
+        info = np.iinfo(dtype)
+        limit = f"[{info.min}, {info.max}]; send values in that range"
+    value = _show(item, typed=False)
+    return InvalidInput(
+        f'input "{name}" has data that is not {datatype}: element {index} is {value}, out of range for {datatype} '
+        f"{limit} or use a wider datatype",
+        input=name,
+        datatype=datatype,
+        element=index,
+    )
+
+
+def _fits(item: int | float, dtype: np.dtype[Any]) -> bool:
+    try:
+        with np.errstate(over="ignore"):
+            value = dtype.type(item)
+    except OverflowError:
+        return False
+    return dtype.kind != "f" or not math.isfinite(item) or bool(np.isfinite(value))
+
+
+def _show(item: Any, *, typed: bool = True) -> str:
+    """An element as the client wrote it (JSON; numbers as Python prints them), shortened, and its JSON type."""
+    if isinstance(item, int | float) and not isinstance(item, bool):
+        text = repr(item)
+    else:
+        try:
+            text = orjson.dumps(item).decode()
+        except TypeError:
+            text = repr(item)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    if not typed:
+        return text
+    return text + _TYPE_NAMES.get(type(item), f" (a {type(item).__name__})")
+
+
+def _bytes_array(name: str, flat: list[Any]) -> Array:
+    array = np.empty(len(flat), dtype=np.object_)
+    for i, item in enumerate(flat):
+        if isinstance(item, str):
+            array[i] = item.encode("utf-8")
+        elif isinstance(item, bytes):
+            array[i] = item
+        else:
+            raise InvalidInput(
+                f'input "{name}" is BYTES but element {i} is {type(item).__name__} {item!r}; send strings',
+                input=name,
+            )
+    return array
+
+
+def _flatten(data: Any) -> tuple[list[Any], set[type]]:
+    """Nested JSON data -> its elements in row-major order, and the set of their exact types.
+
+    Level by level with builtins that run in C (a regular nest, the usual case); element by element only where a
+    level mixes lists and scalars, which Triton also accepts: it counts the elements, whatever the nesting.
+    """
+    flat: list[Any] = data if isinstance(data, list) else [data]
+    kinds = set(map(type, flat))
+    while list in kinds:
+        flat = list(itertools.chain.from_iterable(flat)) if len(kinds) == 1 else _flatten_mixed(flat)
+        kinds = set(map(type, flat))
+    return flat, kinds
+
+
+def _flatten_mixed(data: list[Any]) -> list[Any]:
     out: list[Any] = []
     stack = [iter(data)]
     while stack:

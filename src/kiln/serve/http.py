@@ -7,6 +7,7 @@ The app is built from a visible list of routes; the only mapping from Kiln error
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,7 +70,11 @@ def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (before reading, when Content-Length says so)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and not _is_ascii_digits(declared):
+        raise InvalidInput(
+            f"Content-Length is {declared!r}; it must be the body's length in bytes, written in ASCII digits"
+        )
+    if declared is not None and int(declared) > limit:
         raise PayloadTooLarge(
             f"request body is {int(declared)} bytes; this server accepts at most {limit} bytes; split the request "
             "or raise --max-request-bytes",
@@ -101,7 +106,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def decode_infer(body: bytes, header_length: str | None, timeout_header: str | None) -> InferRequest:
     """A V2 infer body (JSON, or JSON header + binary tensors) -> ``InferRequest``."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not _is_ascii_digits(header_length) or int(header_length) > len(body):
             raise InvalidInput(
                 f"Inference-Header-Content-Length is {header_length!r} but the body has {len(body)} bytes; it must "
                 "be the byte length of the JSON header at the start of the body"
@@ -133,9 +138,21 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         shape = check_shape(name, tensor.get("shape"))
         size = _object(tensor.get("parameters"), f'"parameters" of input "{name}"').get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if type(size) is not int or size < 0:
                 raise InvalidInput(
-                    f'input "{name}" declares binary_data_size {size!r} but only {len(binary) - offset} binary '
+                    f'input "{name}" has binary_data_size {_show(size)}; it must be a non-negative JSON integer, '
+                    "the byte length of its data after the JSON header",
+                    input=name,
+                )
+            if "data" in tensor:
+                raise InvalidInput(
+                    f'input "{name}" has both "data" and binary_data_size; send its values one way: "data" in '
+                    "the JSON, or binary_data_size and the bytes after the JSON header",
+                    input=name,
+                )
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f'input "{name}" declares binary_data_size {size} but only {len(binary) - offset} binary '
                     "bytes remain after the JSON header",
                     input=name,
                 )
@@ -159,13 +176,18 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput('each entry of "outputs" must be an object with a "name"')
         as_bytes = _object(out.get("parameters"), f'"parameters" of output "{out["name"]}"').get("binary_data")
-        outputs.append(RequestedOutput(out["name"], None if as_bytes is None else bool(as_bytes)))
+        what = f'parameter "binary_data" of output "{out["name"]}"'
+        outputs.append(RequestedOutput(out["name"], None if as_bytes is None else _boolean(as_bytes, what)))
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput(f'"id" is {_show(request_id)}; an id is a JSON string (e.g. "req-1"), or leave it out')
+    binary_output = parameters.get("binary_data_output")
     return InferRequest(
         inputs=inputs,
         outputs=outputs,
-        id=str(header.get("id", "")),
+        id=request_id,
         parameters=parameters,
-        binary_output_default=bool(parameters.get("binary_data_output", False)),
+        binary_output_default=binary_output is not None and _boolean(binary_output, 'parameter "binary_data_output"'),
         timeout_s=_timeout_s(parameters.get("timeout"), timeout_header),
         datatypes=datatypes,
     )
@@ -180,6 +202,26 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _is_ascii_digits(text: str) -> bool:
+    """``str.isdigit`` takes any Unicode digit ("²", "٣"), which ``int`` then refuses or reads: HTTP means 0-9."""
+    return text.isascii() and text.isdigit()
+
+
+def _boolean(value: Any, what: str) -> bool:
+    """A JSON boolean parameter; anything else (``"false"`` is truthy) is the client's mistake, not ``bool()``'s."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what} is {_show(value)}; it must be a JSON boolean: true or false")
+    return value
+
+
+def _show(value: Any) -> str:
+    """A request value as JSON, the way the client wrote it ('null', '"false"', '{"a":1}')."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return repr(value)
+
+
 def _timeout_s(parameter: Any, header: str | None) -> float | None:
     """``parameters.timeout`` is in microseconds (Triton's unit); the ``Timeout-Ms`` header in milliseconds."""
     if header is not None:
@@ -187,13 +229,13 @@ def _timeout_s(parameter: Any, header: str | None) -> float | None:
             value = float(header)
         except ValueError:
             value = -1.0
-        if value <= 0:
-            raise InvalidInput(f"Timeout-Ms header is {header!r}; send a positive number of milliseconds")
+        if not (math.isfinite(value) and value > 0):  # float() takes "nan", "inf" and "1e400" (inf)
+            raise InvalidInput(f"Timeout-Ms header is {header!r}; send a positive, finite number of milliseconds")
         return value / 1000
     if parameter is None:
         return None
-    if not isinstance(parameter, int | float) or parameter <= 0:
-        raise InvalidInput(f'parameter "timeout" is {parameter!r}; send a positive number of microseconds')
+    if isinstance(parameter, bool) or not isinstance(parameter, int | float) or not 0 < parameter < math.inf:
+        raise InvalidInput(f'parameter "timeout" is {_show(parameter)}; send a positive, finite number of microseconds')
     return float(parameter) / 1e6
 
 
