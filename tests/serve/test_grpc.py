@@ -290,6 +290,9 @@ def test_infer_with_typed_contents(tiny_server: RunningServer, tiny_weights: tup
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "int64_contents" in info.value.details()
     assert "fp32_contents" in info.value.details()
+    # refused while decoding, before the data plane's infer(): still a failure of model "tiny", by reason
+    failures = tiny_server.plane.metrics_text().decode()
+    assert 'kiln_request_failures_total{model="tiny",reason="invalidinput",version="1"} 1.0' in failures
 
 
 def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(

@@ -220,6 +220,22 @@ def test_api_keys_and_admin_endpoints(
     assert client.get_model_metadata("tiny")["versions"] == ["2"]
 
 
+def test_requests_refused_while_decoding_count_as_failures_by_reason(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact
+) -> None:
+    # they never reached the data plane's infer(): bad JSON, bad binary data and a body too large went uncounted
+    server = start_server(tiny_artifact.repository, ServeSettings(max_request_bytes=1000), http=True)
+    assert post(server.http_url, "/v2/models/tiny/infer", b"{not json")[0] == 400
+    assert post(server.http_url, "/v2/models/tiny/infer", b"{}", {"Inference-Header-Content-Length": "9"})[0] == 400
+    assert post(server.http_url, "/v2/models/tiny/infer", b" " * 1001)[0] == 413
+    assert post(server.http_url, "/v2/models/nope/infer", b"{not json")[0] == 404  # no model: nothing to count in
+    with urllib.request.urlopen(f"http://{server.http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'kiln_request_failures_total{model="tiny",reason="invalidinput",version="1"} 2.0' in text
+    assert 'kiln_request_failures_total{model="tiny",reason="payloadtoolarge",version="1"} 1.0' in text
+    assert 'kiln_request_duration_seconds_count{model="tiny",outcome="failure",version="1"} 3.0' in text
+
+
 def test_metrics_expose_histograms_by_model_and_version(tiny_server: Any) -> None:
     for _ in range(3):
         assert post(tiny_server.http_url, "/v2/models/tiny/infer", infer_body([1, 2, 3, 4], [1, 4]))[0] == 200

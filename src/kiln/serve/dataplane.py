@@ -8,9 +8,11 @@ codes in one table. Nothing here knows about HTTP or gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,20 @@ class DataPlane:
             )
 
     # -- inference ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def decoding(self, name: str, version: str | None) -> Iterator[None]:
+        """Wrap a transport's reading and decoding of an infer request: one it refuses (bad JSON, bad binary data, a
+        body too large) counts as a failure of the model it was sent to, by the error's reason, as :meth:`infer`
+        counts the requests it refuses."""
+        started = time.perf_counter()
+        try:
+            yield
+        except KilnError as exc:
+            with contextlib.suppress(KilnError):  # an unknown model or version has no metrics to count it in
+                loaded = self.repository.get(name, version)
+                loaded.metrics.finished(time.perf_counter() - started, "failure", _reason(exc))
+            raise
+
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
         """Validate, queue, batch, run and split one request.
 

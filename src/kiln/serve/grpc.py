@@ -151,8 +151,10 @@ class InferenceService:
 
     async def model_infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         self.plane.authorize(bearer(context))
-        decoded = decode_infer(request, context.time_remaining())
-        response = await self.plane.infer(request.model_name, _version(request.model_version), decoded)
+        version = _version(request.model_version)
+        with self.plane.decoding(request.model_name, version):
+            decoded = decode_infer(request, context.time_remaining())
+        response = await self.plane.infer(request.model_name, version, decoded)
         return encode_infer(response)
 
     async def model_stream_infer(
@@ -168,8 +170,10 @@ class InferenceService:
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                decoded = decode_infer(request, None)
-                response = await self.plane.infer(request.model_name, _version(request.model_version), decoded)
+                version = _version(request.model_version)
+                with self.plane.decoding(request.model_name, version):
+                    decoded = decode_infer(request, None)
+                response = await self.plane.infer(request.model_name, version, decoded)
                 await answers.put(pb.ModelStreamInferResponse(infer_response=encode_infer(response)))
             except Exception as exc:
                 if not isinstance(exc, KilnError):

@@ -312,10 +312,12 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
 
     async def infer(request: Request) -> Response:
         plane.authorize(_bearer(request))
-        plane.repository.get(request.path_params["model"], version_of(request))  # 404 before reading a body
-        body = await read_body(request, settings.max_request_bytes)
-        decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(TIMEOUT_HEADER))
-        response = await plane.infer(request.path_params["model"], version_of(request), decoded)
+        model, version = request.path_params["model"], version_of(request)
+        plane.repository.get(model, version)  # 404 before reading a body
+        with plane.decoding(model, version):
+            body = await read_body(request, settings.max_request_bytes)
+            decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(TIMEOUT_HEADER))
+        response = await plane.infer(model, version, decoded)
         return encode_infer(response)
 
     async def repository_index(request: Request) -> Response:
