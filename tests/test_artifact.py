@@ -296,3 +296,39 @@ def test_config_pbtxt_is_valid_protobuf_text_format(repository: Path, tiny_artif
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("probabilities", 11, [3])]
     assert config.HasField("version_policy") and config.version_policy.HasField("all")
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+
+
+def test_a_version_without_its_manifest_is_an_artifact_error_naming_the_file(
+    repository: Path, tiny_artifact: artifacts.Artifact
+) -> None:
+    (tiny_artifact.path / "kiln.json").unlink()
+    with pytest.raises(ArtifactError, match=r'kiln\.json" is missing; .*export the model again') as info:
+        artifacts.load(repository / "tiny", 1)
+    assert str(tiny_artifact.path / "kiln.json") in str(info.value)
+
+
+@pytest.mark.parametrize(("content", "kind"), [("[]", "a list"), ('"tiny"', "a string"), ("null", "null")])
+def test_a_manifest_that_is_not_a_json_object_is_an_artifact_error(
+    tiny_artifact: artifacts.Artifact, content: str, kind: str
+) -> None:
+    (tiny_artifact.path / "kiln.json").write_text(content, encoding="utf-8")
+    with pytest.raises(ArtifactError, match=f"holds {kind}, not a JSON object; .*export the model again"):
+        artifacts.load(tiny_artifact.path)
+
+
+def test_a_manifest_field_of_the_wrong_json_type_is_an_artifact_error(tiny_artifact: artifacts.Artifact) -> None:
+    manifest_path = tiny_artifact.path / "kiln.json"
+    data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    data["model"] = ["model.onnx"]  # an object with "sha256" in a real manifest
+    manifest_path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ArtifactError, match="is not a valid Kiln manifest"):
+        artifacts.load(tiny_artifact.path)
+
+
+def test_a_model_name_longer_than_the_file_system_allows_is_model_not_found(repository: Path) -> None:
+    repository.mkdir()
+    name = "m" * 300
+    with pytest.raises(ModelNotFound, match="300 characters, longer than the file system allows"):
+        artifacts.versions(repository / name)
+    with pytest.raises(ModelNotFound, match="300 characters, longer than the file system allows"):
+        artifacts.load(repository / name)

@@ -14,6 +14,7 @@ half-written version, and an existing version is never overwritten.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln._utils import atomic_directory, atomic_write_text, sha256_file
-from kiln.errors import ArtifactError, IntegrityError, ModelNotFound
+from kiln.errors import ArtifactError, IntegrityError, KilnError, ModelNotFound
 from kiln.types import Signature
 
 MANIFEST_FILE = "kiln.json"
@@ -147,16 +148,44 @@ class Artifact:
 
 
 def versions(model_dir: Path) -> list[int]:
-    """Complete versions of a model, ascending (temp directories of in-flight writes are ignored)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    """Complete versions of a model, ascending (temp directories of in-flight writes are ignored).
+
+    Raises:
+        ModelNotFound: the directory's name is longer than the file system allows.
+        ArtifactError: the directory cannot be read (permissions, I/O).
+    """
+    try:
+        if not model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    except OSError as exc:
+        raise _unreadable(model_dir, exc) from exc
 
 
 def list_models(repository: Path) -> list[str]:
-    if not repository.is_dir():
-        return []
-    return sorted(p.name for p in repository.iterdir() if p.is_dir() and versions(p))
+    try:
+        if not repository.is_dir():
+            return []
+        return sorted(p.name for p in repository.iterdir() if p.is_dir() and versions(p))
+    except OSError as exc:
+        raise _unreadable(repository, exc) from exc
+
+
+def _unreadable(path: Path, exc: OSError) -> KilnError:
+    """The Kiln error for an ``OSError`` met while reading ``path`` from a repository."""
+    if exc.errno == errno.ENAMETOOLONG:
+        # NOTE: a name from a request (e.g. the model of a load call) lands here; show its start, not all of it.
+        name = path.name if len(path.name) <= 64 else f"{path.name[:60]}…"
+        return ModelNotFound(
+            f'"{name}" is {len(path.name)} characters, longer than the file system allows ({exc.strerror}), so '
+            f'nothing of that name can exist in "{path.parent}"; check the name',
+            path=str(path),
+        )
+    return ArtifactError(
+        f'"{path}" cannot be read ({exc.strerror or exc}); check that it exists and that the server\'s user may '
+        "read it",
+        path=str(path),
+    )
 
 
 def load(path: Path | str, version: int | None = None, *, verify: bool = True) -> Artifact:
@@ -174,9 +203,13 @@ def load(path: Path | str, version: int | None = None, *, verify: bool = True) -
     path = Path(path)
     if path.name == MANIFEST_FILE:
         path = path.parent
-    if not path.exists():
+    try:
+        exists, is_version = path.exists(), (path / MANIFEST_FILE).is_file()
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    if not exists:
         raise ModelNotFound(f'"{path}" does not exist; pass a model directory or a version directory', path=str(path))
-    if not (path / MANIFEST_FILE).is_file():
+    if not is_version:
         found = versions(path)
         if not found:
             raise ModelNotFound(
@@ -193,10 +226,7 @@ def load(path: Path | str, version: int | None = None, *, verify: bool = True) -
                 version=version,
             )
         path = path / str(version)
-    try:
-        manifest = Manifest.from_dict(json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f'"{path / MANIFEST_FILE}" is not a valid Kiln manifest ({exc})', path=str(path)) from exc
+    manifest = _read_manifest(path / MANIFEST_FILE)
     if version is not None and manifest.version != version:
         raise ModelNotFound(
             f'"{path}" holds version {manifest.version}, not version {version}; pass the model directory instead',
@@ -208,12 +238,63 @@ def load(path: Path | str, version: int | None = None, *, verify: bool = True) -
     return artifact
 
 
+def _read_manifest(manifest_path: Path) -> Manifest:
+    fix = "restore it or export the model again"
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ArtifactError(
+            f'"{manifest_path}" is missing; every version directory holds its manifest beside {MODEL_FILE}: {fix}',
+            path=str(manifest_path),
+        ) from exc
+    except OSError as exc:
+        raise _unreadable(manifest_path, exc) from exc
+    except ValueError as exc:  # UnicodeDecodeError
+        raise ArtifactError(f'"{manifest_path}" is not UTF-8 text ({exc}); {fix}', path=str(manifest_path)) from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ArtifactError(
+            f'"{manifest_path}" is not a valid Kiln manifest ({exc}); {fix}', path=str(manifest_path)
+        ) from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(
+            f'"{manifest_path}" holds {_json_kind(data)}, not a JSON object; a Kiln manifest is an object with '
+            f'"format", "name", "version" and "signature": {fix}',
+            path=str(manifest_path),
+        )
+    try:
+        manifest = Manifest.from_dict(data)
+        if not isinstance(manifest.model, dict):  # read by verify_integrity and every engine
+            raise TypeError(f'"model" is {_json_kind(manifest.model)}, not an object')
+    except KilnError:
+        raise
+    except KeyError as exc:
+        raise ArtifactError(
+            f'"{manifest_path}" is not a valid Kiln manifest (it has no {exc} field); {fix}', path=str(manifest_path)
+        ) from exc
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f'"{manifest_path}" is not a valid Kiln manifest ({exc}); {fix}', path=str(manifest_path)
+        ) from exc
+    return manifest
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
 def verify_integrity(artifact: Artifact) -> None:
     model_path = artifact.model_path
-    if not model_path.is_file():
+    try:
+        present = model_path.is_file()
+        actual = sha256_file(model_path) if present else ""
+    except OSError as exc:
+        raise _unreadable(model_path, exc) from exc
+    if not present:
         raise ModelNotFound(f'"{model_path}" is missing; the artifact is incomplete', path=str(model_path))
     expected = artifact.manifest.model.get("sha256")
-    actual = sha256_file(model_path)
     if expected != actual:
         raise IntegrityError(
             f'"{model_path}" has sha256 {actual[:16]}…, but its manifest records {str(expected)[:16]}…; the file was '

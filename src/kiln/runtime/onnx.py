@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import InvalidInput, ModelNotFound, did_you_mean
+from kiln.errors import ArtifactError, InvalidInput, ModelNotFound, did_you_mean
 from kiln.runtime.hardware import default_intra_op_threads, preferred_providers
 from kiln.types import ONNX_TO_V2, Feeds, TensorSpec
 
@@ -28,11 +28,38 @@ _ORT_TYPE_TO_V2 = {
 }
 assert set(_ORT_TYPE_TO_V2.values()) <= set(ONNX_TO_V2.values())
 
+# ONNX Runtime's load errors that say the model itself cannot be run here (by class name: the set differs between
+# versions). Device and engine failures (EPFail, DeviceReset, EngineError, RuntimeException) are not the model's
+# fault and pass through as they are.
+_ORT_CORRUPT = ("InvalidProtobuf", "NoModel", "NoSuchFile")
+_ORT_UNRUNNABLE = ("InvalidGraph", "NotImplemented", "Fail", "InvalidArgument", "ModelRequiresCompilation")
+
 
 def _spec(node: Any) -> TensorSpec:
     dtype = _ORT_TYPE_TO_V2.get(node.type, "BYTES" if "seq" in node.type or "map" in node.type else node.type)
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or []))
     return TensorSpec(name=node.name, dtype=dtype, shape=shape)
+
+
+def _load_error(model: Path | str | bytes, exc: Exception, ort_version: str) -> ArtifactError | None:
+    """The Kiln error for ONNX Runtime refusing to load ``model`` (``None`` when it is not the model's fault)."""
+    kind = type(exc).__name__
+    if kind in _ORT_CORRUPT:
+        fix = "the file is corrupt or truncated: restore it or export the model again"
+    elif kind in _ORT_UNRUNNABLE:
+        fix = (
+            "export the model again with an opset this runtime supports (--opset), or serve it with the "
+            "onnxruntime it was exported for"
+        )
+    else:
+        return None
+    where = f'"{model}"' if isinstance(model, str | Path) else f"the {len(model)}-byte model given as bytes"
+    ort_message = " ".join(str(exc).split()) or kind  # one line, for logs and the repository index
+    return ArtifactError(
+        f"{where} is not a model ONNX Runtime can load (onnxruntime {ort_version}, {kind}: {ort_message}); {fix}",
+        path=str(model) if isinstance(model, str | Path) else None,
+        ort_error=kind,
+    )
 
 
 class OrtEngine:
@@ -76,7 +103,13 @@ class OrtEngine:
         self.name = name
         self.providers = providers or preferred_providers()
         source = str(model) if isinstance(model, str | Path) else model
-        self._session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
+        try:
+            self._session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
+        except Exception as exc:
+            error = _load_error(model, exc, ort.__version__)
+            if error is None:
+                raise
+            raise error from exc
         self._inputs = [_spec(i) for i in self._session.get_inputs()]
         self._outputs = [_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]

@@ -147,8 +147,9 @@ class ModelRepository:
                     continue
                 try:
                     fresh[version] = await asyncio.to_thread(self._build, name, version)
-                except KilnError as exc:
-                    self._failures[name] = _Failure(version, exc.message)
+                except BaseException as exc:  # cancelled too (a signal during start-up): close what was built
+                    if isinstance(exc, Exception):
+                        self._record_failure(name, version, exc)
                     for loaded in fresh.values():
                         await loaded.batcher.close()
                     raise
@@ -178,12 +179,16 @@ class ModelRepository:
             await loaded.batcher.close()
 
     async def reload(self) -> None:
-        """Bring every served model to its latest-N versions on disk (SIGHUP)."""
+        """Bring every served model to its latest-N versions on disk (SIGHUP).
+
+        A model that fails keeps serving its loaded versions (the failure is logged and shows in ``index``);
+        the reload goes on with the others.
+        """
         for name in list(self._served):
             try:
                 await self.load(name)
-            except KilnError as exc:
-                logger.error("reload of %s failed, the loaded versions keep serving: %s", name, exc)
+            except Exception as exc:  # one model's failure must not stop the others' reload
+                logger.error("reload of %s failed, the loaded versions keep serving: %s", name, _reason(exc))
 
     async def drain(self) -> None:
         for served in list(self._served.values()):
@@ -195,6 +200,12 @@ class ModelRepository:
         for versions in served.values():
             for loaded in versions.values():
                 await loaded.batcher.close()
+
+    def _record_failure(self, name: str, version: int, exc: Exception) -> None:
+        """Remember why ``version`` of ``name`` did not load, for ``index``; log a non-Kiln error with its trace."""
+        self._failures[name] = _Failure(version, _reason(exc))
+        if not isinstance(exc, KilnError):  # not a failure Kiln expects: a bug, or the machine (memory, device)
+            logger.error("loading %s version %d failed unexpectedly", name, version, exc_info=exc)
 
     def _build(self, name: str, version: int) -> LoadedVersion:
         started = time.perf_counter()
@@ -215,6 +226,10 @@ class ModelRepository:
             per_token * 1e3,
         )
         return LoadedVersion(model, batcher, metrics, load_s)
+
+
+def _reason(exc: Exception) -> str:
+    return exc.message if isinstance(exc, KilnError) else f"{type(exc).__name__}: {exc}"
 
 
 def _version_number(name: str, version: str | int) -> int:

@@ -1,0 +1,189 @@
+"""kiln.serve.repository: a version that fails to load is a clear error, recorded, and the old one keeps serving.
+
+The server is the real one (see conftest.py); the admin API loads over HTTP and gRPC, and ``reload`` is what
+SIGHUP runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from kiln import artifact as artifacts
+from kiln.config import ServeSettings
+
+ADMIN_KEY = "root-key"
+ADMIN_SETTINGS = ServeSettings(admin_enabled=True, admin_keys=(ADMIN_KEY,))
+
+
+def post(url: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+    """A raw POST as the admin; (status, parsed JSON body) whatever the status."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    request = urllib.request.Request(f"http://{url}{path}", data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def served_version(url: str, model: str = "tiny") -> str:
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    code, payload = post(url, f"/v2/models/{model}/infer", body.encode())
+    assert code == 200, payload
+    return str(payload["model_version"])
+
+
+def index_entry(url: str, model: str = "tiny") -> dict[str, Any]:
+    code, entries = post(url, "/v2/repository/index")
+    assert code == 200
+    failed = [e for e in entries if e["name"] == model and e["state"] == "UNAVAILABLE"]
+    assert len(failed) == 1, entries
+    return dict(failed[0])
+
+
+def corrupt_model_file(version: Path) -> Path:
+    """Garbage in model.onnx, with the manifest's sha256 updated to match: the integrity check passes."""
+    model = version / "model.onnx"
+    model.write_bytes(b"this is not an ONNX model")
+    manifest_path = version / "kiln.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["model"]["sha256"] = hashlib.sha256(model.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    return model
+
+
+def remove_manifest(version: Path) -> Path:
+    (version / "kiln.json").unlink()
+    return version / "kiln.json"
+
+
+def manifest_not_an_object(version: Path) -> Path:
+    (version / "kiln.json").write_text("[]", encoding="utf-8")
+    return version / "kiln.json"
+
+
+@pytest.mark.parametrize(
+    ("damage", "rule"),
+    [
+        (corrupt_model_file, "is not a model ONNX Runtime can load"),
+        (remove_manifest, "is missing"),
+        (manifest_not_an_object, "holds a list, not a JSON object"),
+    ],
+)
+def test_a_broken_new_version_is_a_409_naming_the_file_and_the_old_version_keeps_serving(
+    start_server: Callable[..., Any],
+    tiny_artifact: artifacts.Artifact,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+    damage: Callable[[Path], Path],
+    rule: str,
+) -> None:
+    server = start_server(tiny_artifact.repository, ADMIN_SETTINGS, http=True)
+    broken = damage(artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model).path)
+
+    code, payload = post(server.http_url, "/v2/repository/models/tiny/load")
+
+    assert code == 409, payload
+    assert f'"{broken}" {rule}' in payload["error"] and "export the model again" in payload["error"]
+    assert served_version(server.http_url) == "1"
+    entry = index_entry(server.http_url)
+    assert entry["version"] == "2" and entry["reason"] == payload["error"]
+
+
+def test_the_index_shows_why_the_latest_attempt_failed_not_an_older_reason(
+    start_server: Callable[..., Any],
+    tiny_artifact: artifacts.Artifact,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+) -> None:
+    server = start_server(tiny_artifact.repository, ADMIN_SETTINGS, http=True)
+    version = artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model).path
+    (version / "model.onnx").write_bytes(b"this is not an ONNX model")
+    assert post(server.http_url, "/v2/repository/models/tiny/load")[0] == 409
+    assert "sha256" in index_entry(server.http_url)["reason"]
+
+    corrupt_model_file(version)  # the operator "fixes" the hash; the file is still not a model
+    code, payload = post(server.http_url, "/v2/repository/models/tiny/load")
+
+    assert code == 409, payload
+    reason = index_entry(server.http_url)["reason"]
+    assert "is not a model ONNX Runtime can load" in reason and "sha256" not in reason
+
+
+def test_a_model_name_longer_than_the_file_system_allows_is_not_found_over_http_and_grpc(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact
+) -> None:
+    server = start_server(tiny_artifact.repository, ADMIN_SETTINGS, http=True)
+    name = "m" * 300
+
+    code, payload = post(server.http_url, f"/v2/repository/models/{name}/load")
+
+    assert code == 404, payload
+    assert "300 characters, longer than the file system allows" in payload["error"]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model(name, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    client.close()
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    assert "longer than the file system allows" in str(info.value.message())
+    assert served_version(server.http_url) == "1"
+
+
+def test_a_reload_goes_on_past_a_model_that_fails(
+    start_server: Callable[..., Any],
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+) -> None:
+    for name in ("a", "b"):
+        artifacts.write(repository, make_manifest(name=name), tiny_onnx_model)
+    server = start_server(repository, ADMIN_SETTINGS, http=True)
+    corrupt_model_file(artifacts.write(repository, make_manifest(name="a"), tiny_onnx_model).path)
+    artifacts.write(repository, make_manifest(name="b"), tiny_onnx_model)
+
+    server.call(server.plane.repository.reload())  # what SIGHUP runs
+
+    assert served_version(server.http_url, "a") == "1"
+    assert served_version(server.http_url, "b") == "2"
+    entry = index_entry(server.http_url, "a")
+    assert entry["version"] == "2" and "is not a model ONNX Runtime can load" in entry["reason"]
+
+
+def test_a_reload_goes_on_past_an_unexpected_error_and_records_it(
+    start_server: Callable[..., Any],
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("a", "b"):
+        artifacts.write(repository, make_manifest(name=name), tiny_onnx_model)
+    server = start_server(repository, ADMIN_SETTINGS, http=True)
+    for name in ("a", "b"):
+        artifacts.write(repository, make_manifest(name=name), tiny_onnx_model)
+    repo = server.plane.repository
+    build = repo._build
+
+    def build_failing_a(name: str, version: int) -> Any:
+        if name == "a":
+            raise MemoryError("out of memory while building the engine")
+        return build(name, version)
+
+    monkeypatch.setattr(repo, "_build", build_failing_a)
+
+    server.call(repo.reload())
+
+    assert served_version(server.http_url, "a") == "1"
+    assert served_version(server.http_url, "b") == "2"
+    entry = index_entry(server.http_url, "a")
+    assert entry["version"] == "2" and entry["reason"] == "MemoryError: out of memory while building the engine"
