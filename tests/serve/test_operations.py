@@ -6,8 +6,11 @@ The "slow" real ONNX model of conftest.py makes queues form without sleeping any
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings
-from kiln.serve import ServerProcess
+from kiln.serve import ServerProcess, free_port
 
 ROWS = 64
 
@@ -74,7 +77,7 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_at_once(
     code, (headers, body) = infer(server.http_url, headers={"Timeout-Ms": "0.001"})
     assert code == 503 and "timeout" in body["error"] and headers["retry-after"] == "1"
     code, (_, body) = infer(server.http_url, headers={"Timeout-Ms": "soon"})
-    assert code == 400 and "positive number of milliseconds" in body["error"]
+    assert code == 400 and "positive, finite number of milliseconds" in body["error"]
     assert infer(server.http_url, headers={"Timeout-Ms": "60000"})[0] == 200
 
 
@@ -135,3 +138,57 @@ def test_sighup_swaps_in_a_new_version_and_the_cli_reports_ready_time(slow_repo:
         assert version == "2"
         assert server.stop() == 0
     assert "ready in" in server.log and "loaded slow version 2" in server.log
+
+
+def signal_on_log_line(repository: Path, line: str, signum: int) -> tuple[int, str]:
+    """Start ``kiln serve``, send ``signum`` as soon as it logs ``line``; (exit code, log)."""
+    serve = [sys.executable, "-m", "kiln", "serve", str(repository)]
+    ports = ["--http-port", str(free_port()), "--grpc-port", "0"]
+    process = subprocess.Popen([*serve, *ports], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log: list[str] = []
+    try:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            log.append(raw.decode("utf-8", errors="replace"))
+            if line in log[-1]:
+                break
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=60)  # seconds of start-up at most: a bound, not a benchmark
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, "".join(log) + output.decode("utf-8", errors="replace")
+
+
+@pytest.fixture
+def many_models_repo(slow_repo: Path) -> tuple[Path, list[str]]:
+    """``slow_repo`` plus a dozen copies of "slow": seconds of loads and warm-ups at start-up on 2 cores."""
+    model = artifacts.load(slow_repo / "slow")
+    names = [f"slow{i}" for i in range(12)]
+    for name in names:
+        artifacts.write(slow_repo, dataclasses.replace(model.manifest, name=name), model.model_path)
+    return slow_repo, ["slow", *names]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_stops_it_and_exits_zero(
+    many_models_repo: tuple[Path, list[str]], signum: int
+) -> None:
+    repository, names = many_models_repo
+    # the signal lands once the first model is loaded, while the others are still to load
+    code, log = signal_on_log_line(repository, "loaded slow", signum)
+    assert code == 0, log
+    assert f"start-up stopped by signal {int(signum)}" in log
+    assert "ready in" not in log
+    assert log.count("loaded slow") < len(names), log  # it stopped before loading all of them
+
+
+@pytest.mark.e2e
+def test_a_sigterm_just_after_start_up_is_not_lost(many_models_repo: tuple[Path, list[str]]) -> None:
+    repository, _ = many_models_repo
+    # between the "ready" log line and uvicorn's own signal handlers: the signal waits for them, then drains
+    code, log = signal_on_log_line(repository, "ready in", signal.SIGTERM)
+    assert code == 0, log
+    assert "drained and stopped" in log
