@@ -60,6 +60,12 @@ def test_did_you_mean_suggests_the_closest_choice() -> None:
     assert errors.did_you_mean("runz", iter(["runs", "samples"])) == ' (did you mean "runs"?)'
 
 
+def test_did_you_mean_never_suggests_the_value_itself() -> None:
+    # a model in the repository but not loaded: "model "strs" is not served here (did you mean "strs"?)"
+    assert errors.did_you_mean("strs", ["strs", "iris"]) == ""
+    assert errors.did_you_mean("digit", ["digit", "digits"]) == ' (did you mean "digits"?)'
+
+
 def test_did_you_mean_is_empty_when_nothing_is_close() -> None:
     assert errors.did_you_mean("resnet", ["digits", "minilm"]) == ""
     assert errors.did_you_mean("x", []) == ""

@@ -102,6 +102,7 @@ class Forbidden(KilnError):
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """Return ``' (did you mean "x"?)'`` for the closest choice, or ``''`` when none is close."""
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    """Return ``' (did you mean "x"?)'`` for the closest choice, or ``''`` when none is close (``value`` itself is
+    no suggestion: a model that exists but is not loaded is not a typo)."""
+    close = difflib.get_close_matches(value, [c for c in choices if c != value], n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
