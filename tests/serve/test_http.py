@@ -220,6 +220,27 @@ def test_api_keys_and_admin_endpoints(
     assert client.get_model_metadata("tiny")["versions"] == ["2"]
 
 
+def test_repository_load_refuses_parameters_it_would_ignore_as_grpc_does(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact
+) -> None:
+    settings = ServeSettings(admin_enabled=True, admin_keys=("root-key",))
+    server = start_server(tiny_artifact.repository, settings, http=True)
+    auth = {"Authorization": "Bearer root-key"}
+
+    def admin(path: str, body: bytes) -> tuple[int, Any]:
+        code, _, payload = post(server.http_url, f"/v2/repository/models/tiny/{path}", body, auth)
+        return code, payload
+
+    code, payload = admin("load", json.dumps({"parameters": {"config": "{}"}}).encode())
+    assert code == 400 and 'parameter "config" of load is not supported' in payload["error"]
+    assert admin("load", b"[1]")[0] == 400
+    assert admin("load", b"")[0] == 200  # no body, or {} (tritonclient's), is a plain load
+    assert admin("load", b"{}")[0] == 200
+    assert (
+        admin("unload", json.dumps({"parameters": {"unload_dependents": False}}).encode())[0] == 200
+    )  # tritonclient's
+
+
 def test_requests_refused_while_decoding_count_as_failures_by_reason(
     start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact
 ) -> None:

@@ -21,7 +21,7 @@ import orjson
 import kiln
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings, settings_dict
-from kiln.errors import Forbidden, KilnError, Overloaded, Unauthorized
+from kiln.errors import Forbidden, InvalidInput, KilnError, Overloaded, Unauthorized
 from kiln.serve.batcher import BatchPolicy
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.protocol import InferRequest, InferResponse
@@ -279,3 +279,18 @@ def _reason(exc: KilnError) -> str:
 
 def _tensor_metadata(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"name": name, "datatype": dtype, "shape": list(shape)}
+
+
+def check_repository_request(verb: str, model_name: str, parameters: list[str]) -> None:
+    """A repository load/unload names one model of the repository and sets no parameters (over HTTP and gRPC)."""
+    if not model_name:
+        raise InvalidInput(f"model_name is empty; name the model to {verb}")
+    if "/" in model_name or "\\" in model_name or model_name in (".", ".."):
+        # NOTE: the repository joins the name to its directory; a path here would reach outside it
+        raise InvalidInput(f'model_name "{model_name}" is a path; name a model of the repository', model=model_name)
+    if parameters:
+        raise InvalidInput(
+            f'parameter "{parameters[0]}" of {verb} is not supported: this server {verb}s the versions in its '
+            "repository as they are on disk; write a new version with `kiln export`, then load",
+            model=model_name,
+        )

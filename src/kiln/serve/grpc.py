@@ -31,7 +31,7 @@ from kiln.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from kiln.serve.dataplane import DataPlane
+from kiln.serve.dataplane import DataPlane, check_repository_request
 from kiln.serve.proto import grpc_service_pb2 as pb
 from kiln.serve.proto import model_config_pb2 as config_pb
 from kiln.serve.proto.convert import decode_infer, encode_infer, from_dict
@@ -218,7 +218,7 @@ class InferenceService:
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         self.plane.authorize(bearer(context), admin=True)
-        _check_repository_request("load", request.model_name, list(request.parameters))
+        check_repository_request("load", request.model_name, list(request.parameters))
         await self.plane.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -227,25 +227,11 @@ class InferenceService:
     ) -> pb.RepositoryModelUnloadResponse:
         self.plane.authorize(bearer(context), admin=True)
         # tritonclient always sends unload_dependents; Kiln serves no ensembles, so there are none to unload
-        _check_repository_request(
+        check_repository_request(
             "unload", request.model_name, [p for p in request.parameters if p != "unload_dependents"]
         )
         await self.plane.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
-
-
-def _check_repository_request(verb: str, model_name: str, parameters: list[str]) -> None:
-    if not model_name:
-        raise InvalidInput(f"model_name is empty; name the model to {verb}")
-    if "/" in model_name or "\\" in model_name or model_name in (".", ".."):
-        # NOTE: the repository joins the name to its directory; a path here would reach outside it
-        raise InvalidInput(f'model_name "{model_name}" is a path; name a model of the repository', model=model_name)
-    if parameters:
-        raise InvalidInput(
-            f'parameter "{parameters[0]}" of {verb} is not supported: this server {verb}s the versions in its '
-            "repository as they are on disk; write a new version with `kiln export`, then load",
-            model=model_name,
-        )
 
 
 def _rpcs(service: InferenceService) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from kiln.errors import (
     Unauthorized,
 )
 from kiln.serve.codec import check_shape, from_bytes, from_json_data, numpy_dtype, to_bytes, to_json_data, v2_datatype
-from kiln.serve.dataplane import DataPlane
+from kiln.serve.dataplane import DataPlane, check_repository_request
 from kiln.serve.protocol import InferRequest, InferResponse, RequestedOutput
 
 logger = logging.getLogger(__name__)
@@ -202,6 +202,21 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+async def _repository_parameters(request: Request, limit: int) -> list[str]:
+    """The names in a repository load/unload body's ``parameters`` (the body is optional; when sent, a JSON
+    object)."""
+    body = await read_body(request, limit)
+    if not body.strip():
+        return []
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON ({exc}); send {{}} or no body") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"request body is {_show(payload)}; send a JSON object such as {{}}, or no body")
+    return list(_object(payload.get("parameters"), '"parameters"'))
+
+
 def _is_ascii_digits(text: str) -> bool:
     """``str.isdigit`` takes any Unicode digit ("²", "٣"), which ``int`` then refuses or reads: HTTP means 0-9."""
     return text.isascii() and text.isdigit()
@@ -326,12 +341,18 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
 
     async def repository_load(request: Request) -> Response:
         plane.authorize(_bearer(request), admin=True)
-        await plane.repository.load(request.path_params["model"])
+        name = request.path_params["model"]
+        check_repository_request("load", name, await _repository_parameters(request, settings.max_request_bytes))
+        await plane.repository.load(name)
         return _json({})
 
     async def repository_unload(request: Request) -> Response:
         plane.authorize(_bearer(request), admin=True)
-        await plane.repository.unload(request.path_params["model"])
+        name = request.path_params["model"]
+        # tritonclient always sends unload_dependents; Kiln serves no ensembles, so there are none to unload
+        parameters = await _repository_parameters(request, settings.max_request_bytes)
+        check_repository_request("unload", name, [p for p in parameters if p != "unload_dependents"])
+        await plane.repository.unload(name)
         return _json({})
 
     async def metrics(request: Request) -> Response:
