@@ -402,6 +402,13 @@ def request_with(tensor: dict[str, Any] | None = None, **top: Any) -> bytes:
         (infer_body([1, 2, 3, 4], [1, 4]), {"Timeout-Ms": "inf"}, r"Timeout-Ms header is 'inf'"),
         (infer_body([1, 2, 3, 4], [1, 4]), {"Timeout-Ms": "1e400"}, r"Timeout-Ms header is '1e400'"),
         (request_with(parameters={"timeout": True}), {}, r'parameter "timeout" is true; send a positive'),
+        # binary tensor data without the header that says where the JSON ends: the message says which header
+        (
+            request_with({"data": None, "parameters": {"binary_data_size": 16}}).replace(b', "data": null', b"")
+            + b"\0\1\2" * 5,
+            {},
+            r"not valid JSON .* Inference-Header-Content-Length header",
+        ),
     ],
 )
 def test_malformed_requests_found_in_review_get_a_400_naming_the_value_and_the_rule(

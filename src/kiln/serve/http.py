@@ -118,7 +118,15 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
     try:
         header = orjson.loads(header_bytes)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON ({exc}); send a KServe V2 inference request") from None
+        hint = ""
+        if header_length is None and b"}" in header_bytes and not header_bytes.rstrip().endswith(b"}"):
+            hint = (
+                "; a body of JSON followed by binary tensor data needs the JSON's length in bytes in the "
+                "Inference-Header-Content-Length header"
+            )
+        raise InvalidInput(
+            f"request body is not valid JSON ({exc}); send a KServe V2 inference request{hint}"
+        ) from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise InvalidInput('request must be a JSON object with a non-empty "inputs" list (KServe V2 inference)')
     parameters = _object(header.get("parameters"), '"parameters"')
