@@ -50,9 +50,20 @@ def test_missing_file_is_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_p
     missing = tmp_path / "nope.onnx"
     assert_one_line_error(kiln("export", missing, "--out", tmp_path / "repo"), str(missing), "does not exist")
 
-    debug = kiln("--debug", "export", missing, "--out", tmp_path / "repo")
-    assert debug.returncode != 0
-    assert "Traceback" in debug.stderr and "ModelNotFound" in debug.stderr
+    for debug in (
+        kiln("--debug", "export", missing, "--out", tmp_path / "repo"),
+        kiln("export", missing, "--out", tmp_path / "repo", "--debug"),  # anywhere on the line, as the README says
+    ):
+        assert debug.returncode != 0
+        assert "Traceback" in debug.stderr and "ModelNotFound" in debug.stderr
+
+
+def test_an_error_that_quotes_brackets_prints_them(tmp_path: Path) -> None:
+    # rich read "[laod]" and "[export], [optimize], ..." as markup and dropped them from the line
+    config = tmp_path / "bad.toml"
+    config.write_text("[laod]\nrates = 5\n")
+    result = kiln("bench", "--url", "http://127.0.0.1:1", "--model", "x", "--config", config)
+    assert_one_line_error(result, 'unknown table [laod] (did you mean "load"?)', "[export], [optimize], [bench]")
 
 
 def test_export_then_inspect_as_table_and_json(tmp_path: Path, tiny_onnx_model: Path) -> None:

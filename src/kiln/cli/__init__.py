@@ -48,13 +48,18 @@ def main() -> None:
     """Entry point: a KilnError prints one line (value, rule, fix) and exits 2; --debug shows the traceback."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Kiln never downloads at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    debug = "--debug" in sys.argv
+    from rich.markup import escape  # messages quote config tables ("[laod]"): text, not rich markup
+
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    if debug:  # a flag of the app, taken anywhere on the line: `kiln export model.txt --debug` too
+        args = ["--debug", *(a for a in args if a != "--debug")]
     try:
-        app(standalone_mode=False)
+        app(args=args, standalone_mode=False)
     except KilnError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -72,7 +77,8 @@ def main() -> None:
         if debug:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (run again with --debug for the "
+            "traceback)",
             highlight=False,
             soft_wrap=True,
         )
