@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -149,3 +151,29 @@ def human_bytes(n: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1024
     return f"{size:.1f} GiB"
+
+
+def import_factory(spec: str, example: str) -> Any:
+    """The callable named by ``package.module:factory``, imported as ``python -m`` would: the working directory
+    first on the import path (a console script leaves it off, so ``mypkg/`` beside the user was not found).
+
+    Raises:
+        InvalidInput: ``spec`` is not of that form, the module cannot be imported, or it has no such attribute.
+    """
+    from kiln.errors import InvalidInput
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInput(f'model "{spec}" is not of the form package.module:factory; e.g. "{example}"', model=spec)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except ModuleNotFoundError as exc:
+        raise InvalidInput(
+            f'module "{module_name}" cannot be imported ({exc}); run from the directory that holds it, or add that '
+            "directory to PYTHONPATH"
+        ) from exc
+    except AttributeError as exc:
+        raise InvalidInput(f'module "{module_name}" has no attribute "{attr}"; check the factory name') from exc

@@ -135,6 +135,25 @@ def test_pytorch_factory_with_safetensors_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(torch.from_numpy(out), trained(x), atol=1e-5, rtol=1e-4)  # the weights, not init
 
 
+def test_a_factory_in_the_working_directory_is_found_by_the_console_script(tmp_path: Path) -> None:
+    # `python -m kiln` puts the working directory on the import path; the installed `kiln` script did not
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "models.py").write_text(
+        "import torch\n\ndef build_mlp():\n    return torch.nn.Sequential(torch.nn.Linear(8, 3))\n"
+    )
+    script = Path(sys.executable).parent / "kiln"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [str(script), "export", "--model", "mypkg.models:build_mlp", "--example-shape", "2,8", "--out", "repo"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert artifacts.load(tmp_path / "repo" / "build_mlp").manifest.provenance["source"]["factory"] == (
+        "mypkg.models:build_mlp"
+    )
+
+
 def test_pickle_needs_trust_pickle(tmp_path: Path) -> None:
     import pickle
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 import warnings
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln._utils import import_factory
 from kiln.errors import ExportError, InvalidInput
 from kiln.types import Feeds
 
@@ -169,18 +169,7 @@ def export_module(
 
 def load_factory(spec: str, weights: Path | None = None) -> Any:
     """Build a module from ``package.module:factory`` and optionally load safetensors weights into it."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise InvalidInput(
-            f'model "{spec}" is not of the form package.module:factory; e.g. "mypkg.models:build_cnn"', model=spec
-        )
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ModuleNotFoundError as exc:
-        raise InvalidInput(f'module "{module_name}" cannot be imported ({exc}); is it on PYTHONPATH?') from exc
-    except AttributeError as exc:
-        raise InvalidInput(f'module "{module_name}" has no attribute "{attr}"') from exc
-    model = factory()
+    model = import_factory(spec, "mypkg.models:build_cnn")()
     if weights is not None:
         if not weights.is_file():
             raise InvalidInput(f'weights file "{weights}" does not exist', path=str(weights))

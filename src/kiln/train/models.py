@@ -6,7 +6,6 @@ exported ONNX graph takes raw features and returns predictions in the target's o
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln._utils import import_factory
 from kiln.errors import InvalidInput
 
 _MIN_STD = 1e-6  # constant features get unit scale instead of a division by zero
@@ -123,16 +123,7 @@ def build_model(
 
 def load_factory(spec: str, **kwargs: Any) -> nn.Module:
     """Call ``package.module:factory`` (with ``kwargs``) and check it returns an ``nn.Module``."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise InvalidInput(f'model "{spec}" is not of the form package.module:factory; e.g. "mypkg.models:build"')
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ModuleNotFoundError as exc:
-        raise InvalidInput(f'module "{module_name}" cannot be imported ({exc}); is it on PYTHONPATH?') from exc
-    except AttributeError as exc:
-        raise InvalidInput(f'module "{module_name}" has no attribute "{attr}"; check the factory name') from exc
-    model = factory(**kwargs)
+    model = import_factory(spec, "mypkg.models:build")(**kwargs)
     if not isinstance(model, nn.Module):
         raise InvalidInput(f'factory "{spec}" returned a {type(model).__name__}, not a torch nn.Module', model=spec)
     return model
