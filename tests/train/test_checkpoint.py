@@ -38,6 +38,17 @@ def test_save_load_round_trip_and_pruning(tmp_path: Path) -> None:
     assert not list((tmp_path / "ckpt").glob(".*"))  # no temp files left behind
 
 
+def test_resuming_from_a_pruned_checkpoint_names_the_ones_that_exist(tmp_path: Path) -> None:
+    # the README's --resume-from step-00000100.pt: a run keeps its last two, so early steps are gone
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+    for step in (5, 10, 15):
+        ckpt.save(step, _state(float(step)))
+    with pytest.raises(CheckpointError, match=r"holds step-00000010\.pt, step-00000015\.pt .*keep_checkpoints"):
+        ckpt.load(tmp_path / "ckpt" / "step-00000005.pt")
+    with pytest.raises(CheckpointError, match="pass a step-\\*\\.pt file of the run's checkpoint_dir"):
+        ckpt.load(tmp_path / "elsewhere" / "step-00000005.pt")
+
+
 def test_rng_capture_restores_every_generator() -> None:
     state = capture_rng()
     before = (random.random(), float(np.random.rand()), float(torch.rand(1)))

@@ -129,7 +129,14 @@ class Checkpointer:
             path = found.path
             expected = json.loads((self.directory / POINTER).read_text(encoding="utf-8")).get("sha256")
         if not path.is_file():
-            raise CheckpointError(f'checkpoint "{path}" does not exist', path=str(path))
+            there = sorted(path.parent.glob("step-*.pt")) if path.parent.is_dir() else []
+            fix = (
+                f"its directory holds {', '.join(p.name for p in there)} (a run keeps its last keep_checkpoints, 2 "
+                "by default): pass one of them"
+                if there
+                else "pass a step-*.pt file of the run's checkpoint_dir"
+            )
+            raise CheckpointError(f'checkpoint "{path}" does not exist; {fix}', path=str(path))
         if expected is not None and sha256_file(path) != expected:
             raise CheckpointError(
                 f'checkpoint "{path}" is corrupt: its sha256 differs from the one recorded when it was written; '
