@@ -215,7 +215,8 @@ class Trainer:
             loss = self.loss_sum(model, batch)
             return loss * 0.0 if id(batch) in ghost_ids else loss
 
-        self.model.train()
+        if not self.model.training:  # after an evaluation; train() walks every module, 6% of a small step
+            self.model.train()
         first_half: list[torch.Tensor] = []  # with halves: the gradient after the first half's backward
 
         def keep_first_half(micro_batch: int) -> None:
