@@ -146,6 +146,7 @@ def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
         return eval_data.take(slice(0, limit)) if limit is not None else eval_data
     raise InvalidInput(
         f'model "{artifact.name}" v{artifact.version} has no held-out data (eval_data: {spec or "none"}); '
-        "export it with example data (kiln export --dataset ...) or pass --eval-data",
+        "export it with held-out data: `kiln export ... --dataset NAME` for a bundled dataset, or from Python "
+        "`kiln.export_model(model, eval_data=(x, y), ...)` for any other",
         model=artifact.name,
     )
