@@ -208,8 +208,17 @@ def test_api_keys_and_admin_endpoints(
         tiny_artifact.repository, ServeSettings(admin_enabled=True, admin_keys=("root-key",)), http=True
     )
     client = httpclient.InferenceServerClient(admin.http_url)
-    with pytest.raises(InferenceServerException, match="API key"):
+    with pytest.raises(InferenceServerException, match="no key was sent; this endpoint needs an admin key"):
         client.unload_model("tiny")
+    both = start_server(
+        tiny_artifact.repository,
+        ServeSettings(api_keys=("s3cret",), admin_enabled=True, admin_keys=("root-key",)),
+        http=True,
+    )
+    code, _, payload = post(both.http_url, "/v2/repository/models/tiny/unload", b"", {"Authorization": "Bearer s3cret"})
+    assert code == 401 and "an API key was sent, not an admin key" in payload["error"]
+    code, headers, payload = post(both.http_url, "/v2/health/ready", b"")  # GET only
+    assert code == 405 and payload["error"].endswith("; use HEAD or GET") and "GET" in headers["allow"]
     auth = {"Authorization": "Bearer root-key"}
     client.unload_model("tiny", headers=auth)
     assert not client.is_model_ready("tiny")

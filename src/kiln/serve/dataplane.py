@@ -192,10 +192,13 @@ class DataPlane:
         token = (bearer or "").strip()
         if not token or not any(hmac.compare_digest(token, key) for key in keys):
             kind = "an admin key" if admin else "an API key"
-            raise Unauthorized(
-                f"{'no' if not token else 'an unknown'} API key was sent; this endpoint needs {kind}: "
-                "send the header `Authorization: Bearer <key>`"
-            )
+            if not token:
+                sent = "no key was sent"
+            elif admin and any(hmac.compare_digest(token, key) for key in self.settings.api_keys or ()):
+                sent = "an API key was sent, not an admin key"
+            else:
+                sent = "an unknown key was sent"
+            raise Unauthorized(f"{sent}; this endpoint needs {kind}: send the header `Authorization: Bearer <key>`")
 
     # -- inference ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -422,7 +422,11 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _bad_method(request: Request, exc: Exception) -> Response:
-    return _json({"error": f"{request.method} is not allowed on {request.url.path}"}, 405)
+    allowed = getattr(exc, "headers", None) or {}
+    methods = allowed.get("Allow") or allowed.get("allow") or ""
+    fix = f"; use {methods.replace(', ', ' or ')}" if methods else ""
+    headers = {"Allow": methods} if methods else None
+    return _json({"error": f"{request.method} is not allowed on {request.url.path}{fix}"}, 405, headers)
 
 
 async def run_http(plane: DataPlane, sock: Any, *, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
