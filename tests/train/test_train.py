@@ -108,6 +108,21 @@ def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..
         train(make_settings(dataset="digit"))
 
 
+def test_a_feature_constant_in_training_keeps_unit_scale_on_new_rows() -> None:
+    # digits: pixel 24 is 0 in every training image and 1 in some test ones; divided by a floored std of 1e-6 it
+    # became 1e6 (the float model got those rows wrong, static INT8's ranges blew up to chance accuracy)
+    from kiln.train.models import build_model
+
+    data = bundled_dataset("digits")
+    constant = data.x_train.std(axis=0) == 0
+    assert constant[24] and data.x_test[:, 24].max() > 0
+    standardize = build_model("cnn", x_train=data.x_train, num_outputs=10, task="classification")[0]
+    with torch.no_grad():
+        z = standardize(torch.from_numpy(data.x_test))
+    assert float(z.abs().max()) < 100
+    assert torch.equal(standardize.std[torch.from_numpy(constant)], torch.ones(int(constant.sum())))
+
+
 def test_model_output_that_does_not_fit_the_labels(
     make_settings: Callable[..., TrainSettings], factories_on_path: Path
 ) -> None:

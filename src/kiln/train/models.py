@@ -16,7 +16,10 @@ from torch import nn
 from kiln._utils import import_factory
 from kiln.errors import InvalidInput
 
-_MIN_STD = 1e-6  # constant features get unit scale instead of a division by zero
+# Features whose training std is below this are constant there: they get unit scale, not a division by ~0 (a
+# pixel that is 0 in every training image but 16 in a test one became 1.6e7, so the float model got that row
+# wrong and static INT8's calibrated ranges blew up to chance accuracy).
+_MIN_STD = 1e-6
 
 
 class Standardize(nn.Module):
@@ -28,7 +31,7 @@ class Standardize(nn.Module):
     def __init__(self, mean: np.ndarray[Any, Any], std: np.ndarray[Any, Any]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(np.maximum(std, _MIN_STD), dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(np.where(std < _MIN_STD, 1.0, std), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
