@@ -221,3 +221,20 @@ def test_static_int8_is_skipped_with_the_reason_when_the_held_out_set_is_too_sma
     assert static.status == "skipped"
     assert "6 rows" in static.reason and "--calibration" in static.reason
     assert dynamic.status != "skipped"
+
+
+def test_the_pareto_front_is_over_the_objective_so_the_pick_is_on_it() -> None:
+    # --objective size picked int8-dynamic-per-channel (3.5x smaller, 0.99x speed), left unmarked: the front was
+    # over fidelity and speed whatever the objective
+    from kiln.optimize.recipes import TENSOR_RECIPES
+    from kiln.optimize.result import CandidateReport
+    from kiln.optimize.search import _mark_front
+
+    def report(score: float, speedup: float, size: int) -> CandidateReport:
+        return CandidateReport(recipe=TENSOR_RECIPES[0], figures={"score": score}, speedup=speedup, size_bytes=size)
+
+    fast_big, slow_small = report(0.97, 1.5, 100_000), report(0.97, 0.99, 30_000)
+    _mark_front([fast_big, slow_small], "size")
+    assert (fast_big.pareto, slow_small.pareto) == (False, True)
+    _mark_front([fast_big, slow_small], "speed")
+    assert (fast_big.pareto, slow_small.pareto) == (True, False)

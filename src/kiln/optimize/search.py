@@ -109,7 +109,7 @@ def optimize(
                 )
             )
         report("choosing", 1.0)
-        _mark_front(reports)
+        _mark_front(reports, settings.objective)
         eligible = [r for r in reports if r.status == "eligible"]
         if settings.objective == "size":
             best = min(eligible, key=lambda r: r.size_bytes, default=None)
@@ -193,9 +193,12 @@ def _evaluate(
     return candidate
 
 
-def _mark_front(reports: list[CandidateReport]) -> None:
+def _mark_front(reports: list[CandidateReport], objective: str) -> None:
+    """Mark the candidates no other beats on both fidelity and the objective (speed, or smallness for "size"):
+    the pick, the best on the objective within the budget, is always among them."""
     measured = [r for r in reports if r.figures]
-    front = pareto_front([(r.figures["score"], r.speedup) for r in measured])
+    second = (lambda r: -float(r.size_bytes)) if objective == "size" else (lambda r: r.speedup)
+    front = pareto_front([(r.figures["score"], second(r)) for r in measured])
     for r, on_front in zip(measured, front, strict=True):
         r.pareto = on_front
 
