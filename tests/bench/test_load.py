@@ -300,8 +300,11 @@ def synthetic_report(label: str = "kiln <batching & on>") -> LoadReport:
 def test_max_rate_within_picks_the_highest_rate_that_held_the_bar() -> None:
     report = synthetic_report()
     assert report.max_rate_within(p99_ms=200, max_error_rate=0.01) == 80.0
-    assert report.max_rate_within(p99_ms=200, max_error_rate=0.02) == 100.0
-    assert report.max_rate_within(p99_ms=200, max_error_rate=0.05) == 120.0
+    # 100 and 120 req/s pass with 2% or 5% errors allowed, but 90 req/s failed (P99 201 ms): a pass above a failed
+    # rate is luck, not capacity (the walk-through saw 120 reported over a failed 80)
+    assert report.max_rate_within(p99_ms=200, max_error_rate=0.02) == 80.0
+    assert report.max_rate_within(p99_ms=202, max_error_rate=0.02) == 100.0
+    assert report.max_rate_within(p99_ms=202, max_error_rate=0.05) == 120.0
     assert report.max_rate_within(p99_ms=50, max_error_rate=0.01) == 20.0
     assert report.max_rate_within(p99_ms=10, max_error_rate=0.01) is None
     best = report.best_step_within(p99_ms=200, max_error_rate=0.01)

@@ -186,12 +186,19 @@ class LoadReport:
         return self.label or f"{self.model} @ {self.url}"
 
     def best_step_within(self, p99_ms: float = 200.0, max_error_rate: float = 0.01) -> LoadStep | None:
-        """The step with the highest rate that held P99 <= ``p99_ms`` with fewer than ``max_error_rate`` errors."""
-        passing = [step for step in self.steps if step.meets(p99_ms, max_error_rate)]
-        return max(passing, key=lambda step: step.rate_rps, default=None)
+        """The step with the highest rate that held P99 <= ``p99_ms`` with fewer than ``max_error_rate`` errors,
+        every step at a lower rate holding it too: a step that passes above one that failed is luck, not capacity.
+        """
+        held = None
+        for step in sorted(self.steps, key=lambda step: step.rate_rps):
+            if not step.meets(p99_ms, max_error_rate):
+                break
+            held = step
+        return held
 
     def max_rate_within(self, p99_ms: float = 200.0, max_error_rate: float = 0.01) -> float | None:
-        """The highest rate (requests/s) held with P99 <= ``p99_ms`` and fewer than ``max_error_rate`` errors.
+        """The highest rate (requests/s) held with P99 <= ``p99_ms`` and fewer than ``max_error_rate`` errors, at
+        it and at every lower rate tried (:meth:`best_step_within`).
 
         Open loop: the highest *offered* Poisson rate that met the bar; closed loop: the highest achieved rate.
         None when no step met it.
