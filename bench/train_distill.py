@@ -117,7 +117,7 @@ def main() -> None:
     for name in engines:
         cells = [f"{statistics.median(times[name][b]) * 1e6:.1f}" for b in sizes]
         table.add_row(name, f"{acc[name]:.4f}", f"{sizes_bytes[name] / 1e3:.1f} kB", *cells)
-    console = Console()
+    console = Console(width=140)  # piped to a file, rich would cut the table at 80 columns
     console.print(table)
     t, s = list(engines)
     for batch in sizes:

@@ -341,7 +341,7 @@ def main() -> None:
     grid = np.linspace(0.0, args.budget_s, 200)
     medians = {name: median_curve(curves[name], grid) for name in configs}
 
-    console = Console()
+    console = Console(width=140)  # piped to a file, rich would cut the table at 80 columns
     task = f"{args.dataset} {args.model} {list(args.hidden)}, {args.optimizer}"
     table = Table(title=f"{task}: training seconds to held-out accuracy >= {args.target} (median of {args.rounds})")
     for column in ("config", "batch", "lr", "time to target", "reached", "final acc"):

@@ -109,7 +109,7 @@ def main() -> None:
         med = statistics.median(values)
         table.add_row(name, f"{med * 1e3:.3f}", f"{percentile(values, 99) * 1e3:.3f}", f"{args.batch_size / med:,.0f}")
     overhead = statistics.median(ratios) - 1.0
-    console = Console()
+    console = Console(width=140)  # piped to a file, rich would cut the table at 80 columns
     console.print(table)
     console.print(
         f"Kiln overhead: {overhead:+.1%} (median of {args.rounds} paired rounds; bar <= +3%); "

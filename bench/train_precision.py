@@ -93,7 +93,7 @@ def main() -> None:
             f"{percentile(times['bf16'], 99) * 1e3:.2f}",
             f"{ratio:.2f}x",
         )
-    console = Console()
+    console = Console(width=140)  # piped to a file, rich would cut the table at 80 columns
     console.print(table)
     console.print(f"cpu: {hardware.get('cpu')}; flags: {hardware.get('isa')}; threads={args.threads}")
     payload = {"settings": vars(args) | {"json": str(args.json)}, "results": results, "hardware": hardware}

@@ -111,7 +111,7 @@ def main() -> None:
             for cell in (f"{statistics.median(times[name][b]) * 1e6:.1f}", f"{speedups[name][b]:.2f}x")
         ]
         table.add_row(name, f"{acc[name]:.4f}", f"{params[name]:,.0f}", f"{size_bytes[name] / 1e3:.1f} kB", *cells)
-    console = Console()
+    console = Console(width=140)  # piped to a file, rich would cut the table at 80 columns
     console.print(table)
     for name in engines:
         if name != "dense":

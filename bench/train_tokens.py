@@ -95,7 +95,7 @@ def main() -> None:
     table.add_column("real tokens/s (median)", justify="right")
     for name, values in rates.items():
         table.add_row(name, f"{statistics.median(values):,.0f}")
-    console = Console()
+    console = Console(width=140)  # piped to a file, rich would cut the table at 80 columns
     console.print(table)
     console.print(f"token budget vs fixed: {ratio:.2f}x real tokens/s (bar >= 1.5x); threads={args.threads}")
     payload = {
