@@ -218,7 +218,7 @@ def test_api_keys_and_admin_endpoints(
     code, _, payload = post(both.http_url, "/v2/repository/models/tiny/unload", b"", {"Authorization": "Bearer s3cret"})
     assert code == 401 and "an API key was sent, not an admin key" in payload["error"]
     code, headers, payload = post(both.http_url, "/v2/health/ready", b"")  # GET only
-    assert code == 405 and payload["error"].endswith("; use HEAD or GET") and "GET" in headers["allow"]
+    assert code == 405 and payload["error"].endswith("; use GET or HEAD") and "GET" in headers["allow"]
     auth = {"Authorization": "Bearer root-key"}
     client.unload_model("tiny", headers=auth)
     assert not client.is_model_ready("tiny")

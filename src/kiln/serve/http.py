@@ -423,9 +423,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 async def _bad_method(request: Request, exc: Exception) -> Response:
     allowed = getattr(exc, "headers", None) or {}
-    methods = allowed.get("Allow") or allowed.get("allow") or ""
-    fix = f"; use {methods.replace(', ', ' or ')}" if methods else ""
-    headers = {"Allow": methods} if methods else None
+    names = sorted(m.strip() for m in (allowed.get("Allow") or allowed.get("allow") or "").split(",") if m.strip())
+    fix = f"; use {' or '.join(names)}" if names else ""  # sorted: Starlette's order comes from a set
+    headers = {"Allow": ", ".join(names)} if names else None
     return _json({"error": f"{request.method} is not allowed on {request.url.path}{fix}"}, 405, headers)
 
 
