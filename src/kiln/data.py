@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,32 @@ def heldout_asset(feeds: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any
     return buffer.getvalue()
 
 
+def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
+    """Held-out data from an ``.npz``: one array per model input, named like it, and ``labels`` (optional)."""
+    if not path.is_file():
+        raise InvalidInput(f'held-out data file "{path}" does not exist; pass an .npz of model inputs', path=str(path))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f'held-out data file "{path}" is not a readable .npz ({exc})', path=str(path)) from exc
+    labels = arrays.pop("labels", arrays.pop(LABELS_KEY, None))
+    if sorted(arrays) != sorted(input_names):
+        raise InvalidInput(
+            f'held-out data file "{path}" has arrays {", ".join(sorted(arrays)) or "none"}; the model takes '
+            f'{", ".join(input_names)}: name one array after each input (and, optionally, one "labels")',
+            path=str(path),
+        )
+    rows = {len(v) for v in arrays.values()} | ({len(labels)} if labels is not None else set())
+    if len(rows) != 1 or 0 in rows:
+        raise InvalidInput(
+            f'held-out data file "{path}" has arrays of {sorted(rows)} rows; every array (and labels) needs the '
+            "same number of rows, at least one",
+            path=str(path),
+        )
+    return EvalSet(feeds=arrays, labels=labels)
+
+
 def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
     """The held-out data an artifact's manifest points to (``eval_data``); InvalidInput if it has none.
 
@@ -146,7 +173,7 @@ def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
         return eval_data.take(slice(0, limit)) if limit is not None else eval_data
     raise InvalidInput(
         f'model "{artifact.name}" v{artifact.version} has no held-out data (eval_data: {spec or "none"}); '
-        "export it with held-out data: `kiln export ... --dataset NAME` for a bundled dataset, or from Python "
-        "`kiln.export_model(model, eval_data=(x, y), ...)` for any other",
+        "pass some with `kiln optimize --eval-data FILE.npz`, or export with held-out data (`kiln export ... "
+        "--dataset NAME`, or `kiln.export_model(model, eval_data=(x, y), ...)` from Python)",
         model=artifact.name,
     )

@@ -154,6 +154,40 @@ def test_a_factory_in_the_working_directory_is_found_by_the_console_script(tmp_p
     )
 
 
+def test_a_model_exported_without_held_out_data_is_optimized_with_eval_data(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n\ndef mlp():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    exported = kiln("export", "--model", "my_models:mlp", "--example-shape", "4,8", "--out", tmp_path / "repo", env=env)
+    assert exported.returncode == 0, exported.stderr
+    art = artifacts.load(tmp_path / "repo" / "mlp")
+    search = ("--recipes", "int8-dynamic-per-channel", "--batch-sizes", "1,8", "--target-batch-size", "8")
+    assert_one_line_error(kiln("optimize", art.path.parent, *search), "has no held-out data", "--eval-data")
+
+    x = np.random.default_rng(0).normal(size=(96, 8)).astype(np.float32)
+    with torch.no_grad():
+        sys.path.insert(0, str(tmp_path))
+        try:
+            import my_models  # type: ignore[import-not-found]
+        finally:
+            sys.path.remove(str(tmp_path))
+        labels = my_models.mlp()(torch.from_numpy(x)).argmax(dim=1).numpy()
+    np.savez(tmp_path / "held.npz", **{art.manifest.signature.inputs[0].name: x, "labels": labels})
+    report = tmp_path / "search.json"
+    done = kiln("optimize", art.path.parent, *search, "--eval-data", tmp_path / "held.npz", "--report", report)
+    assert done.returncode in (0, EXIT_USER_ERROR), done.stderr  # chosen, or kept / over budget: judged either way
+    (candidate,) = json.loads(report.read_text())["candidates"] if report.is_file() else [None]
+    assert candidate is not None and "score" in candidate["fidelity"], done.stdout + done.stderr  # judged on them
+
+    bad = kiln("optimize", art.path.parent, *search, "--eval-data", tmp_path / "nope.npz")
+    assert_one_line_error(bad, "nope.npz", "does not exist")
+
+
 def test_pickle_needs_trust_pickle(tmp_path: Path) -> None:
     import pickle
 

@@ -26,12 +26,19 @@ def optimize(
     calibration: Path = typer.Option(
         None, "--calibration", help=".npz of calibration inputs (arrays named like the model inputs)."
     ),
+    eval_data: Path = typer.Option(
+        None,
+        "--eval-data",
+        help=".npz of held-out inputs (named like the model inputs) and optional labels, for a model exported "
+        "without any.",
+    ),
     report: Path = typer.Option(None, "--report", help="Write the search report as JSON here."),
     config: Path = typer.Option(None, "--config", help="TOML config file ([optimize] table)."),
 ) -> None:
     """Search fusion / INT8 / fp16 variants; keep the fastest that stays within the accuracy budget."""
     from kiln.artifact import load
     from kiln.config import OptimizeSettings, resolve
+    from kiln.data import load_eval_npz
     from kiln.optimize import load_calibration
     from kiln.optimize import optimize as run_search
 
@@ -50,8 +57,9 @@ def optimize(
     )
     parent = load(model, version)
     feeds = load_calibration(calibration) if calibration else None
+    held_out = load_eval_npz(eval_data, parent.manifest.signature.input_names) if eval_data else None
     with progress_bar(f"optimize {parent.name} v{parent.version}") as update:
-        result = run_search(parent, settings=settings, calibration=feeds, progress=update)
+        result = run_search(parent, settings=settings, calibration=feeds, eval_data=held_out, progress=update)
     console.print(result.table())
     for fused in result.fusions():
         console.print(f"fusions fired: {fused}")

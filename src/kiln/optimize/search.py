@@ -39,6 +39,7 @@ def optimize(
     *,
     settings: OptimizeSettings | None = None,
     calibration: Sequence[Feeds] | None = None,
+    eval_data: EvalSet | None = None,
     progress: Progress | None = None,
 ) -> OptimizeResult:
     """Search for a faster variant of ``parent`` within the accuracy budget; write it as a new version.
@@ -57,7 +58,10 @@ def optimize(
     report = progress or (lambda _msg, _frac: None)
     hardware = probe()
     recipes = candidates(parent, gpu=bool(hardware["gpu"]), names=settings.recipes)
-    data = eval_set(parent, limit=settings.eval_samples)
+    if eval_data is None:
+        data = eval_set(parent, limit=settings.eval_samples)
+    else:  # the caller's held-out rows (a model exported without any)
+        data = eval_data.take(slice(0, settings.eval_samples))
     # Static INT8 calibrates on held-out rows the guard never scores (with or without labels): a variant calibrated
     # on the rows it is judged on would pass a guard it may fail on new data. Text models calibrate on corpus texts
     # before the evaluation offset instead.
