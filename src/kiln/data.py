@@ -129,15 +129,21 @@ def heldout_asset(feeds: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any
     return buffer.getvalue()
 
 
-def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
-    """Held-out data from an ``.npz``: one array per model input, named like it, and ``labels`` (optional)."""
+def read_npz(path: Path, what: str, error: type[InvalidInput] = InvalidInput) -> dict[str, np.ndarray[Any, Any]]:
+    """The arrays of an ``.npz`` a user passed (``what``: "calibration file", say), by name; ``error`` when the file
+    is missing or unreadable (pickled objects are refused)."""
     if not path.is_file():
-        raise InvalidInput(f'held-out data file "{path}" does not exist; pass an .npz of model inputs', path=str(path))
+        raise error(f'{what} "{path}" does not exist; pass an .npz of model inputs', path=str(path))
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
-        raise InvalidInput(f'held-out data file "{path}" is not a readable .npz ({exc})', path=str(path)) from exc
+        raise error(f'{what} "{path}" is not a readable .npz ({exc})', path=str(path)) from exc
+
+
+def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
+    """Held-out data from an ``.npz``: one array per model input, named like it, and ``labels`` (optional)."""
+    arrays = read_npz(path, "held-out data file")
     labels = arrays.pop("labels", arrays.pop(LABELS_KEY, None))
     if sorted(arrays) != sorted(input_names):
         raise InvalidInput(

@@ -219,15 +219,9 @@ def _count_quantized(path: Path) -> int:
 
 def load_calibration(path: Path, batch_rows: int = 16) -> list[Feeds]:
     """Calibration batches from an ``.npz`` whose arrays are named like the model inputs (first axis = rows)."""
-    import numpy as np
+    from kiln.data import read_npz
 
-    if not path.is_file():
-        raise CalibrationError(f'calibration file "{path}" does not exist; pass an .npz of model inputs')
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f'calibration file "{path}" is not a readable .npz ({exc})') from exc
+    arrays = read_npz(path, "calibration file", CalibrationError)
     rows = {len(v) for v in arrays.values()}
     if len(rows) != 1:
         raise CalibrationError(

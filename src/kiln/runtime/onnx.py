@@ -110,6 +110,8 @@ class OrtEngine:
             if error is None:
                 raise
             raise error from exc
+        # ONNX Runtime's class for inputs it refuses at run time, looked up once (run() is the hot path)
+        self._invalid_argument: type[Exception] = ort.capi.onnxruntime_pybind11_state.InvalidArgument
         self._inputs = [_spec(i) for i in self._session.get_inputs()]
         self._outputs = [_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
@@ -141,11 +143,9 @@ class OrtEngine:
         if missing:
             raise InvalidInput(f'input "{missing[0]}" is missing; this model needs {", ".join(expected)}')
         ready = {k: np.ascontiguousarray(v, dtype=expected[k].numpy_dtype) for k, v in feeds.items()}
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
-
         try:
             values = self._session.run(self._output_names, ready)
-        except InvalidArgument as exc:
+        except self._invalid_argument as exc:
             # The names were checked above and the dtypes cast: what ONNX Runtime refuses is the values or the
             # shapes the graph cannot take (an index past a table, tensors of different lengths).
             raise InvalidInput(

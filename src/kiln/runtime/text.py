@@ -32,15 +32,12 @@ class TextTokenizer:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=max_length)
         self.max_length = max_length
+        self.vocab_size = int(self._tokenizer.get_vocab_size())  # checked against every token-id request
 
     @property
     def max_chars(self) -> int:
         """Characters of a text read at most: ``CHARS_PER_TOKEN`` per token of ``max_length``."""
         return self.max_length * CHARS_PER_TOKEN
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self._tokenizer.get_vocab_size())
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, truncated to ``max_length``, unpadded.

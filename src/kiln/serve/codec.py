@@ -168,15 +168,17 @@ def _fits(item: int | float, dtype: np.dtype[Any]) -> bool:
     return dtype.kind != "f" or not math.isfinite(item) or bool(np.isfinite(value))
 
 
+def json_text(value: Any) -> str:
+    """A client's value as JSON, the way it was written ('null', '"false"', '{"a":1}'), for error messages."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return repr(value)
+
+
 def _show(item: Any, *, typed: bool = True) -> str:
     """An element as the client wrote it (JSON; numbers as Python prints them), shortened, and its JSON type."""
-    if isinstance(item, int | float) and not isinstance(item, bool):
-        text = repr(item)
-    else:
-        try:
-            text = orjson.dumps(item).decode()
-        except TypeError:
-            text = repr(item)
+    text = repr(item) if isinstance(item, int | float) and not isinstance(item, bool) else json_text(item)
     if len(text) > 40:
         text = text[:37] + "..."
     if not typed:

@@ -285,7 +285,13 @@ def _tensor_metadata(name: str, dtype: str, shape: tuple[int, ...]) -> dict[str,
 
 
 def check_repository_request(verb: str, model_name: str, parameters: list[str]) -> None:
-    """A repository load/unload names one model of the repository and sets no parameters (over HTTP and gRPC)."""
+    """A repository load/unload names one model of the repository and sets no parameters (over HTTP and gRPC).
+
+    ``unload_dependents`` is allowed on unload: tritonclient always sends it, and Kiln serves no ensembles, so
+    there are none to unload.
+    """
+    if verb == "unload":
+        parameters = [p for p in parameters if p != "unload_dependents"]
     if not model_name:
         raise InvalidInput(f"model_name is empty; name the model to {verb}")
     if "/" in model_name or "\\" in model_name or model_name in (".", ".."):

@@ -226,10 +226,7 @@ class InferenceService:
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         self.plane.authorize(bearer(context), admin=True)
-        # tritonclient always sends unload_dependents; Kiln serves no ensembles, so there are none to unload
-        check_repository_request(
-            "unload", request.model_name, [p for p in request.parameters if p != "unload_dependents"]
-        )
+        check_repository_request("unload", request.model_name, list(request.parameters))
         await self.plane.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

@@ -30,7 +30,16 @@ from kiln.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from kiln.serve.codec import check_shape, from_bytes, from_json_data, numpy_dtype, to_bytes, to_json_data, v2_datatype
+from kiln.serve.codec import (
+    check_shape,
+    from_bytes,
+    from_json_data,
+    json_text,
+    numpy_dtype,
+    to_bytes,
+    to_json_data,
+    v2_datatype,
+)
 from kiln.serve.dataplane import DataPlane, check_repository_request
 from kiln.serve.protocol import InferRequest, InferResponse, RequestedOutput
 
@@ -148,7 +157,7 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         if size is not None:
             if type(size) is not int or size < 0:
                 raise InvalidInput(
-                    f'input "{name}" has binary_data_size {_show(size)}; it must be a non-negative JSON integer, '
+                    f'input "{name}" has binary_data_size {json_text(size)}; it must be a non-negative JSON integer, '
                     "the byte length of its data after the JSON header",
                     input=name,
                 )
@@ -188,7 +197,7 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         outputs.append(RequestedOutput(out["name"], None if as_bytes is None else _boolean(as_bytes, what)))
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
-        raise InvalidInput(f'"id" is {_show(request_id)}; an id is a JSON string (e.g. "req-1"), or leave it out')
+        raise InvalidInput(f'"id" is {json_text(request_id)}; an id is a JSON string (e.g. "req-1"), or leave it out')
     binary_output = parameters.get("binary_data_output")
     return InferRequest(
         inputs=inputs,
@@ -221,7 +230,7 @@ async def _repository_parameters(request: Request, limit: int) -> list[str]:
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON ({exc}); send {{}} or no body") from None
     if not isinstance(payload, dict):
-        raise InvalidInput(f"request body is {_show(payload)}; send a JSON object such as {{}}, or no body")
+        raise InvalidInput(f"request body is {json_text(payload)}; send a JSON object such as {{}}, or no body")
     return list(_object(payload.get("parameters"), '"parameters"'))
 
 
@@ -233,16 +242,8 @@ def _is_ascii_digits(text: str) -> bool:
 def _boolean(value: Any, what: str) -> bool:
     """A JSON boolean parameter; anything else (``"false"`` is truthy) is the client's mistake, not ``bool()``'s."""
     if not isinstance(value, bool):
-        raise InvalidInput(f"{what} is {_show(value)}; it must be a JSON boolean: true or false")
+        raise InvalidInput(f"{what} is {json_text(value)}; it must be a JSON boolean: true or false")
     return value
-
-
-def _show(value: Any) -> str:
-    """A request value as JSON, the way the client wrote it ('null', '"false"', '{"a":1}')."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return repr(value)
 
 
 def _timeout_s(parameter: Any, header: str | None) -> float | None:
@@ -258,7 +259,9 @@ def _timeout_s(parameter: Any, header: str | None) -> float | None:
     if parameter is None:
         return None
     if isinstance(parameter, bool) or not isinstance(parameter, int | float) or not 0 < parameter < math.inf:
-        raise InvalidInput(f'parameter "timeout" is {_show(parameter)}; send a positive, finite number of microseconds')
+        raise InvalidInput(
+            f'parameter "timeout" is {json_text(parameter)}; send a positive, finite number of microseconds'
+        )
     return float(parameter) / 1e6
 
 
@@ -357,9 +360,7 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
     async def repository_unload(request: Request) -> Response:
         plane.authorize(_bearer(request), admin=True)
         name = request.path_params["model"]
-        # tritonclient always sends unload_dependents; Kiln serves no ensembles, so there are none to unload
-        parameters = await _repository_parameters(request, settings.max_request_bytes)
-        check_repository_request("unload", name, [p for p in parameters if p != "unload_dependents"])
+        check_repository_request("unload", name, await _repository_parameters(request, settings.max_request_bytes))
         await plane.repository.unload(name)
         return _json({})
 

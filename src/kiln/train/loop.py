@@ -155,10 +155,6 @@ class Trainer:
         )
         self._lr_factor = 1.0  # the sizer's lr multiplier applied at the last step
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler.epoch_batches(0)) / self.grad_accum_steps)
-
     def _batch(self, rows: Sequence[int]) -> Batch:
         if self.collate is not None:  # variable-length rows: padded per batch
             batch = self.collate(rows)
