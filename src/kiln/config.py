@@ -8,6 +8,7 @@ every artifact and report a stage produces.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -97,6 +98,9 @@ class ServeSettings:
     its learned batch cost says a fuller batch makes a row markedly cheaper (a GPU, not two CPU cores); with
     ``p99_target_ms`` set it also shortens that wait so a full batch still meets the target. ``grpc_port`` 0 turns
     gRPC off. ``overload_status`` is what an overloaded server answers over HTTP: 503 (with Retry-After) or 429.
+    ``body_timeout_s`` is the longest an HTTP request body may pause between two reads (nginx's
+    ``client_body_timeout``): a client that stalls part-way gets a 408 and its connection closed, instead of holding
+    it, and a graceful shutdown, open.
     """
 
     http_port: int = 8000
@@ -119,6 +123,7 @@ class ServeSettings:
     admin_keys: tuple[str, ...] = ()
     version_policy_latest: int = 1
     drain_timeout_s: float = 30.0
+    body_timeout_s: float = 10.0
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -132,6 +137,11 @@ class ServeSettings:
         for name in ("max_batch_size", "max_queue_rows", "max_rows_per_request", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 1", setting=name)
+        if not 0 < self.body_timeout_s < math.inf:
+            raise ConfigError(
+                f"body_timeout_s is {self.body_timeout_s:g}; it must be a positive, finite number of seconds",
+                setting="body_timeout_s",
+            )
         if self.max_queue_delay_ms < 0:
             raise ConfigError(f"max_queue_delay_ms is {self.max_queue_delay_ms:g}; it must be >= 0")
         if not 0 <= self.http_port < 65536 or not 0 <= self.grpc_port < 65536:

@@ -77,6 +77,14 @@ class PayloadTooLarge(InvalidInput):
     """A request body is larger than the server accepts."""
 
 
+class RequestTimeout(InvalidInput):
+    """A client stopped sending its request part-way (the body stalled past the server's body timeout)."""
+
+
+class ClientClosed(KilnError):
+    """The client closed its connection before its request was complete; there is nobody to answer."""
+
+
 class CheckpointError(KilnError):
     """A training checkpoint is missing, unreadable, corrupt, or was written by a different run."""
 

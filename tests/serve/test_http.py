@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import re
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings
+from kiln.errors import ConfigError
 
 Array = np.ndarray[Any, Any]
 
@@ -452,4 +456,67 @@ def test_a_non_ascii_content_length_is_a_400_not_a_500() -> None:
 
     scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", "²".encode("latin-1"))]}
     with pytest.raises(InvalidInput, match=r"Content-Length is '²'; .* ASCII digits"):
-        asyncio.run(read_body(Request(scope, receive), 1024))
+        asyncio.run(read_body(Request(scope, receive), 1024, timeout_s=10.0))
+
+
+def _start_partial_body(url: str, sent: bytes = b'{"inputs":', declared: int = 100) -> socket.socket:
+    """A raw HTTP/1.1 infer request whose body stops after ``sent`` of the ``declared`` bytes."""
+    host, port = url.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: {url}\r\nContent-Length: {declared}\r\n\r\n"
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def _failures(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'kiln_request_failures_total\{model="tiny",reason="(\w+)",version="1"\} (\S+)', text)
+    return {reason: float(value) for reason, value in found}
+
+
+def test_a_body_that_stalls_part_way_gets_a_408_and_its_connection_closed(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact
+) -> None:
+    # it used to hold its connection, and a graceful shutdown, until the drain timeout, and then got a 500
+    server = start_server(tiny_artifact.repository, ServeSettings(body_timeout_s=0.5), http=True)
+    with _start_partial_body(server.http_url) as sock:
+        started = time.perf_counter()
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection
+            answer += chunk
+        waited = time.perf_counter() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower()
+    message = json.loads(body)["error"]
+    assert "10 bytes of the 100 its Content-Length declares came, then nothing for 0.5 s" in message
+    assert "--body-timeout-s" in message
+    assert 0.4 < waited < 10
+    assert _failures(server.http_url) == {"body_timeout": 1.0}
+    # a body that keeps arriving, however slowly, is not cut off: only a pause longer than the timeout is
+    body = infer_body([1, 2, 3, 4], [1, 4])
+    with _start_partial_body(server.http_url, body[:20], len(body)) as sock:
+        for i in range(20, len(body), 20):
+            time.sleep(0.1)
+            sock.sendall(body[i : i + 20])
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_client_that_closes_mid_body_is_counted_as_cancelled_not_logged_as_an_internal_error(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(tiny_artifact.repository, ServeSettings(), http=True)
+    with caplog.at_level(logging.INFO):
+        _start_partial_body(server.http_url).close()
+        deadline = time.monotonic() + 10
+        while not _failures(server.http_url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert _failures(server.http_url) == {"cancelled": 1.0}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("closed the connection after 10 bytes" in r.getMessage() for r in caplog.records)
+
+
+def test_body_timeout_must_be_positive_and_finite() -> None:
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"body_timeout_s is .*; it must be a positive, finite number"):
+            ServeSettings(body_timeout_s=bad)

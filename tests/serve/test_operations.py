@@ -9,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -120,6 +121,22 @@ def test_sigterm_finishes_every_in_flight_request_and_exits_zero(slow_repo: Path
         assert codes == [200] * 16
         assert server.stop() == 0
     assert "drained and stopped" in server.log
+
+
+@pytest.mark.e2e
+def test_sigterm_with_an_upload_stalled_part_way_exits_within_the_body_timeout(slow_repo: Path) -> None:
+    # the stalled request used to hold the drain for its whole 30 s, and then got a 500
+    with ServerProcess(slow_repo, "--body-timeout-s", "1") as server:
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.2)  # the request is in the server, reading its body
+            started = time.monotonic()
+            code = server.stop()
+            stopped_in = time.monotonic() - started
+            answer = sock.recv(4096)
+    assert code == 0 and stopped_in < 10, (code, stopped_in, server.log[-2000:])
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
 
 
 @pytest.mark.e2e

@@ -30,6 +30,9 @@ def serve(
     intra_op_threads: int = typer.Option(None, "--intra-op-threads", help="ONNX Runtime threads per instance."),
     max_request_bytes: int = typer.Option(None, "--max-request-bytes", help="Largest request body (413 above)."),
     max_rows_per_request: int = typer.Option(None, "--max-rows-per-request", help="Most rows in one request."),
+    body_timeout_s: float = typer.Option(
+        None, "--body-timeout-s", help="Longest pause while a request body arrives (408 after it; default 10)."
+    ),
     overload_status: int = typer.Option(None, "--overload-status", help="503 (default, with Retry-After) or 429."),
     api_key: list[str] = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` (repeatable)."),
     admin: bool = typer.Option(False, "--admin", help="Enable the repository load/unload endpoints."),
@@ -55,6 +58,7 @@ def serve(
         "intra_op_threads": intra_op_threads,
         "max_request_bytes": max_request_bytes,
         "max_rows_per_request": max_rows_per_request,
+        "body_timeout_s": body_timeout_s,
         "overload_status": overload_status,
         "api_keys": tuple(api_key) if api_key else None,
         "admin_enabled": True if admin else None,

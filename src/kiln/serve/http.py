@@ -6,6 +6,7 @@ The app is built from a visible list of routes; the only mapping from Kiln error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import zlib
@@ -14,13 +15,14 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from kiln.config import ServeSettings
 from kiln.errors import (
     ArtifactError,
+    ClientClosed,
     ConfigError,
     Forbidden,
     InvalidInput,
@@ -28,6 +30,7 @@ from kiln.errors import (
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
 )
 from kiln.serve.codec import (
@@ -52,6 +55,7 @@ _JSON = "application/json"
 # The one table from Kiln errors to HTTP status codes (most specific first). Overloaded uses the configured code.
 STATUS: list[tuple[type[KilnError], int]] = [
     (PayloadTooLarge, 413),
+    (RequestTimeout, 408),
     (InvalidInput, 400),
     (ConfigError, 400),
     (ModelNotFound, 404),
@@ -59,6 +63,7 @@ STATUS: list[tuple[type[KilnError], int]] = [
     (Forbidden, 403),
     (ArtifactError, 409),
     (Overloaded, 503),
+    (ClientClosed, 499),  # nginx's code for it; the client never sees it, the access log and the metrics do
 ]
 
 
@@ -76,8 +81,13 @@ def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None
 
 
 # -- request decoding -------------------------------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (before reading, when Content-Length says so)."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading, when Content-Length says so).
+
+    Raises:
+        RequestTimeout: the body paused for more than ``timeout_s`` between two reads.
+        ClientClosed: the client closed its connection part-way.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and not _is_ascii_digits(declared):
         raise InvalidInput(
@@ -92,11 +102,28 @@ async def read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes; split the request", limit=limit)
-        chunks.append(chunk)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s) as pause:  # one timer for the body, pushed back by every chunk
+            async for chunk in request.stream():
+                pause.reschedule(loop.time() + timeout_s)
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes; split the request", limit=limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        of = f" of the {declared} its Content-Length declares" if declared is not None else ""
+        raise RequestTimeout(
+            f"the request body stopped arriving: {size} bytes{of} came, then nothing for {timeout_s:g} s; send "
+            "the whole body without pausing, or raise the server's --body-timeout-s",
+            received=size,
+            timeout_s=timeout_s,
+            reason="body_timeout",
+        ) from None
+    except ClientDisconnect:
+        raise ClientClosed(
+            f"the client closed the connection after {size} bytes of the request body", reason="cancelled"
+        ) from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "").lower()
     if encoding in ("gzip", "deflate"):
@@ -219,10 +246,10 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-async def _repository_parameters(request: Request, limit: int) -> list[str]:
+async def _repository_parameters(request: Request, settings: ServeSettings) -> list[str]:
     """The names in a repository load/unload body's ``parameters`` (the body is optional; when sent, a JSON
     object)."""
-    body = await read_body(request, limit)
+    body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
     if not body.strip():
         return []
     try:
@@ -341,7 +368,7 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
         model, version = request.path_params["model"], version_of(request)
         plane.repository.get(model, version)  # 404 before reading a body
         with plane.decoding(model, version):
-            body = await read_body(request, settings.max_request_bytes)
+            body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
             decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(TIMEOUT_HEADER))
         response = await plane.infer(model, version, decoded)
         return encode_infer(response)
@@ -353,14 +380,14 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
     async def repository_load(request: Request) -> Response:
         plane.authorize(_bearer(request), admin=True)
         name = request.path_params["model"]
-        check_repository_request("load", name, await _repository_parameters(request, settings.max_request_bytes))
+        check_repository_request("load", name, await _repository_parameters(request, settings))
         await plane.repository.load(name)
         return _json({})
 
     async def repository_unload(request: Request) -> Response:
         plane.authorize(_bearer(request), admin=True)
         name = request.path_params["model"]
-        check_repository_request("unload", name, await _repository_parameters(request, settings.max_request_bytes))
+        check_repository_request("unload", name, await _repository_parameters(request, settings))
         await plane.repository.unload(name)
         return _json({})
 
@@ -375,6 +402,10 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
             headers["Retry-After"] = str(int(exc.details.get("retry_after_s", 1)))
         elif isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
+        elif isinstance(exc, RequestTimeout):  # the rest of its body may still come: it must not read as a request
+            headers["Connection"] = "close"
+        elif isinstance(exc, ClientClosed):
+            logger.info("%s %s: %s", request.method, request.url.path, exc)
         if status >= 500 and not isinstance(exc, Overloaded):
             logger.error("request %s %s failed: %s", request.method, request.url.path, exc)
         return _json({"error": exc.message}, status, headers)
