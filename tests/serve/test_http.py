@@ -469,9 +469,13 @@ def _start_partial_body(url: str, sent: bytes = b'{"inputs":', declared: int = 1
 
 
 def _failures(url: str) -> dict[str, float]:
+    return _failures_of(url, "tiny")
+
+
+def _failures_of(url: str, model: str) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    found = re.findall(r'kiln_request_failures_total\{model="tiny",reason="(\w+)",version="1"\} (\S+)', text)
+    found = re.findall(rf'kiln_request_failures_total\{{model="{model}",reason="(\w+)",version="1"\}} (\S+)', text)
     return {reason: float(value) for reason, value in found}
 
 
@@ -506,7 +510,7 @@ def test_a_client_that_closes_mid_body_is_counted_as_cancelled_not_logged_as_an_
     start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = start_server(tiny_artifact.repository, ServeSettings(), http=True)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG, logger="kiln.serve"):
         _start_partial_body(server.http_url).close()
         deadline = time.monotonic() + 10
         while not _failures(server.http_url) and time.monotonic() < deadline:
@@ -520,3 +524,39 @@ def test_body_timeout_must_be_positive_and_finite() -> None:
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match=r"body_timeout_s is .*; it must be a positive, finite number"):
             ServeSettings(body_timeout_s=bad)
+
+
+def _metric(url: str, name: str, model: str = "slow") -> float:
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(rf'^{name}\{{model="{model}",version="1"\}} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_queued_request_whose_client_disconnects_leaves_the_queue_unrun(
+    start_server: Callable[..., Any], slow_repo: Path
+) -> None:
+    # it used to stay queued and run: its batch slot and compute spent on a client that was gone
+    rows = 4096  # 0.2-0.4 s of compute a request: the queue stands while the test looks at it
+    settings = ServeSettings(instances=1, batching=False, max_rows_per_request=rows, max_queue_rows=4 * rows)
+    server = start_server(slow_repo, settings, http=True)
+    url, ahead = server.http_url, 3
+    big = infer_body([0.5] * (rows * 4), [rows, 4])
+    with concurrent.futures.ThreadPoolExecutor(ahead) as pool:
+        futures = [pool.submit(post, url, "/v2/models/slow/infer", big) for _ in range(ahead)]
+        deadline = time.monotonic() + 30
+        while _metric(url, "kiln_queue_depth_rows") < rows and time.monotonic() < deadline:
+            time.sleep(0.005)  # one runs, one or two wait
+        queued = _metric(url, "kiln_queue_depth_rows")
+        host, port = url.rsplit(":", 1)
+        body = infer_body([0.5] * 28, [7, 4])  # 7 rows: told apart from the others in the rows executed
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            head = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: {url}\r\nContent-Length: {len(body)}\r\n\r\n"
+            sock.sendall(head.encode() + body)
+            while _metric(url, "kiln_queue_depth_rows") % rows != 7 and time.monotonic() < deadline:
+                time.sleep(0.002)  # until it is queued
+            assert _metric(url, "kiln_queue_depth_rows") % rows == 7, "the 7-row request never showed in the queue"
+        assert all(future.result()[0] == 200 for future in futures)
+    assert queued >= rows
+    assert _metric(url, "kiln_batch_size_rows_sum") == ahead * rows  # the 7 rows never ran
+    assert _failures_of(url, "slow") == {"cancelled": 1.0}

@@ -10,8 +10,8 @@ import asyncio
 import logging
 import math
 import zlib
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -47,6 +47,7 @@ from kiln.serve.dataplane import DataPlane, check_repository_request
 from kiln.serve.protocol import InferRequest, InferResponse, RequestedOutput
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEADER_LENGTH = "inference-header-content-length"
 TIMEOUT_HEADER = "timeout-ms"
@@ -261,6 +262,35 @@ async def _repository_parameters(request: Request, settings: ServeSettings) -> l
     return list(_object(payload.get("parameters"), '"parameters"'))
 
 
+async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, cancelled when the client disconnects first: a request still queued then leaves the queue,
+    and its batch slot and compute go to clients that are still waiting (one already running finishes unseen).
+
+    Raises:
+        ClientClosed: the client disconnected before ``work`` was done.
+    """
+    task = asyncio.ensure_future(work)
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        # NOTE: with the body read, uvicorn's receive() returns only once the client has gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        left = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not (left and task.cancelled()):
+            raise  # this handler was cancelled (a shutdown past its grace period), not by the watcher
+        raise ClientClosed("the client closed the connection before its answer was ready", reason="cancelled") from None
+    finally:
+        watcher.cancel()
+
+
 def _is_ascii_digits(text: str) -> bool:
     """``str.isdigit`` takes any Unicode digit ("²", "٣"), which ``int`` then refuses or reads: HTTP means 0-9."""
     return text.isascii() and text.isdigit()
@@ -370,7 +400,7 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
         with plane.decoding(model, version):
             body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
             decoded = decode_infer(body, request.headers.get(HEADER_LENGTH), request.headers.get(TIMEOUT_HEADER))
-        response = await plane.infer(model, version, decoded)
+        response = await _unless_the_client_leaves(request, plane.infer(model, version, decoded))
         return encode_infer(response)
 
     async def repository_index(request: Request) -> Response:
@@ -404,8 +434,8 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
             headers["WWW-Authenticate"] = "Bearer"
         elif isinstance(exc, RequestTimeout):  # the rest of its body may still come: it must not read as a request
             headers["Connection"] = "close"
-        elif isinstance(exc, ClientClosed):
-            logger.info("%s %s: %s", request.method, request.url.path, exc)
+        elif isinstance(exc, ClientClosed):  # nobody to answer; counted as "cancelled" in the metrics
+            logger.debug("%s %s: %s", request.method, request.url.path, exc)
         if status >= 500 and not isinstance(exc, Overloaded):
             logger.error("request %s %s failed: %s", request.method, request.url.path, exc)
         return _json({"error": exc.message}, status, headers)
