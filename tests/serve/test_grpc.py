@@ -592,6 +592,34 @@ def test_repository_names_cannot_be_paths(
     client.close()
 
 
+@pytest.mark.parametrize("rpc", ["ModelInfer", "ModelMetadata", "ServerLive"])
+def test_a_message_that_does_not_parse_is_invalid_argument_not_unknown(tiny_server: RunningServer, rpc: str) -> None:
+    """Bytes that are no protobuf message are the client's mistake: INVALID_ARGUMENT naming the message type."""
+    with grpc.insecure_channel(tiny_server.grpc_url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{rpc}")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff\xff", timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"not a valid inference.{rpc}Request message" in info.value.details()
+
+
+def test_a_stream_answers_a_message_that_does_not_parse_and_goes_on(tiny_server: RunningServer) -> None:
+    good = triton_pb2.ModelInferRequest(model_name="tiny", id="good")
+    good.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    good.raw_input_contents.append(rows_of(1).tobytes())
+    with grpc.insecure_channel(tiny_server.grpc_url) as channel:
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=triton_pb2.ModelStreamInferResponse.FromString,
+        )
+        answers = list(stream(iter([b"\xff\xff\xff\xff", good.SerializeToString()]), timeout=30))
+    assert len(answers) == 2
+    failed = next(answer for answer in answers if answer.error_message)
+    assert "not a valid inference.ModelInferRequest message" in failed.error_message
+    ok = next(answer for answer in answers if not answer.error_message)
+    assert ok.infer_response.id == "good" and ok.infer_response.outputs[0].shape == [1, 3]
+
+
 @pytest.mark.parametrize(
     ("error", "code"),
     [
@@ -716,6 +744,40 @@ def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones(slow_repo: Path, 
     np.testing.assert_allclose(answer, reference.run({"input": x})["probabilities"], rtol=1e-4, atol=1e-6)
     error = failure(lambda: client.infer("slow", [tensor(x)], client_timeout=5))
     assert error.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+    client.close()
+
+
+def test_stop_answers_what_a_stream_sent_then_ends_it_without_waiting_out_the_grace(
+    slow_repo: Path, start_server: StartServer
+) -> None:
+    """An open stream (tritonclient keeps one from start_stream to stop_stream) must not hold a shutdown for its
+    whole grace period: it answers the requests it has, then ends with UNAVAILABLE."""
+    server = start_server(slow_repo, ServeSettings(instances=1))
+    client = client_of(server)
+    answers: list[Any] = []
+    arrived = threading.Semaphore(0)
+
+    def callback(result: Any, error: InferenceServerException | None) -> None:
+        answers.append(error if error is not None else result.get_response().id)
+        arrived.release()
+
+    client.start_stream(callback)
+    client.async_stream_infer("slow", [tensor(rows_of(1))], request_id="idle-before")
+    assert arrived.acquire(timeout=30)
+    batcher = server.plane.repository.get("slow").batcher
+    client.async_stream_infer("slow", [tensor(rows_of(256, seed=2))], request_id="in-flight")
+    for _ in range(500):  # until it runs
+        if batcher.running_batches:
+            break
+        time.sleep(0.01)
+    server.call(server.grpc.stop(grace_s=120.0), timeout_s=60.0)  # well before the grace: nothing was left to do
+    assert arrived.acquire(timeout=30)
+    assert arrived.acquire(timeout=30)
+    assert answers[:2] == ["idle-before", "in-flight"]
+    assert isinstance(answers[2], InferenceServerException)
+    assert answers[2].status() == "StatusCode.UNAVAILABLE"
+    assert "shutting down" in answers[2].message()
+    client.stop_stream()
     client.close()
 
 

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError, Message
 
 from kiln.errors import (
     ArtifactError,
@@ -55,6 +56,7 @@ STATUS: list[tuple[type[KilnError], grpc.StatusCode]] = [
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+M = TypeVar("M", bound=Message)
 Context = Any  # grpc.aio.ServicerContext (grpcio ships no type information)
 
 
@@ -89,12 +91,33 @@ async def _abort(context: Context, exc: BaseException) -> NoReturn:
     raise AssertionError("context.abort returned")  # it raises; this line is for the type checker
 
 
-def _guarded(method: Callable[[Req, Context], Awaitable[Resp]]) -> Callable[[Req, Context], Awaitable[Resp]]:
-    """The RPC, with every exception turned into a status from ``STATUS`` (never a traceback to the client)."""
+def parse(message_type: type[M], data: bytes) -> M:
+    """A request message from its wire bytes; bytes that are not one are the client's mistake (InvalidInput).
 
-    async def call(request: Req, context: Context) -> Resp:
+    NOTE: the handlers take raw bytes and parse here, not in a ``request_deserializer``: gRPC answers a
+    deserializer's exception with UNKNOWN and logs a traceback, for what is a client's malformed message.
+    """
+    message: M = message_type()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        name = message_type.DESCRIPTOR.full_name
+        raise InvalidInput(
+            f"the request ({len(data)} bytes) is not a valid {name} message ({exc}); send a message of "
+            "grpc_service.proto (Triton's), as tritonclient.grpc does"
+        ) from exc
+    return message
+
+
+def _guarded(
+    method: Callable[[Req, Context], Awaitable[Resp]], request_type: type[Req]
+) -> Callable[[bytes, Context], Awaitable[Resp]]:
+    """The RPC on the request's wire bytes, with every exception turned into a status from ``STATUS`` (never a
+    traceback to the client)."""
+
+    async def call(data: bytes, context: Context) -> Resp:
         try:
-            return await method(request, context)
+            return await method(parse(request_type, data), context)
         except Exception as exc:  # CancelledError (the client went away) is a BaseException and passes
             await _abort(context, exc)
 
@@ -119,6 +142,7 @@ class InferenceService:
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.stopping = asyncio.Event()  # set by GrpcServer.stop: open streams stop reading and end
 
     async def server_live(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.plane.live())
@@ -158,18 +182,21 @@ class InferenceService:
         return encode_infer(response)
 
     async def model_stream_infer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+        self, requests: AsyncIterator[bytes], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently (and batch together); each answer carries its request's id,
-        and a failed request answers ``error_message`` without ending the stream (Triton's behaviour)."""
+        and a failed request (a malformed message too) answers ``error_message`` without ending the stream
+        (Triton's behaviour)."""
         try:
             self.plane.authorize(bearer(context))
         except KilnError as exc:
             await _abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(data: bytes) -> None:
+            request = pb.ModelInferRequest()  # what a failure echoes when the message itself is malformed
             try:
+                request = parse(pb.ModelInferRequest, data)
                 version = _version(request.model_version)
                 with self.plane.decoding(request.model_name, version):
                     decoded = decode_infer(request, None)
@@ -184,26 +211,46 @@ class InferenceService:
                 )
                 await answers.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
 
+        running: set[asyncio.Task[None]] = set()
+        reading = True
+
         async def read() -> None:
-            running: set[asyncio.Task[None]] = set()
+            nonlocal reading
             try:
-                async for request in requests:
-                    task = asyncio.create_task(answer(request))
+                async for data in requests:
+                    task = asyncio.create_task(answer(data))
                     running.add(task)
                     task.add_done_callback(running.discard)
-                await asyncio.gather(*running)
             finally:
-                for task in running:
-                    task.cancel()
+                # The client closed its side, or the server is stopping (the loop above was cancelled, so an idle
+                # stream does not hold the shutdown for its whole grace period): answer every request received.
+                reading = False
+                await asyncio.gather(*running)
                 await answers.put(None)
 
+        def stop_reading(_: asyncio.Task[bool]) -> None:
+            if reading:  # NOTE: never cancel the gather above: that would cancel the requests it waits for
+                reader.cancel()
+
         reader = asyncio.create_task(read())
+        stopping = asyncio.create_task(self.stopping.wait())
+        stopping.add_done_callback(stop_reading)
         try:
             while (item := await answers.get()) is not None:
                 yield item
-            await reader  # re-raises a failure to read the stream
-        finally:
+            if not reader.cancelled():
+                await reader  # re-raises a failure to read the stream
+            elif self.stopping.is_set():
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down; every request of this stream has its answer; open a new stream "
+                    "(to another replica)",
+                )
+        finally:  # the client went away (or the stream is over): nothing left runs for it
+            stopping.cancel()
             reader.cancel()
+            for task in running:
+                task.cancel()
 
     async def repository_index(
         self, request: pb.RepositoryIndexRequest, context: Context
@@ -254,16 +301,15 @@ def _rpcs(service: InferenceService) -> dict[str, Any]:
             pb.RepositoryModelUnloadResponse,
         ),
     }
+    # No request_deserializer: the handlers get the wire bytes and parse them themselves (see ``parse``).
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            _guarded(method), request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            _guarded(method, request), response_serializer=response.SerializeToString
         )
         for name, (method, request, response) in unary.items()
     }
     handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        service.model_stream_infer,
-        request_deserializer=pb.ModelInferRequest.FromString,
-        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        service.model_stream_infer, response_serializer=pb.ModelStreamInferResponse.SerializeToString
     )
     declared = {method.name for method in SERVICE.methods}
     assert set(handlers) == declared, f"handlers {sorted(handlers)} != RPCs of the proto {sorted(declared)}"
@@ -276,9 +322,15 @@ class GrpcServer:
 
     server: Any  # grpc.aio.Server
     port: int
+    service: InferenceService
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls at once; let calls in flight finish for up to ``grace_s`` seconds, then cancel them."""
+        """Refuse new calls at once; let calls in flight finish for up to ``grace_s`` seconds, then cancel them.
+
+        An open ModelStreamInfer stream reads no more requests: it answers those it has, then ends (UNAVAILABLE),
+        so an idle stream does not hold the shutdown for ``grace_s``.
+        """
+        self.service.stopping.set()
         await self.server.stop(grace_s)
 
 
@@ -297,9 +349,8 @@ async def start_grpc(plane: DataPlane, host: str, port: int) -> GrpcServer:
             ("grpc.so_reuseport", 0),  # a port clash fails here instead of sharing the port with another server
         ]
     )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, _rpcs(InferenceService(plane))),)
-    )
+    service = InferenceService(plane)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, _rpcs(service)),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = int(server.add_insecure_port(address))
@@ -315,4 +366,4 @@ async def start_grpc(plane: DataPlane, host: str, port: int) -> GrpcServer:
         )
     await server.start()
     logger.info("gRPC (KServe V2 inference.GRPCInferenceService) on %s port %d", host, bound)
-    return GrpcServer(server, bound)
+    return GrpcServer(server, bound, service)
