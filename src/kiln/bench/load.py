@@ -31,6 +31,7 @@ from kiln.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
+MAX_REQUESTS_PER_STEP = 10_000_000  # the worker keeps four float64 arrays of this length per step
 
 
 @dataclass(frozen=True)
@@ -57,21 +58,41 @@ class LoadSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        rates_ok = bool(self.rates) and all(map(_positive, self.rates))
         rules: list[tuple[str, object, bool, str]] = [
-            ("rates", list(self.rates), bool(self.rates) and min(self.rates) > 0, "positive numbers, e.g. 10,20,40"),
-            ("duration_s", self.duration_s, self.duration_s > 0, "a number of seconds > 0"),
+            ("rates", list(self.rates), rates_ok, "positive numbers, e.g. 10,20,40"),
+            ("duration_s", self.duration_s, _positive(self.duration_s), "a number of seconds > 0"),
             ("max_requests", self.max_requests, self.max_requests is None or self.max_requests >= 1, "an integer >= 1"),
             ("concurrency", self.concurrency, self.concurrency >= 1, "an integer >= 1"),
             ("closed_loop", list(self.closed_loop), all(c >= 1 for c in self.closed_loop), "client counts >= 1"),
             ("texts_per_request", self.texts_per_request, self.texts_per_request >= 1, "an integer >= 1"),
             ("rows_per_request", self.rows_per_request, self.rows_per_request >= 1, "an integer >= 1"),
-            ("timeout_s", self.timeout_s, self.timeout_s > 0, "a number of seconds > 0"),
+            ("timeout_s", self.timeout_s, _positive(self.timeout_s), "a number of seconds > 0"),
             ("warmup_requests", self.warmup_requests, self.warmup_requests >= 0, "an integer >= 0"),
-            ("cooldown_s", self.cooldown_s, self.cooldown_s >= 0, "a number of seconds >= 0"),
+            (
+                "cooldown_s",
+                self.cooldown_s,
+                not self.cooldown_s or _positive(self.cooldown_s),
+                "a number of seconds >= 0",
+            ),
         ]
         for name, value, ok, rule in rules:
             if not ok:
                 raise ConfigError(f"load setting {name} is {value}; it must be {rule}", setting=name, value=value)
+        planned = min(max(self.rates) * self.duration_s, self.max_requests or math.inf)
+        if not self.closed_loop and planned > MAX_REQUESTS_PER_STEP:
+            raise ConfigError(
+                f"a step at {max(self.rates):g} requests/s for {self.duration_s:g} s plans about {planned:,.0f} "
+                f"requests; a step holds at most {MAX_REQUESTS_PER_STEP:,}: lower the rate or duration_s, or set "
+                "max_requests",
+                setting="rates",
+                value=list(self.rates),
+            )
+
+
+def _positive(value: float) -> bool:
+    """Finite and > 0. NOTE: NaN fails every comparison, so ``min(rates) > 0`` alone lets [10, nan] through."""
+    return math.isfinite(value) and value > 0
 
 
 def payloads_for(metadata: ModelMetadata, settings: LoadSettings) -> tuple[list[Payload], dict[str, Any]]:
@@ -89,6 +110,7 @@ def payloads_for(metadata: ModelMetadata, settings: LoadSettings) -> tuple[list[
             texts_per_request=settings.texts_per_request,
             binary=settings.binary,
             outputs=outputs,
+            column=len(metadata.inputs[0].shape) == 2,
         )
         words = sorted(len(t.split()) for t in texts[: len(payloads) * settings.texts_per_request])
         described = {
@@ -125,11 +147,20 @@ def load_test(
     are written there.
 
     Raises:
+        ConfigError: ``report_dir`` cannot be created.
         ModelNotFound: the server has no such model (or version).
         InvalidInput: the server refused the probe request.
-        KilnError: the server cannot be reached.
+        KilnError: the server cannot be reached, or failed the probe request.
     """
     settings = settings or LoadSettings()
+    if report_dir is not None:  # before the load, not after it: a step's figures are not lost to a bad path
+        try:
+            Path(report_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the report to {report_dir} ({exc.strerror or exc}); choose another --report-dir",
+                report_dir=str(report_dir),
+            ) from exc
     target = V2Target(url, model, version)
     metadata = target.metadata()
     payloads, described = payloads_for(metadata, settings)

@@ -37,10 +37,17 @@ def poisson_schedule(
         >>> len(poisson_schedule(100.0, 10.0, max_requests=50))
         50
     """
+    if not (math.isfinite(rate_rps) and rate_rps > 0 and math.isfinite(duration_s) and duration_s > 0):
+        raise ConfigError(
+            f"a Poisson schedule needs a finite rate > 0 and duration > 0 s, not {rate_rps:g}/s for {duration_s:g} s"
+        )
     rng = np.random.default_rng(seed)
     expected = rate_rps * duration_s
-    times = np.cumsum(rng.exponential(1.0 / rate_rps, size=int(expected + 6 * math.sqrt(expected) + 16)))
-    while times[-1] < duration_s:  # so rare it costs nothing to be exact
+    size = int(expected + 6 * math.sqrt(expected) + 16)
+    if max_requests is not None:  # never draw (or hold) more arrivals than the step may send
+        size = min(size, max(max_requests, 1))
+    times = np.cumsum(rng.exponential(1.0 / rate_rps, size=size))
+    while times[-1] < duration_s and (max_requests is None or len(times) < max_requests):  # rare: costs nothing
         more = np.cumsum(rng.exponential(1.0 / rate_rps, size=len(times))) + times[-1]
         times = np.concatenate([times, more])
     times = times[times < duration_s]

@@ -8,6 +8,7 @@ standard library speaks HTTP here (metadata, readiness, one probe request); the 
 
 from __future__ import annotations
 
+import http.client
 import json
 import struct
 import time
@@ -25,6 +26,7 @@ from kiln.types import TensorSpec
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 TEXT_INPUT_DATATYPE = "BYTES"
+TEXT_INPUT_SHAPES = ((-1,), (-1, 1))  # one string per row, as a vector or a column
 DYNAMIC_AXIS_SIZE = 16  # a -1 axis other than the batch axis (e.g. a sequence) gets this many elements
 Array = np.ndarray[Any, Any]
 
@@ -87,8 +89,13 @@ class ModelMetadata:
 
     @property
     def is_text(self) -> bool:
-        """One BYTES input: a model that takes strings (the server tokenizes)."""
-        return len(self.inputs) == 1 and self.inputs[0].dtype == TEXT_INPUT_DATATYPE
+        """One BYTES input of one string per row (shape [-1] or [-1, 1]): a model that takes text (the server
+        tokenizes). A BYTES input of any other shape is a tensor of strings, filled like any other tensor."""
+        return (
+            len(self.inputs) == 1
+            and self.inputs[0].dtype == TEXT_INPUT_DATATYPE
+            and tuple(self.inputs[0].shape) in TEXT_INPUT_SHAPES
+        )
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,12 @@ def http_request(
             return HttpAnswer(int(response.status), bytes(response.read()), int(length) if length else None)
     except urllib.error.HTTPError as exc:
         return HttpAnswer(int(exc.code), bytes(exc.read()), None)
+    except http.client.HTTPException as exc:  # something answered, but not HTTP/1.x (a gRPC port, say)
+        raise KilnError(
+            f"{url} did not answer HTTP ({type(exc).__name__}); --url takes the server's HTTP port (kiln serve: "
+            "--http-port, 8000 by default; not its gRPC port)",
+            url=url,
+        ) from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise KilnError(f"cannot reach {url} ({reason}); start the server or fix --url", url=url) from exc
@@ -152,13 +165,21 @@ def probe(target: V2Target, payload: Payload, timeout_s: float = 30.0) -> list[d
     """Send one request and check the answer is a V2 inference response; return its outputs' name/datatype/shape.
 
     Raises:
-        InvalidInput: the server refused the request (its error is in the message).
+        InvalidInput: the server refused the request as the client's mistake (a 4xx; its error is in the message).
+        KilnError: the server failed to answer it (a 5xx: overloaded, still loading, or broken).
     """
     answer = http_request(target.infer_url, payload.body, dict(payload.headers), timeout_s=timeout_s)
-    if answer.status != 200:
+    if 400 <= answer.status < 500 and answer.status != 429:
         raise InvalidInput(
+            f"POST {target.infer_url} answered {answer.status} to the first request ({payload.rows} rows, built "
+            f"from the model's metadata): {_error_text(answer.body)} (where that names a limit, lower "
+            "--rows-per-request or --texts-per-request; otherwise the server and its metadata disagree)",
+            status=answer.status,
+        )
+    if answer.status != 200:
+        raise KilnError(
             f"POST {target.infer_url} answered {answer.status} to the first request: {_error_text(answer.body)}; "
-            "the request was built from the model's metadata, so the server and its metadata disagree",
+            "the server is overloaded, not ready or failing: check its log, and retry once it is ready",
             status=answer.status,
         )
     header = answer.body if answer.binary_header_length is None else answer.body[: answer.binary_header_length]
@@ -187,8 +208,10 @@ def text_payloads(
     binary: bool = False,
     outputs: Sequence[str] = (),
     limit: int = 512,
+    column: bool = False,
 ) -> list[Payload]:
-    """Requests of ``texts_per_request`` consecutive texts each (BYTES, shape [n]), at most ``limit`` distinct ones."""
+    """Requests of ``texts_per_request`` consecutive texts each (BYTES, shape [n], or [n, 1] with ``column``), at
+    most ``limit`` distinct ones."""
     if texts_per_request < 1 or len(texts) < texts_per_request:
         raise InvalidInput(
             f"texts_per_request is {texts_per_request} with {len(texts)} texts; it must be between 1 and the number "
@@ -198,6 +221,8 @@ def text_payloads(
     payloads = []
     for i in range(count):
         chunk = np.array(texts[i * texts_per_request : (i + 1) * texts_per_request], dtype=object)
+        if column:
+            chunk = chunk.reshape(-1, 1)
         payloads.append(encode_request([(input_name, TEXT_INPUT_DATATYPE, chunk)], outputs, binary=binary))
     return payloads
 
