@@ -651,6 +651,9 @@ def test_api_key_guards_inference_but_not_health(
     assert "Authorization: Bearer" in error.message()
     error = failure(lambda: client.infer("tiny", [x], headers={"authorization": "Bearer wrong"}))
     assert error.status() == "StatusCode.UNAUTHENTICATED"
+    error = failure(lambda: client.infer("tiny", [x], headers={"authorization": "k1"}))  # no "Bearer "
+    assert error.status() == "StatusCode.UNAUTHENTICATED"
+    assert 'not in the form "Bearer <key>"' in error.message() and "k1" not in error.message()
     error = failure(lambda: client.get_model_metadata("tiny"))
     assert error.status() == "StatusCode.UNAUTHENTICATED"
     ok = client.infer("tiny", [x], headers={"authorization": "Bearer k1"})

@@ -199,8 +199,11 @@ def test_api_keys_and_admin_endpoints(
     body = infer_body([1, 2, 3, 4], [1, 4])
     code, headers, payload = post(server.http_url, "/v2/models/tiny/infer", body)
     assert code == 401 and "Authorization: Bearer" in payload["error"] and headers["www-authenticate"] == "Bearer"
-    code, _, _ = post(server.http_url, "/v2/models/tiny/infer", body, {"Authorization": "Bearer wrong"})
-    assert code == 401
+    code, _, payload = post(server.http_url, "/v2/models/tiny/infer", body, {"Authorization": "Bearer wrong"})
+    assert code == 401 and payload["error"].startswith("an unknown key was sent")
+    # the key without its scheme was "no key was sent"; the message must not echo the header (it holds the key)
+    code, _, payload = post(server.http_url, "/v2/models/tiny/infer", body, {"Authorization": "s3cret"})
+    assert code == 401 and 'not in the form "Bearer <key>"' in payload["error"] and "s3cret" not in payload["error"]
     code, _, _ = post(server.http_url, "/v2/models/tiny/infer", body, {"Authorization": "Bearer s3cret"})
     assert code == 200
     code, _, payload = post(

@@ -172,12 +172,12 @@ class DataPlane:
         return self.metrics.render()
 
     # -- auth -----------------------------------------------------------------------------------------------------
-    def authorize(self, bearer: str | None, *, admin: bool = False) -> None:
-        """Check an ``Authorization: Bearer`` token against the configured keys.
+    def authorize(self, authorization: str | None, *, admin: bool = False) -> None:
+        """Check an ``Authorization: Bearer <key>`` header's value (HTTP header or gRPC metadata) against the keys.
 
         Raises:
             Forbidden: ``admin`` and the admin endpoints are disabled.
-            Unauthorized: keys are configured and the token is missing or not one of them.
+            Unauthorized: keys are configured and the header is missing, not ``Bearer <key>``, or names no key.
         """
         if admin and not self.settings.admin_enabled:
             raise Forbidden(
@@ -189,11 +189,14 @@ class DataPlane:
             raise Forbidden("admin endpoints need an admin key; none is configured (--admin-key)")
         if not keys:
             return
-        token = (bearer or "").strip()
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
         if not token or not any(hmac.compare_digest(token, key) for key in keys):
             kind = "an admin key" if admin else "an API key"
-            if not token:
+            if not (authorization or "").strip():
                 sent = "no key was sent"
+            elif not token:  # NOTE: never echo the header: it may be the key itself, sent without "Bearer "
+                sent = 'an Authorization header was sent, but not in the form "Bearer <key>"'
             elif admin and any(hmac.compare_digest(token, key) for key in self.settings.api_keys or ()):
                 sent = "an API key was sent, not an admin key"
             else:

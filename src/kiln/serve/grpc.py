@@ -124,12 +124,11 @@ def _guarded(
     return call
 
 
-def bearer(context: Context) -> str | None:
-    """The token of an ``authorization: Bearer <key>`` metadata entry."""
+def authorization(context: Context) -> str | None:
+    """The value of the ``authorization`` metadata entry (``Bearer <key>``; :meth:`DataPlane.authorize` reads it)."""
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
-            scheme, _, token = str(value).partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else None
+            return str(value)
     return None
 
 
@@ -157,24 +156,24 @@ class InferenceService:
         return from_dict(self.plane.server_metadata(), pb.ServerMetadataResponse())
 
     async def model_metadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        self.plane.authorize(bearer(context))
+        self.plane.authorize(authorization(context))
         metadata = self.plane.model_metadata(request.name, _version(request.version))
         return from_dict(metadata, pb.ModelMetadataResponse())
 
     async def model_config(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        self.plane.authorize(bearer(context))
+        self.plane.authorize(authorization(context))
         config = self.plane.model_config(request.name, _version(request.version))
         return pb.ModelConfigResponse(config=from_dict(config, config_pb.ModelConfig()))
 
     async def model_statistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        self.plane.authorize(bearer(context))
+        self.plane.authorize(authorization(context))
         statistics = self.plane.statistics(request.name or None, _version(request.version))
         return from_dict(statistics, pb.ModelStatisticsResponse())
 
     async def model_infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        self.plane.authorize(bearer(context))
+        self.plane.authorize(authorization(context))
         version = _version(request.model_version)
         with self.plane.decoding(request.model_name, version):
             decoded = decode_infer(request, context.time_remaining())
@@ -188,7 +187,7 @@ class InferenceService:
         and a failed request (a malformed message too) answers ``error_message`` without ending the stream
         (Triton's behaviour)."""
         try:
-            self.plane.authorize(bearer(context))
+            self.plane.authorize(authorization(context))
         except KilnError as exc:
             await _abort(context, exc)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -255,7 +254,7 @@ class InferenceService:
     async def repository_index(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        self.plane.authorize(bearer(context))
+        self.plane.authorize(authorization(context))
         models = self.plane.repository_index()
         if request.ready:
             models = [entry for entry in models if entry.get("state") == "READY"]
@@ -264,7 +263,7 @@ class InferenceService:
     async def repository_model_load(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        self.plane.authorize(bearer(context), admin=True)
+        self.plane.authorize(authorization(context), admin=True)
         check_repository_request("load", request.model_name, list(request.parameters))
         await self.plane.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
@@ -272,7 +271,7 @@ class InferenceService:
     async def repository_model_unload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        self.plane.authorize(bearer(context), admin=True)
+        self.plane.authorize(authorization(context), admin=True)
         check_repository_request("unload", request.model_name, list(request.parameters))
         await self.plane.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

@@ -351,14 +351,6 @@ def encode_infer(response: InferResponse) -> Response:
 
 
 # -- the app ------------------------------------------------------------------------------------------------------
-def _bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
-    return token if scheme.lower() == "bearer" else None
-
-
 def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
     """The Starlette app for a data plane: V2 routes, extensions, ``/metrics``, and the error table."""
     settings: ServeSettings = plane.settings
@@ -378,7 +370,7 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
         return _json(plane.server_metadata())
 
     async def model_metadata(request: Request) -> Response:
-        plane.authorize(_bearer(request))
+        plane.authorize(request.headers.get("authorization"))
         return _json(plane.model_metadata(request.path_params["model"], version_of(request)))
 
     async def model_ready(request: Request) -> Response:
@@ -386,15 +378,15 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
         return _json({"name": request.path_params["model"], "ready": ok}, 200 if ok else 400)
 
     async def model_config(request: Request) -> Response:
-        plane.authorize(_bearer(request))
+        plane.authorize(request.headers.get("authorization"))
         return _json(plane.model_config(request.path_params["model"], version_of(request)))
 
     async def model_stats(request: Request) -> Response:
-        plane.authorize(_bearer(request))
+        plane.authorize(request.headers.get("authorization"))
         return _json(plane.statistics(request.path_params.get("model"), version_of(request)))
 
     async def infer(request: Request) -> Response:
-        plane.authorize(_bearer(request))
+        plane.authorize(request.headers.get("authorization"))
         model, version = request.path_params["model"], version_of(request)
         plane.repository.get(model, version)  # 404 before reading a body
         with plane.decoding(model, version):
@@ -404,18 +396,18 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
         return encode_infer(response)
 
     async def repository_index(request: Request) -> Response:
-        plane.authorize(_bearer(request))
+        plane.authorize(request.headers.get("authorization"))
         return _json(plane.repository_index())
 
     async def repository_load(request: Request) -> Response:
-        plane.authorize(_bearer(request), admin=True)
+        plane.authorize(request.headers.get("authorization"), admin=True)
         name = request.path_params["model"]
         check_repository_request("load", name, await _repository_parameters(request, settings))
         await plane.repository.load(name)
         return _json({})
 
     async def repository_unload(request: Request) -> Response:
-        plane.authorize(_bearer(request), admin=True)
+        plane.authorize(request.headers.get("authorization"), admin=True)
         name = request.path_params["model"]
         check_repository_request("unload", name, await _repository_parameters(request, settings))
         await plane.repository.unload(name)
