@@ -124,6 +124,40 @@ def test_kiln_train_nproc_2_grows_the_batch(make_settings: Callable[..., TrainSe
     assert state["sampler"]["epoch"] == 5 and state["sizer"]["changes"] == result.batch_size_changes
 
 
+def _dropout_mode_rank(rank: int, port: int, results: Any) -> None:
+    """One of two data-parallel ranks (gloo): 2 steps of a model with dropout, as the run builds it."""
+    _join_as_rank(rank, port)
+    from kiln.train.workload import prepare_workload
+
+    settings = TrainSettings(dataset="digits", hidden_sizes=(32,), dropout=0.5, track=False, export=False)
+    work = prepare_workload(settings, None)  # its shape probe leaves the model in eval mode
+    dropout = next(m for m in work.model.modules() if isinstance(m, torch.nn.Dropout))
+    seen: list[bool] = []
+    dropout.register_forward_hook(lambda module, _inputs, _output: seen.append(module.training))
+    trainer = _constant_lr_trainer(work, settings)
+    trainer.fit(2)
+    results.put((rank, seen))
+    trainer.accelerator.wait_for_everyone()
+
+
+def test_data_parallel_steps_run_the_model_in_training_mode() -> None:
+    """Under DDP the wrapper's `training` flag was True while the module it wraps stayed in eval mode, so every
+    `--nproc` run trained without dropout (and with BatchNorm's running statistics)."""
+    assert sorted(_run_two_ranks(_dropout_mode_rank, timeout_s=120)) == [(0, [True, True]), (1, [True, True])]
+
+
+def test_a_mistake_under_nproc_is_the_workers_error_not_torchruns_traceback(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from kiln.errors import InvalidInput
+
+    path = tmp_path / "data.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(20)), encoding="utf-8")
+    with pytest.raises(InvalidInput, match=r'column "lable" is not in .*\(did you mean "label"\?\)'):
+        train(make_settings(dataset=str(path), target="lable", nproc=2, cpu_threads=1))
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def _diverging_rank(rank: int, port: int, results: Any) -> None:
     """One of two data-parallel ranks (gloo) whose loss turns NaN at step 3 on rank 1 only."""
     _join_as_rank(rank, port)

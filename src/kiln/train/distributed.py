@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kiln import artifact as artifacts
+from kiln import errors
 from kiln.config import ExportSettings, settings_dict
 from kiln.errors import KilnError
 from kiln.train.settings import TrainSettings
+
+_WORKER_LINE = re.compile(r"\[[A-Za-z_]+\d+\]:")  # torchrun's prefix of a worker's line: "[default0]:"
 
 
 def is_worker() -> bool:
@@ -33,7 +37,8 @@ def launch(settings: TrainSettings, export_settings: ExportSettings | None) -> d
     """Run ``settings`` on ``settings.nproc`` local workers and return rank 0's result record.
 
     Raises:
-        KilnError: a worker failed (its one-line error or traceback is in the output above).
+        KilnError: the error a worker stopped on (bad data, a refused resume ...), as its own class; or, when a
+            worker crashed otherwise, a KilnError after torchrun's report (the traceback is in the output above).
     """
     with tempfile.TemporaryDirectory(prefix="kiln-train-ddp-") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -53,19 +58,70 @@ def launch(settings: TrainSettings, export_settings: ExportSettings | None) -> d
             "torch.distributed.run",
             "--standalone",
             f"--nproc-per-node={settings.nproc}",
+            # the workers' output goes through files that torchrun copies to its own, each line prefixed with the
+            # worker's name: so the launcher's own lines can be told apart (below)
+            f"--log-dir={Path(tmp) / 'logs'}",
+            "--tee=3",
             "-m",
             "kiln.train.worker",
             str(spec),
         ]
-        done = subprocess.run(command, check=False)
-        if done.returncode != 0 or not result.is_file():
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as process:
+            assert process.stderr is not None
+            try:
+                launcher = _relay_worker_lines(process.stderr)
+            except BaseException:
+                process.kill()
+                raise
+        if process.returncode != 0 or not result.is_file():
+            worker_error = _worker_error(Path(tmp))
+            if worker_error is not None:
+                # a mistake a rank reported (bad data, a resume that changes a setting ...): that one line, not
+                # torchrun's traceback of its failed child
+                raise worker_error
+            sys.stderr.writelines(launcher)
             raise KilnError(
                 f"data-parallel training on {settings.nproc} processes failed (torchrun exit code "
-                f"{done.returncode}); the workers' errors are printed above",
-                exit_code=done.returncode,
+                f"{process.returncode}); the workers' errors are printed above",
+                exit_code=process.returncode,
             )
         record: dict[str, Any] = json.loads(result.read_text(encoding="utf-8"))
     return record
+
+
+def _relay_worker_lines(stream: IO[str]) -> list[str]:
+    """Copy the workers' lines of torchrun's stderr to ours as they come; return torchrun's own lines."""
+    launcher: list[str] = []
+    for line in stream:
+        if _WORKER_LINE.match(line):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        else:
+            launcher.append(line)
+    return launcher
+
+
+def error_path(result_file: Path, rank: str) -> Path:
+    """Where a worker leaves the Kiln error it stopped on (beside the result file)."""
+    return result_file.with_name(f"error-rank-{rank}.json")
+
+
+def write_error(path: Path, exc: errors.KilnError) -> None:
+    record = {"type": type(exc).__name__, "message": exc.message, "details": exc.details}
+    path.write_text(json.dumps(record, default=str), encoding="utf-8")
+
+
+def _worker_error(folder: Path) -> errors.KilnError | None:
+    """The error the lowest rank that stopped on a Kiln error reported, as the same class (``None``: none did)."""
+    found = sorted(folder.glob("error-rank-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    if not found:
+        return None
+    record = json.loads(found[0].read_text(encoding="utf-8"))
+    kind = getattr(errors, str(record["type"]), None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.KilnError)):
+        kind = errors.KilnError
+    error: errors.KilnError = kind(str(record["message"]), **record["details"])
+    return error
 
 
 def write_result(path: Path, record: dict[str, Any]) -> None:

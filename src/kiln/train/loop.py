@@ -133,6 +133,10 @@ class Trainer:
             self.optimizer = optimizer
         else:
             self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # NOTE: the module itself, not a DDP wrapper: the wrapper's own `training` flag stays True while the module
+        # it wraps is in eval mode (after the workload's probe forward, or an evaluation), so checking the wrapper
+        # trained every data-parallel run without dropout and with BatchNorm's running statistics
+        self._module: nn.Module = accelerator.unwrap_model(self.model)
         self.scheduler = scheduler  # NOTE: not prepared: Accelerate would step it once per process.
         self.sampler = sampler
         self.tensors = tensors
@@ -211,7 +215,7 @@ class Trainer:
             loss = self.loss_sum(model, batch)
             return loss * 0.0 if id(batch) in ghost_ids else loss
 
-        if not self.model.training:  # after an evaluation; train() walks every module, 6% of a small step
+        if not self._module.training:  # after an evaluation; train() walks every module, 6% of a small step
             self.model.train()
         first_half: list[torch.Tensor] = []  # with halves: the gradient after the first half's backward
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kiln.config import ExportSettings, resolve
 from kiln.errors import KilnError
+from kiln.train.distributed import error_path, write_error
 from kiln.train.runner import train
 from kiln.train.settings import TrainSettings
 
@@ -23,8 +24,9 @@ def main(spec_path: str) -> int:
     try:
         train(settings, export_settings=export_settings, result_file=Path(spec["result"]))
     except KilnError as exc:
-        # a worker process's entry point, like the CLI: one line, exit code 2
-        print(f"error (rank {os.environ.get('RANK', '?')}): {exc.message}", file=sys.stderr)
+        # a worker process's entry point, like the CLI: exit code 2, and the error left for the parent, which
+        # raises it as its own (torchrun's traceback of the failed worker is not shown)
+        write_error(error_path(Path(spec["result"]), os.environ.get("RANK", "0")), exc)
         _leave_process_group(finished=False)
         return 2
     _leave_process_group(finished=True)
