@@ -61,3 +61,15 @@ def test_a_file_that_is_not_parquet_is_refused(make_settings: Callable[..., Trai
     path.write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(InvalidInput, match=r"cannot be read as Parquet .*; check the file"):
         train(make_settings(dataset=str(path), target="b"))
+
+
+def test_a_null_target_is_refused_not_made_a_class(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    data = bundled_dataset("iris", test_fraction=0.5)
+    target: list[float | None] = [float(v) for v in data.y_train]
+    target[4] = None
+    path = tmp_path / "iris.parquet"
+    pq.write_table(pa.table({f"f{i}": data.x_train[:, i] for i in range(4)} | {"species": target}), path)
+    with pytest.raises(InvalidInput, match=r'line 6 has no value in target column "species" \(1 such row\)'):
+        train(make_settings(dataset=str(path), target="species"))

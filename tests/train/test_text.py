@@ -20,6 +20,40 @@ def test_jsonl_missing_key_suggests_the_closest(topics_jsonl: Path) -> None:
         load_jsonl(topics_jsonl, "txt", "label", 0.25, 0)
 
 
+def test_jsonl_bad_lines_are_named_with_the_fix(topics_jsonl: Path) -> None:
+    good = topics_jsonl.read_text(encoding="utf-8").splitlines()[:10]
+    cases = {
+        "not JSON": (
+            "not json",
+            r"line 11 is not valid JSON \(Expecting value at column 1: 'not json'\); each line must be one JSON "
+            r'object like \{"text": \.\.\., "label": \.\.\.\}: fix the line or remove it',
+        ),
+        # str() made these the text "None" and the class "['a']", silently
+        "null text": ('{"text": null, "label": "errors"}', r'line 11 has null under "text"; it must be a string'),
+        "array label": ('{"text": "x", "label": ["a"]}', r'line 11 has a JSON array under "label"; it must be'),
+    }
+    for name, (line, message) in cases.items():
+        path = topics_jsonl.with_name(f"{name}.jsonl")
+        path.write_text("\n".join([*good, line]) + "\n", encoding="utf-8")
+        with pytest.raises(InvalidInput, match=message):
+            load_jsonl(path, "text", "label", 0.25, 0)
+
+
+def test_jsonl_encoding_byte_order_mark_and_one_class(topics_jsonl: Path) -> None:
+    raw = topics_jsonl.read_bytes()
+    marked = topics_jsonl.with_name("marked.jsonl")
+    marked.write_bytes(b"\xef\xbb\xbf" + raw)
+    assert load_jsonl(marked, "text", "label", 0.25, 0).labels == ("errors", "strings")
+    latin = topics_jsonl.with_name("latin.jsonl")
+    latin.write_bytes(raw.replace(b"the", b"th\xe9", 1))
+    with pytest.raises(InvalidInput, match=r"line 1 holds byte 0xe9, which is not UTF-8"):
+        load_jsonl(latin, "text", "label", 0.25, 0)
+    one = topics_jsonl.with_name("one.jsonl")
+    one.write_text("".join(f'{{"text": "row {i}", "label": "spam"}}\n' for i in range(8)), encoding="utf-8")
+    with pytest.raises(InvalidInput, match=r"has the label 'spam' under \"label\"; a classifier needs at least 2"):
+        load_jsonl(one, "text", "label", 0.25, 0)
+
+
 def test_a_tabular_model_on_text_is_refused(make_settings: Callable[..., TrainSettings], topics_jsonl: Path) -> None:
     with pytest.raises(ConfigError, match=r'a \.jsonl text dataset needs a text encoder: model = "minilm"'):
         train(make_settings(dataset=str(topics_jsonl), model="mlp"))

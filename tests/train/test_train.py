@@ -103,6 +103,41 @@ def test_csv_non_numeric_feature_names_line_and_column(
         train(make_settings(dataset=str(path), target="y"))
 
 
+def test_csv_empty_target_cell_is_refused_not_made_a_class(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    # diabetes as a CSV with one target left blank: read as a class "", it turned the regression into a
+    # classification over every distinct value (test accuracy 0.0)
+    data = bundled_dataset("diabetes")
+    rows: list[list[object]] = [[*map(float, x), float(y)] for x, y in zip(data.x_train, data.y_train, strict=True)]
+    rows[6][-1] = ""
+    path = _write_csv(tmp_path / "diabetes.csv", [[f"f{i}" for i in range(10)] + ["progression"], *rows])
+    with pytest.raises(InvalidInput, match=r'line 8 has no value in target column "progression" \(1 such row\)'):
+        train(make_settings(dataset=str(path), target="progression"))
+
+
+def test_a_target_with_one_class_is_refused(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
+    path = _write_csv(tmp_path / "one.csv", [["a", "b", "y"], *([i, i * 2, "spam"] for i in range(20))])
+    with pytest.raises(InvalidInput, match=r"target column \"y\" of .* holds one class only \('spam'\)"):
+        train(make_settings(dataset=str(path), target="y"))
+
+
+def test_csv_from_a_spreadsheet_with_a_byte_order_mark_names_its_first_column(
+    make_settings: Callable[..., TrainSettings], wine_csv: Path
+) -> None:
+    marked = wine_csv.with_name("excel.csv")
+    marked.write_bytes(b"\xef\xbb\xbf" + wine_csv.read_bytes())
+    result = train(make_settings(dataset=str(marked), target="cultivar", features=("chem_0", "chem_1"), max_steps=2))
+    assert result.steps == 2
+
+
+def test_csv_that_is_not_utf8_names_the_line(make_settings: Callable[..., TrainSettings], wine_csv: Path) -> None:
+    latin = wine_csv.with_name("latin.csv")
+    latin.write_bytes(wine_csv.read_bytes().replace(b"barbera", b"barb\xe9ra", 1))
+    with pytest.raises(InvalidInput, match=r"line \d+ holds byte 0xe9, which is not UTF-8; save the file as UTF-8"):
+        train(make_settings(dataset=str(latin), target="cultivar"))
+
+
 def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..., TrainSettings]) -> None:
     with pytest.raises(InvalidInput, match=r'dataset "digit" is not bundled \(did you mean "digits"\?\)'):
         train(make_settings(dataset="digit"))
@@ -131,6 +166,9 @@ def test_model_output_that_does_not_fit_the_labels(
         train(settings)
     with pytest.raises(InvalidInput, match=r"returned a dict, not a torch nn\.Module"):
         train(make_settings(dataset="digits", model="kiln_train_test_models:not_a_module"))
+    # a model for digits' 64 features on iris' 4: torch's shape error was an internal error (exit 1)
+    with pytest.raises(InvalidInput, match=r"fails on a batch of 4 rows of 4 float32 features .*must take 4 features"):
+        train(make_settings(dataset="iris", model="kiln_train_test_models:three_class_head"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,26 @@ def load_train_data(
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` of a CSV file, every cell as text."""
     _check_exists(path)
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    rows = list(csv.reader(io.StringIO(read_utf8(path), newline="")))
     return ([h.strip() for h in rows[0]] if rows else []), rows[1:]
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a byte-order mark (a spreadsheet's "CSV UTF-8") is dropped, other encodings refused.
+
+    Without the ``-sig`` the mark would stick to the first column's name (or key), which then matches nothing.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InvalidInput(
+            f'"{path}" line {line} holds byte {data[exc.start]:#04x}, which is not UTF-8; save the file as UTF-8 '
+            "(e.g. iconv -f latin1 -t utf-8)",
+            path=str(path),
+            line=line,
+        ) from exc
 
 
 def _read_parquet(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -176,7 +194,25 @@ def _from_rows(
                     column=chosen[j],
                 ) from exc
     raw_target = [row[header.index(target)].strip() for row in body]
+    missing = [number for number, value in enumerate(raw_target, start=2) if not value]
+    if missing:
+        # NOTE: an empty cell is not a class of its own: read as one, it turned a regression target into
+        # hundreds of text classes (task "auto") or added a class "" that no real row has
+        raise InvalidInput(
+            f'"{path}" line {missing[0]} has no value in target column "{target}" ({len(missing)} such '
+            f"row{'s' if len(missing) > 1 else ''}); every row needs a target: fill it in or drop those rows",
+            path=str(path),
+            line=missing[0],
+            column=target,
+        )
     task, y, labels = _targets(raw_target, task, path, target)
+    if task == "classification" and len(labels) < 2:
+        raise InvalidInput(
+            f'target column "{target}" of "{path}" holds one class only ({labels[0]!r}); a classifier needs at '
+            "least 2 (it would learn to answer that class always); check the target column, or the rows kept",
+            path=str(path),
+            column=target,
+        )
     from sklearn.model_selection import train_test_split
 
     stratify = y if task == "classification" and np.bincount(y).min() >= 2 else None

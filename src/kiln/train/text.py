@@ -24,6 +24,7 @@ from torch import nn
 
 from kiln.errors import InvalidInput, KilnError, ModelNotFound, did_you_mean
 from kiln.train.accumulate import Batch
+from kiln.train.data import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -51,30 +52,46 @@ def read_jsonl(path: Path, keys: Sequence[str], fix: str) -> list[dict[str, Any]
     """
     if not path.is_file():
         raise InvalidInput(f'dataset file "{path}" does not exist; pass an existing .jsonl file', path=str(path))
+    example = ", ".join(f'"{k}": ...' for k in keys)
+    # NOTE: split on "\n" only, as a file's lines are: splitlines() would also cut at a U+2028 inside a string
+    lines = read_utf8(path).split("\n")
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f'"{path}" line {number} is not valid JSON ({exc.msg})', line=number) from exc
-            if not isinstance(row, dict):
-                example = ", ".join(f'"{k}": ...' for k in keys)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(
+                f'"{path}" line {number} is not valid JSON ({exc.msg} at column {exc.colno}: '
+                f"{line.strip()[:60]!r}); each line must be one JSON object like {{{example}}}: fix the line or "
+                "remove it",
+                line=number,
+            ) from exc
+        if not isinstance(row, dict):
+            raise InvalidInput(
+                f'"{path}" line {number} is a JSON {type(row).__name__}, not an object like {{{example}}}',
+                line=number,
+            )
+        for key in keys:
+            if key not in row:
                 raise InvalidInput(
-                    f'"{path}" line {number} is a JSON {type(row).__name__}, not an object like {{{example}}}',
+                    f'"{path}" line {number} has no key "{key}"{did_you_mean(key, row)}; its keys are '
+                    f"{', '.join(row)} ({fix})",
                     line=number,
+                    key=key,
                 )
-            for key in keys:
-                if key not in row:
-                    raise InvalidInput(
-                        f'"{path}" line {number} has no key "{key}"{did_you_mean(key, row)}; its keys are '
-                        f"{', '.join(row)} ({fix})",
-                        line=number,
-                        key=key,
-                    )
-            rows.append(row)
+            value = row[key]
+            if value is None or isinstance(value, dict | list):
+                # NOTE: str() would make null the text (or class) "None", and an array its repr, silently
+                shown = "null" if value is None else f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+                raise InvalidInput(
+                    f'"{path}" line {number} has {shown} under "{key}"; it must be a string or a number: fix the '
+                    "row or drop it",
+                    line=number,
+                    key=key,
+                )
+        rows.append(row)
     return rows
 
 
@@ -86,6 +103,13 @@ def load_jsonl(path: Path, text_column: str, target: str, test_fraction: float, 
     if len(texts) < 4:
         raise InvalidInput(f'"{path}" has {len(texts)} rows; training needs at least 4', path=str(path))
     labels = tuple(sorted(set(raw_labels)))
+    if len(labels) < 2:
+        raise InvalidInput(
+            f'every row of "{path}" has the label {labels[0]!r} under "{target}"; a classifier needs at least 2 '
+            "classes (it would learn to answer that one always); check the target key, or the rows kept",
+            path=str(path),
+            key=target,
+        )
     y = np.asarray([labels.index(v) for v in raw_labels], dtype=np.int64)
     from sklearn.model_selection import train_test_split
 
