@@ -86,6 +86,20 @@ def test_mlflow_holds_params_step_metrics_config_and_the_artifact(teacher: Train
     assert json.loads(settings_file.read_text())["lr"] == 3e-3
 
 
+def test_the_mlflow_run_links_the_artifact_by_an_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln train` writes to ./kiln-repo by default: the tag named "kiln-repo/iris/1", relative to a directory
+    the run does not record."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    result = train(TrainSettings(dataset="iris", hidden_sizes=(8,), epochs=1, cpu_threads=1, out="repo"))
+    assert result.artifact is not None and result.tracking_run_id is not None
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    tag = client.get_run(result.tracking_run_id).data.tags["kiln.artifact"]
+    assert tag == str(tmp_path / "repo" / "iris" / "1")
+    assert artifacts.load(tag).sha256 == result.artifact.sha256
+
+
 def test_distilled_student_from_the_onnx_teacher(teacher: TrainResult, workdir: Path) -> None:
     assert teacher.artifact is not None
     student = train(
@@ -133,6 +147,26 @@ def test_a_scikit_learn_teacher_artifact_gives_log_probabilities(tmp_path: Path)
     logits = teacher_logits(str(art.path), data.x_test, 3)
     expected = clf.predict_proba(data.x_test)
     np.testing.assert_allclose(torch.softmax(logits, dim=1).numpy(), expected, atol=1e-4)
+
+
+def test_a_teacher_that_takes_other_features_is_refused_with_both_shapes(tmp_path: Path) -> None:
+    """An iris teacher (4 features) for a wine student (13 features, also 3 classes), as an artifact and in torch.
+
+    Before, ONNX Runtime's "Got invalid dimensions" and torch's "mat1 and mat2 shapes" came through: the first
+    without the teacher's name or a fix, the second as an internal error."""
+    from sklearn.linear_model import LogisticRegression
+
+    from kiln.data import bundled_dataset
+    from kiln.errors import InvalidInput
+    from kiln.export import export
+
+    iris, wine = bundled_dataset("iris"), bundled_dataset("wine")
+    clf = LogisticRegression(max_iter=500).fit(iris.x_train, iris.y_train)
+    art = export(clf, out=tmp_path, name="iris-lr", example_inputs=iris.x_test)
+    with pytest.raises(InvalidInput, match=r'teacher ".*iris-lr.*" takes \S+ FP32 \[-1, 4\], but the student\'s rows '):
+        teacher_logits(str(art.path), wine.x_train, 3)
+    with pytest.raises(InvalidInput, match=r'teacher "Linear" fails on a batch of 133 rows of 13 float32 features'):
+        teacher_logits(torch.nn.Linear(4, 3), wine.x_train, 3)
 
 
 def test_distillation_loss_limits() -> None:

@@ -27,6 +27,19 @@ def test_shuffled_sampler_covers_every_row_once_per_epoch_and_reshuffles() -> No
     assert ShuffledBatchSampler(103, 10, seed=1).epoch_batches(0) == first
 
 
+def test_a_dataloader_over_the_samplers_gets_a_fresh_epoch_each_pass() -> None:
+    """The plain `for epoch ...: for batch in loader` loop, without set_epoch(): epoch 2 was empty."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    rows = TensorDataset(torch.arange(40))
+    for sampler in (ShuffledBatchSampler(40, 8, seed=0), TokenBudgetBatchSampler([3, 5, 2, 7] * 10, 21, seed=0)):
+        loader = DataLoader(rows, batch_sampler=sampler)
+        epochs = [[batch[0].tolist() for batch in loader] for _ in range(3)]
+        assert [sorted(i for b in e for i in b) for e in epochs] == [list(range(40))] * 3
+        assert epochs == [sampler.epoch_batches(e) for e in range(3)] and epochs[0] != epochs[1]
+
+
 def test_token_budget_batches_respect_the_budget_and_cover_every_row(text_lengths: list[int]) -> None:
     sampler = TokenBudgetBatchSampler(text_lengths, max_tokens=2048, seed=0)
     for epoch in range(2):

@@ -31,13 +31,14 @@ def teacher_logits(teacher: str | nn.Module, x: np.ndarray[Any, Any], num_classe
     their logarithm, which is a valid logit vector (softmax of log-probabilities is the probabilities).
     """
     if isinstance(teacher, nn.Module):
-        return _torch_logits(teacher, x, num_classes)
+        return _torch_logits(teacher, x, num_classes, type(teacher).__name__)
     if ":" in teacher and not Path(teacher).exists():
         from kiln.train.models import load_factory
 
-        return _torch_logits(load_factory(teacher), x, num_classes)
+        return _torch_logits(load_factory(teacher), x, num_classes, teacher)
     art = artifacts.load(teacher)
     engine = OrtEngine(art.model_path)
+    _check_teacher_input(str(teacher), engine, x.shape[1])
     name = engine.inputs[0].name
     outputs = [o for o in engine.outputs if o.dtype in ("FP32", "FP64") and o.shape[-1:] == (num_classes,)]
     if not outputs:
@@ -55,10 +56,29 @@ def teacher_logits(teacher: str | nn.Module, x: np.ndarray[Any, Any], num_classe
     return values
 
 
-def _torch_logits(module: nn.Module, x: np.ndarray[Any, Any], num_classes: int) -> torch.Tensor:
+def _check_teacher_input(teacher: str, engine: OrtEngine, features: int) -> None:
+    """The teacher must take this data's rows as they are: one float input ``[N, features]``."""
+    inputs = engine.inputs
+    if len(inputs) == 1 and inputs[0].dtype in ("FP32", "FP64") and inputs[0].shape[-1:] in ((features,), (-1,)):
+        return
+    takes = ", ".join(f"{i.name} {i.dtype} {list(i.shape)}" for i in inputs)
+    raise InvalidInput(
+        f'teacher "{teacher}" takes {takes}, but the student\'s rows are {features} float features; the teacher must '
+        "be trained on the same features as the student (same dataset and columns, in the same order)",
+        teacher=teacher,
+    )
+
+
+def _torch_logits(module: nn.Module, x: np.ndarray[Any, Any], num_classes: int, spec: str) -> torch.Tensor:
+    from kiln.train.models import forward_rows
+
     module.eval()
     with torch.inference_mode():
-        values = torch.cat([module(torch.from_numpy(x[i : i + _BATCH_ROWS])) for i in range(0, len(x), _BATCH_ROWS)])
+        parts = [
+            forward_rows(module, x[i : i + _BATCH_ROWS], role="teacher", spec=spec)
+            for i in range(0, len(x), _BATCH_ROWS)
+        ]
+        values = torch.cat(parts)
     if values.shape != (len(x), num_classes):
         raise InvalidInput(
             f"the teacher returns shape {list(values.shape)}; distillation needs {[len(x), num_classes]} logits"

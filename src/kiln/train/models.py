@@ -132,6 +132,23 @@ def load_factory(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def forward_rows(model: nn.Module, rows: np.ndarray[Any, Any], *, role: str, spec: str) -> torch.Tensor:
+    """``model`` on float rows ``[N, F]``; a model whose input does not take ``F`` features is a clear error.
+
+    ``role`` and ``spec`` name the model in the message (``"model"``/``"teacher"``, its factory).
+    """
+    try:
+        out: torch.Tensor = model(torch.from_numpy(rows))
+    except RuntimeError as exc:  # torch's shape errors ("mat1 and mat2 shapes cannot be multiplied ...")
+        raise InvalidInput(
+            f'{role} "{spec}" fails on a batch of {rows.shape[0]} rows of {rows.shape[1]} float32 features '
+            f"({str(exc).splitlines()[0][:200]}); its input layer must take {rows.shape[1]} features",
+            model=spec,
+            features=int(rows.shape[1]),
+        ) from exc
+    return out
+
+
 def check_output_shape(output: torch.Tensor, rows: int, num_outputs: int, task: str, dataset: str) -> None:
     """Refuse a model whose output does not fit the task, naming both shapes and the fix."""
     expected = [rows, num_outputs]

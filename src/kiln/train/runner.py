@@ -200,7 +200,8 @@ def train(
                 "batch_size_changes": sizer.changes if sizer else [],
             },
         )
-        tracker.set_tags({"kiln.artifact": str(artifact.path), "kiln.artifact.sha256": artifact.sha256})
+        # absolute: the run is read from wherever MLflow's UI runs, not from this run's working directory
+        tracker.set_tags({"kiln.artifact": str(artifact.path.resolve()), "kiln.artifact.sha256": artifact.sha256})
         tracker.log_dict(artifact.manifest.to_dict(), "kiln.json")
     tracker.finish()
     result = TrainResult(

@@ -3,7 +3,8 @@
 Both follow the same contract (also ``torch.utils.data.DataLoader(batch_sampler=...)``'s):
 
 - an epoch's batches are a pure function of ``(seed, epoch)``, so no generator state needs saving;
-- iterating yields the *remaining* batches of the current epoch and advances ``position``;
+- iterating yields the *remaining* batches of the current epoch and advances ``position``; once they are all
+  handed out, the next epoch begins (``set_epoch`` may still choose one);
 - ``state_dict()`` / ``load_state_dict()`` carry ``(epoch, position)``, so a run resumed mid-epoch sees exactly
   the batches an uninterrupted run would have seen.
 """
@@ -54,6 +55,9 @@ class _Resumable:
             batch = batches[self.position]
             self.position += 1
             yield batch
+        # NOTE: an epoch iterated to its end moves to the next one, as next_window does: a DataLoader iterates its
+        # batch sampler afresh each epoch, and without set_epoch() every epoch after the first was empty
+        self.set_epoch(self.epoch + 1)
 
     def next_window(self, size: int) -> list[list[int]]:
         """Up to ``size`` next batches of this epoch (fewer at its end); moves to the next epoch when spent."""

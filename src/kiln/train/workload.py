@@ -24,7 +24,7 @@ from kiln.errors import ConfigError
 from kiln.train.accumulate import Batch
 from kiln.train.data import TrainData, load_train_data
 from kiln.train.distill import distillation_loss_sum, teacher_logits
-from kiln.train.models import build_model, check_output_shape
+from kiln.train.models import build_model, check_output_shape, forward_rows
 from kiln.train.publish import export_embedding, export_text, export_trained
 from kiln.train.sampling import ShuffledBatchSampler, TokenBudgetBatchSampler
 from kiln.train.settings import TrainSettings
@@ -82,9 +82,8 @@ def _tabular(settings: TrainSettings, export_settings: ExportSettings | None) ->
     )
     with torch.inference_mode():
         probe_rows = data.x_train[: min(4, len(data.x_train))]
-        check_output_shape(
-            model.eval()(torch.from_numpy(probe_rows)), len(probe_rows), data.num_outputs, data.task, data.name
-        )
+        probe = forward_rows(model.eval(), probe_rows, role="model", spec=settings.model)
+        check_output_shape(probe, len(probe_rows), data.num_outputs, data.task, data.name)
     tensors = {"x": torch.from_numpy(data.x_train), "y": torch.from_numpy(data.y_train)}
     extra: dict[str, float] = {}
     if settings.teacher:
