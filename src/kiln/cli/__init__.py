@@ -65,14 +65,13 @@ def main() -> None:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        exits, usage_errors, aborts = _click_exceptions()
+        if isinstance(exc, exits):
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if isinstance(exc, usage_errors):
+            exc.show()  # type: ignore[attr-defined]
             sys.exit(EXIT_USER_ERROR)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, aborts):
             sys.exit(1)
         if debug:
             raise
@@ -83,3 +82,21 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def _click_exceptions() -> tuple[tuple[type[Exception], ...], ...]:
+    """Click's ``Exit``, ``ClickException`` (a bad flag or value: ``--runs x``, ``--bogus``) and ``Abort`` classes.
+
+    NOTE: recent typer (0.29 here) vendors its own click (``typer._click``), whose exceptions are not
+    ``click``'s: checking ``click.ClickException`` alone turned every usage mistake into an "internal error" with
+    exit code 1. Both are taken; typer's own classes are reached through its public ``Exit``, ``Abort`` and
+    ``BadParameter``.
+    """
+    import click
+
+    vendored = [cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"]
+    return (
+        (click.exceptions.Exit, typer.Exit),
+        (click.ClickException, *vendored),
+        (click.exceptions.Abort, typer.Abort),
+    )

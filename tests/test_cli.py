@@ -1,0 +1,81 @@
+"""``kiln`` as users run it (a real subprocess): a mistake on the command line is one clear message and exit 2,
+never an "internal error" with exit 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXIT_USER_ERROR = 2
+
+
+def kiln(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("bench", "kiln-repo/digits", "--runs", "x"), "Invalid value for '--runs'"),
+        (("bench", "--bogus"), "No such option: --bogus"),
+        (("benhc",), "No such command 'benhc'"),
+        (("inspect",), "Missing argument"),
+        (("inspect", "kiln-repo/digits", "--version", "latest"), "Invalid value for '--version'"),
+    ],
+)
+def test_a_usage_mistake_exits_2_with_clicks_message_not_an_internal_error(
+    args: tuple[str, ...], fragment: str
+) -> None:
+    # recent typer vendors click: its exceptions were not click's, so each of these was "internal error", exit 1
+    result = kiln(*args)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    assert fragment in result.stderr, result.stderr
+
+
+def test_help_still_exits_0() -> None:
+    result = kiln("bench", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--batch-sizes" in result.stdout
+
+
+def test_an_error_inside_a_progress_bar_is_the_first_line_of_piped_stderr(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln import artifact as artifacts
+    from kiln.types import Signature, TensorSpec
+
+    weight = numpy_helper.from_array(np.ones((4, 2), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["scores"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "tiny.onnx"))
+    signature = Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("scores", "FP32", (-1, 2)),)
+    )
+    art = artifacts.write(
+        tmp_path / "repo", artifacts.Manifest(name="tiny", signature=signature), tmp_path / "tiny.onnx"
+    )
+    result = kiln("bench", art.path, "--runs", "0", "--report-dir", tmp_path / "report")
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    # the (invisible) progress bar on piped stderr left an empty first line above the error
+    assert result.stderr.splitlines()[0].startswith('error: bench setting "runs" is 0'), repr(result.stderr)
