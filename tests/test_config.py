@@ -198,3 +198,57 @@ def test_settings_are_frozen_and_serialise_to_json_types() -> None:
     as_dict = settings_dict(settings)
     assert as_dict["runs"] == 5
     assert as_dict["batch_sizes"] == [1, 8, 32]
+
+
+@pytest.mark.parametrize(
+    ("text", "setting"),
+    [
+        ('[train]\nhidden_sizes = "64"\n', "hidden_sizes"),  # was silently (64,)
+        ('[train]\nhidden_sizes = "64,32"\n', "hidden_sizes"),  # was silently (64, 32)
+        ('[train]\nhidden_sizes = ["64"]\n', "hidden_sizes"),
+        ('[bench]\nruns = "10"\n', "runs"),
+        ('[bench]\ninclude_torch = "false"\n', "include_torch"),
+        ('[load]\nrates = "40"\n', "rates"),
+    ],
+)
+def test_a_quoted_number_bool_or_list_in_the_config_file_is_refused_with_the_toml_rule(
+    tmp_path: Path, text: str, setting: str
+) -> None:
+    from kiln.bench import LoadSettings
+    from kiln.train.settings import TrainSettings
+
+    section = text[1 : text.index("]")]
+    cls = {"train": TrainSettings, "bench": BenchSettings, "load": LoadSettings}[section]
+    config_file = write_toml(tmp_path, text)
+    with pytest.raises(
+        ConfigError, match=rf'setting "{setting}" has value .*; it must be of type .*written without quotes; fix \['
+    ):
+        resolve(cls, config_file=config_file, section=section, environ={})
+
+
+def test_a_string_in_the_config_file_is_still_a_list_of_one_for_a_list_of_strings(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, '[serve]\nmodels = "minilm"\napi_keys = ["k1", "k2"]\n')
+    settings = resolve(ServeSettings, config_file=config_file, environ={})
+    assert settings.models == ("minilm",) and settings.api_keys == ("k1", "k2")
+
+
+@pytest.mark.parametrize(
+    ("environ", "text"),
+    [
+        ({"KILN_MAX_QUEUE_DELAY_MS": "nan"}, None),  # slipped past `max_queue_delay_ms < 0`
+        ({}, "[serve]\nmax_queue_delay_ms = nan\n"),
+    ],
+)
+def test_nan_is_refused_for_every_number_setting(tmp_path: Path, environ: dict[str, str], text: str | None) -> None:
+    config_file = write_toml(tmp_path, text) if text else None
+    with pytest.raises(ConfigError, match=r'"max_queue_delay_ms" has value .*nan.*NaN is not a value any setting'):
+        resolve(ServeSettings, config_file=config_file, environ=environ)
+
+
+def test_a_config_file_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"is a directory; pass a TOML file"):
+        resolve(BenchSettings, config_file=tmp_path, environ={})
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[bench]\nreport_dir = "r\xe9sultats"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r'latin1.toml" is not UTF-8 text .*save it as UTF-8'):
+        resolve(BenchSettings, config_file=latin1, environ={})

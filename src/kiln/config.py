@@ -156,25 +156,33 @@ def _type_name(annotation: Any) -> str:
     return annotation.__name__ if isinstance(annotation, type) else str(annotation)  # "<class 'int'>" -> "int"
 
 
-def _scalar(raw: Any, kind: Any) -> Any:
-    """``raw`` as a ``kind`` (bool, int, float or str): strings are parsed, other values must already fit.
+def _scalar(raw: Any, kind: Any, *, parse_text: bool) -> Any:
+    """``raw`` as a ``kind`` (bool, int, float or str): strings are parsed (where ``parse_text``), other values must
+    already fit. NaN fits no setting: it would slip past every rule (``nan < 0`` is false).
 
     Raises:
         ValueError: ``raw`` does not fit ``kind``.
     """
     if isinstance(raw, str):
+        if kind is str:
+            return raw
+        if not parse_text:  # a TOML string where a number or a bool goes: `runs = "10"` is a mistake, not 10
+            raise ValueError(raw)
         if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
-        return kind(raw) if kind in (int, float) else raw
+        value = kind(raw) if kind in (int, float) else raw
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(raw)
+        return value
     if kind is str or (kind is bool and not isinstance(raw, bool)):
         raise ValueError(raw)
     if kind in (int, float):
         # NOTE: bool is an int subclass; `runs = true` is a mistake, not 1.
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or math.isnan(raw):
             raise ValueError(raw)
         if kind is int and isinstance(raw, float):
             if not raw.is_integer():
@@ -184,27 +192,44 @@ def _scalar(raw: Any, kind: Any) -> Any:
     return raw
 
 
-def _coerce(name: str, raw: Any, annotation: Any, source: str) -> Any:
-    """``raw`` (from ``source``: a flag, a variable or a config file) as a value of the field's type."""
+def _coerce(name: str, raw: Any, annotation: Any, source: str, *, parse_text: bool = True) -> Any:
+    """``raw`` (from ``source``: a flag, a variable or a config file) as a value of the field's type.
+
+    Flags and variables are text, parsed here (``"1,8,32"`` is a list); a config file's values are TOML-typed
+    (``parse_text=False``), so a quoted number or list there is refused rather than guessed at.
+    """
     kind = annotation
     if get_origin(kind) in (Union, types.UnionType):  # `int | None`: None never gets here (it means "not given")
         kind = next(arg for arg in get_args(kind) if arg is not type(None))
     try:
         if get_origin(kind) is tuple:
             item_kind = get_args(kind)[0]
-            if isinstance(raw, str):
+            if isinstance(raw, str) and (parse_text or item_kind is str):
                 items: Any = [p.strip() for p in raw.split(",") if p.strip()]
             else:
                 items = raw if isinstance(raw, list | tuple) else [raw]  # `rates = 40` means (40,)
-            return tuple(_scalar(item, item_kind) for item in items)
-        return _scalar(raw, kind)
+            return tuple(_scalar(item, item_kind, parse_text=parse_text) for item in items)
+        return _scalar(raw, kind, parse_text=parse_text)
     except ValueError as exc:
+        hint = ""
+        if not parse_text and any(isinstance(item, str) for item in (raw if isinstance(raw, list) else [raw])):
+            hint = "; in TOML, numbers, true/false and lists such as [64, 32] are written without quotes"
+        elif _is_nan(raw):
+            hint = "; NaN is not a value any setting takes"
         raise ConfigError(
-            f'setting "{name}" has value {raw!r}; it must be of type {_type_name(annotation)}; fix {source}',
+            f'setting "{name}" has value {raw!r}; it must be of type {_type_name(annotation)}{hint}; fix {source}',
             setting=name,
             value=raw,
             source=source,
         ) from exc
+
+
+def _is_nan(raw: Any) -> bool:
+    items = raw if isinstance(raw, list | tuple) else [raw]
+    return any(
+        (isinstance(item, float) and math.isnan(item)) or (isinstance(item, str) and item.strip().lower() == "nan")
+        for item in items
+    )
 
 
 def load_config_file(path: Path | None, section: str) -> dict[str, Any]:
@@ -214,12 +239,24 @@ def load_config_file(path: Path | None, section: str) -> dict[str, Any]:
     """
     if path is None:
         return {}
+    if path.is_dir():
+        raise ConfigError(f'config file "{path}" is a directory; pass a TOML file', path=str(path))
     if not path.is_file():
         raise ConfigError(f'config file "{path}" does not exist; pass an existing TOML file', path=str(path))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f'config file "{path}" is not valid TOML ({exc}); fix the syntax', path=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f'config file "{path}" is not UTF-8 text ({exc.reason} at byte {exc.start}); a TOML file is UTF-8: '
+            "save it as UTF-8 or pass the right file",
+            path=str(path),
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(
+            f'config file "{path}" cannot be read ({exc.strerror}); pass a readable file', path=str(path)
+        ) from exc
     known = list(dict.fromkeys([*STAGE_TABLES, section]))
     for key, value in data.items():
         if key in known and not isinstance(value, dict):
@@ -267,7 +304,8 @@ def resolve(
                 f"known keys: {', '.join(known)}",
                 key=key,
             )
-        values[key] = _coerce(key, raw, hints[key], f'[{section}] {key} in the config file "{config_file}"')
+        source = f'[{section}] {key} in the config file "{config_file}"'
+        values[key] = _coerce(key, raw, hints[key], source, parse_text=False)
     for key in known:
         env_value = env.get(f"KILN_{key.upper()}")
         if env_value is not None:
