@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -177,3 +178,60 @@ def test_bad_settings_name_a_kiln_bench_flag_that_exists(mlp_artifacts: list[art
         assert flag in options, info.value.message
     with pytest.raises(ConfigError, match=r'"warmup_runs" is -1; .* fix --warmup or KILN_WARMUP_RUNS'):
         bench(mlp_artifacts[:1], settings=BenchSettings(warmup_runs=-1))
+
+
+def fixed_batch_artifact(base: artifacts.Artifact, tmp_path: Path, batch: int) -> artifacts.Artifact:
+    """``base``'s model and held-out data, exported with a fixed batch axis of ``batch`` rows."""
+    import onnx
+
+    from kiln.types import Signature, TensorSpec
+
+    model = onnx.load(str(base.model_path))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = batch
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    signature = Signature(
+        inputs=tuple(TensorSpec(s.name, s.dtype, (batch, *s.shape[1:])) for s in base.manifest.signature.inputs),
+        outputs=tuple(TensorSpec(s.name, s.dtype, (batch, *s.shape[1:])) for s in base.manifest.signature.outputs),
+    )
+    manifest = artifacts.Manifest(
+        name="fixed", signature=signature, task=base.manifest.task, eval_data=base.manifest.eval_data
+    )
+    assets: dict[str, Path | bytes] = {p.name: p for p in base.assets_dir.iterdir()}
+    return artifacts.write(tmp_path / "fixed-repo", manifest, path, assets=assets)
+
+
+def test_a_fixed_batch_axis_refuses_other_batch_sizes_before_any_timing(
+    mlp_artifacts: list[artifacts.Artifact], tmp_path: Path
+) -> None:
+    fixed = fixed_batch_artifact(mlp_artifacts[0], tmp_path, batch=1)
+    calls: list[str] = []
+    settings = BenchSettings(batch_sizes=(1, 4), warmup_runs=0, runs=1, include_torch=False, samples=8)
+    # was ONNX Runtime's multi-line "Got invalid dimensions for input" with a hint about token ids, mid-run
+    with pytest.raises(
+        ConfigError,
+        match=r'model "fixed" v1 takes a fixed batch of 1 row\(s\) \(input "input" has shape \[1, 4\]\), so it '
+        r"cannot run batch size\(s\) \[4\]; pass --batch-sizes 1",
+    ):
+        bench([fixed], settings=settings, progress=lambda m, f: calls.append(m))
+    assert calls == []
+    report = bench([fixed], settings=dataclasses.replace(settings, batch_sizes=(1,)))
+    assert report.batch_sizes == [1]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_report_dir_that_cannot_be_a_directory_is_refused_before_the_run(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, tmp_path: Path, inside: bool
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory", encoding="utf-8")
+    report_dir = a_file / "report" if inside else a_file
+    calls: list[str] = []
+    # was FileExistsError / NotADirectoryError (an "internal error") after the whole benchmark had run
+    with pytest.raises(
+        ConfigError,
+        match=r'report directory ".*a-file.*" (is a file|is inside ".*a-file", which is a file); pass --report-dir',
+    ):
+        bench(mlp_artifacts[:1], settings=fast_settings, report_dir=report_dir, progress=lambda m, f: calls.append(m))
+    assert calls == []

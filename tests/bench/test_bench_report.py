@@ -52,3 +52,20 @@ def test_write_html_without_fidelity_draws_only_throughput(tmp_path: Path) -> No
     ]
     page = write_html(report, tmp_path).read_text(encoding="utf-8")
     assert page.count("<svg") == 1
+
+
+def test_the_terminal_table_prints_names_with_brackets_as_they_are() -> None:
+    import io
+
+    from rich.console import Console
+
+    report = hand_made_report()
+    report.model = "m[red]x v1"
+    report.rows = [BenchRow("m[v2] v1 (fp32)", 1, 1.0, 1.2, 1000.0, 1000, {"mean_cosine": 1.0})]
+    report.corpus = [CorpusThroughput("m[v2] v1 (fp32)", 1, 8, 90.0)]
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(report.table())
+    text = console.export_text()
+    # rich read "[red]" and "[v2]" as markup: the names printed as "mx" and "m"
+    assert "m[red]x v1 (embedding)" in text
+    assert text.count("m[v2] v1 (fp32)") == 2  # the row and the corpus caption

@@ -15,7 +15,7 @@ import numpy as np
 
 from kiln.artifact import Artifact
 from kiln.data import EvalSet
-from kiln.errors import InvalidInput, KilnError
+from kiln.errors import ConfigError, InvalidInput, KilnError
 from kiln.runtime import Engine, OrtEngine, TextEncoder, TorchEngine, text_encoder_for
 from kiln.types import Feeds, TensorSpec
 
@@ -126,6 +126,28 @@ def check_comparable(artifacts: Sequence[Artifact]) -> None:
                 model=other.name,
                 output=output,
             )
+
+
+def check_batch_sizes(artifacts: Sequence[Artifact], batch_sizes: Sequence[int]) -> None:
+    """A model exported with a fixed batch axis runs exactly that many rows at a time: other batch sizes are refused
+    here, before any timing, rather than as ONNX Runtime's "invalid dimensions" in the middle of the run.
+
+    Raises:
+        ConfigError: a batch size other than an artifact's fixed batch dimension.
+    """
+    for art in artifacts:
+        for spec in art.manifest.signature.inputs:
+            fixed = spec.shape[0] if spec.shape else -1
+            others = [bs for bs in batch_sizes if bs != fixed]
+            if fixed > 0 and others:
+                raise ConfigError(
+                    f'model "{art.name}" v{art.version} takes a fixed batch of {fixed} row(s) (input "{spec.name}" '
+                    f"has shape {list(spec.shape)}), so it cannot run batch size(s) {others}; pass --batch-sizes "
+                    f"{fixed} (or KILN_BATCH_SIZES={fixed}), or export the model with a dynamic batch axis",
+                    model=art.name,
+                    version=art.version,
+                    batch_sizes=others,
+                )
 
 
 def _unique(name: str, taken: set[str]) -> str:

@@ -10,7 +10,15 @@ from pathlib import Path
 
 from kiln._utils import package_versions
 from kiln.artifact import Artifact
-from kiln.bench.engines import Candidate, build_candidates, check_comparable, is_text, make_request, request_windows
+from kiln.bench.engines import (
+    Candidate,
+    build_candidates,
+    check_batch_sizes,
+    check_comparable,
+    is_text,
+    make_request,
+    request_windows,
+)
 from kiln.bench.measure import CORPUS_PASSES, corpus_passes, fidelity_of, latency_figures, time_round_robin
 from kiln.bench.results import BenchReport, BenchRow, CorpusThroughput
 from kiln.config import BenchSettings, resolve, settings_dict
@@ -56,6 +64,11 @@ def bench(
     if report_dir is None and settings.report_dir:
         report_dir = Path(settings.report_dir)
     batch_sizes = list(dict.fromkeys(settings.batch_sizes))
+    check_batch_sizes(artifacts, batch_sizes)
+    if report_dir is not None:
+        from kiln.bench.report import check_report_dir
+
+        check_report_dir(report_dir)  # before the run, not after minutes of timing
     steps = len(batch_sizes) + 2
 
     def step(message: str, done: int) -> None:

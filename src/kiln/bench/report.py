@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import html
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kiln._utils import atomic_write_text
 from kiln.bench.results import COLUMNS, BenchReport, primary_fidelity
+from kiln.errors import ConfigError
 from kiln.fidelity import pareto_front
 
 REPORT_FILE = "index.html"
@@ -47,12 +49,41 @@ def write_html(report: BenchReport, out_dir: Path) -> Path:
     Returns the path of ``index.html``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_report_dir(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _report_dir_error(out_dir, exc.strerror or str(exc)) from exc
     report.write_json(out_dir / JSON_FILE)
     page = _page(report, [_throughput_svg(report), _fidelity_svg(report)])
     path = out_dir / REPORT_FILE
     atomic_write_text(path, page)
     return path
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """Refuse a report directory that cannot be written: it, or the nearest existing folder above it, is a file
+    or is not writable.
+
+    Raises:
+        ConfigError: naming the directory and what is wrong with it.
+    """
+    existing = Path(out_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == Path(out_dir).absolute() else f'is inside "{existing}", which is a file'
+        raise _report_dir_error(Path(out_dir), what)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _report_dir_error(Path(out_dir), f'cannot be written ("{existing}" is not writable)')
+
+
+def _report_dir_error(out_dir: Path, what: str) -> ConfigError:
+    return ConfigError(
+        f'report directory "{out_dir}" {what}; pass --report-dir (or KILN_REPORT_DIR) a directory that can be '
+        "written (it is created when missing)",
+        report_dir=str(out_dir),
+    )
 
 
 def _page(report: BenchReport, svgs: Sequence[str | None]) -> str:

@@ -124,15 +124,18 @@ class BenchReport:
     def table(self) -> Table:
         """A rich table: engine, batch, p50 ms, p99 ms, rows/s, size, fidelity (corpus throughput as caption)."""
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"{self.model} ({self.task})")
+        # NOTE: Text, not str: rich reads "[...]" in a str as markup, and a model named "m[v2]" would print as "m".
+        table = Table(title=Text(f"{self.model} ({self.task})"))
         for name in COLUMNS:
             table.add_column(name, justify="left" if name in ("engine", "fidelity") else "right")
         for row in self.rows:
-            table.add_row(*row.cells())
+            table.add_row(*map(Text, row.cells()))
         if self.corpus:
-            table.caption = "corpus throughput (sorted batching): " + ", ".join(
-                f"{c.engine} {c.sentences_per_s:,.1f} sentences/s" for c in self.corpus
+            table.caption = Text(
+                "corpus throughput (sorted batching): "
+                + ", ".join(f"{c.engine} {c.sentences_per_s:,.1f} sentences/s" for c in self.corpus)
             )
         return table
 

@@ -18,7 +18,14 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 @contextmanager
 def progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
-    """A progress bar driven by the library's ``progress(message, fraction)`` callbacks."""
+    """A progress bar driven by the library's ``progress(message, fraction)`` callbacks.
+
+    Piped or captured stderr gets no bar at all: a frozen frame would read like a second error line, and even a
+    transient bar leaves an empty line there, above the one-line error of a failed run.
+    """
+    if not err_console.is_terminal:
+        yield lambda message, fraction: None
+        return
     with Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
@@ -27,8 +34,6 @@ def progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
         TimeElapsedColumn(),
         TextColumn("{task.fields[step]}"),
         console=err_console,
-        # Piped or captured stderr gets no bar at all: a frozen frame would read like a second error line.
-        transient=not err_console.is_terminal,
     ) as bar:
         task = bar.add_task(title, total=1.0, step="")
 

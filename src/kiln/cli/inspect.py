@@ -18,6 +18,7 @@ def inspect(
 ) -> None:
     """Show what Kiln knows about an artifact: signature, provenance, checks, benchmarks, hardware."""
     from rich.table import Table
+    from rich.text import Text
 
     from kiln.artifact import load, versions
 
@@ -26,35 +27,41 @@ def inspect(
     if as_json:
         console.print_json(json.dumps(data))
         return
-    table = Table(title=f"{artifact.name} v{artifact.version}  ({artifact.path})", show_header=False)
+    # NOTE: Text, not str: the manifest's text is data, not rich markup; a source path "runs/[v2]/model.pkl"
+    # printed as "runs//model.pkl".
+    table = Table(title=Text(f"{artifact.name} v{artifact.version}  ({artifact.path})"), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("task", artifact.manifest.task)
-    table.add_row("model", f"{data['model']['file']}  {data['model']['size_bytes'] / 1e6:.2f} MB")
-    table.add_row("sha256", data["model"]["sha256"] + "  [green](verified)[/]")
-    table.add_row("created", data["created_at"])
-    table.add_row("inputs", _tensors(data["signature"]["inputs"]))
-    table.add_row("outputs", _tensors(data["signature"]["outputs"]))
+
+    def add_row(name: str, value: str) -> None:
+        table.add_row(Text(name), Text(value))
+
+    add_row("task", artifact.manifest.task)
+    add_row("model", f"{data['model']['file']}  {data['model']['size_bytes'] / 1e6:.2f} MB")
+    table.add_row("sha256", Text.assemble(data["model"]["sha256"], "  ", ("(verified)", "green")))
+    add_row("created", data["created_at"])
+    add_row("inputs", _tensors(data["signature"]["inputs"]))
+    add_row("outputs", _tensors(data["signature"]["outputs"]))
     if artifact.manifest.preprocessing:
-        table.add_row("preprocessing", _kv(artifact.manifest.preprocessing))
+        add_row("preprocessing", _kv(artifact.manifest.preprocessing))
     prov = artifact.manifest.provenance
-    table.add_row("source", _kv(prov.get("source", {})))
+    add_row("source", _kv(prov.get("source", {})))
     if prov.get("parent"):
-        table.add_row("parent", f"{prov['parent']['name']} v{prov['parent']['version']}")
+        add_row("parent", f"{prov['parent']['name']} v{prov['parent']['version']}")
     for transform in prov.get("transforms", []):
         steps = ", ".join(_step(s) for s in transform.get("steps", []))
-        table.add_row("transform", f"{transform['name']}: {steps}")
+        add_row("transform", f"{transform['name']}: {steps}")
     for check, figures in artifact.manifest.checks.items():
-        table.add_row(f"check: {check}", _check(figures))
+        add_row(f"check: {check}", _check(figures))
     for bench in artifact.manifest.benchmarks:
-        table.add_row("benchmark", _bench(bench))
+        add_row("benchmark", _bench(bench))
     hw = artifact.manifest.hardware
     if hw:
         flags = ", ".join(k for k, v in hw.get("isa", {}).items() if v)
-        table.add_row("hardware", f"{hw.get('cpu')} ({hw.get('usable_cores')} cores; {flags}); gpu={hw.get('gpu')}")
+        add_row("hardware", f"{hw.get('cpu')} ({hw.get('usable_cores')} cores; {flags}); gpu={hw.get('gpu')}")
     if artifact.manifest.eval_data:
-        table.add_row("held-out data", _kv(artifact.manifest.eval_data))
-    table.add_row("versions", ", ".join(str(v) for v in versions(artifact.path.parent)))
+        add_row("held-out data", _kv(artifact.manifest.eval_data))
+    add_row("versions", ", ".join(str(v) for v in versions(artifact.path.parent)))
     console.print(table)
 
 

@@ -1,0 +1,53 @@
+"""``kiln inspect`` prints the manifest's text as it is: paths and names are data, not rich markup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_artifact(tmp_path: Path, source_path: str) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln import artifact as artifacts
+    from kiln.types import Signature, TensorSpec
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["scores"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[numpy_helper.from_array(np.ones((4, 2), dtype=np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "tiny.onnx"))
+    signature = Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, 4)),), outputs=(TensorSpec("scores", "FP32", (-1, 2)),)
+    )
+    manifest = artifacts.Manifest(
+        name="tiny", signature=signature, provenance={"source": {"framework": "onnx", "path": source_path}}
+    )
+    return artifacts.write(tmp_path / "repo", manifest, tmp_path / "tiny.onnx").path
+
+
+def test_inspect_prints_a_source_path_with_brackets_as_it_is(tmp_path: Path) -> None:
+    source = "/data/runs/[v2]/model.onnx"
+    version_dir = tiny_artifact(tmp_path, source)
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln", "inspect", str(version_dir)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+    assert result.returncode == 0, result.stderr
+    # rich read "[v2]" as a style tag: the path printed as "/data/runs//model.onnx"
+    assert f"path={source}" in result.stdout, result.stdout
+    assert "(verified)" in result.stdout
