@@ -5,6 +5,7 @@ misleading message, and a model with a BYTES tensor input that is not text still
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -80,14 +81,13 @@ def write_repository(repo: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    repo = tmp_path_factory.mktemp("mistakes") / "repo"
-    write_repository(repo)
+@contextlib.contextmanager
+def serving(repo: Path, *extra: str) -> Iterator[Served]:
+    """``kiln serve repo`` (the CLI, in a process of its own) on free ports, stopped with SIGTERM afterwards."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "kiln", "serve", str(repo), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--instances", "1", "--max-rows-per-request", str(MAX_ROWS), "--max-queue-rows", str(MAX_QUEUE_ROWS),
+        "--instances", "1", "--max-rows-per-request", str(MAX_ROWS), "--max-queue-rows", str(MAX_QUEUE_ROWS), *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{http_port}"
@@ -101,6 +101,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    repo = tmp_path_factory.mktemp("mistakes") / "repo"
+    write_repository(repo)
+    with serving(repo) as server:
+        yield server
 
 
 def kiln(*args: Any) -> subprocess.CompletedProcess[str]:
@@ -188,3 +196,19 @@ def test_a_report_dir_that_cannot_be_made_is_refused_before_the_load(served: Ser
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"cannot write the report to .*choose another --report-dir"):
         load_test(served.url, "tiny", settings=FAST, report_dir=blocker / "report")
+
+
+def test_a_server_with_api_keys_is_loaded_with_api_key(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_repository(repo)
+    with serving(repo, "--api-key", "k3y") as server:
+        with pytest.raises(KilnError, match=r"answered 401.*Authorization: Bearer"):
+            load_test(server.url, "tiny", settings=FAST)
+        report = load_test(server.url, "tiny", settings=FAST, api_key="k3y", report_dir=tmp_path / "load")
+        assert [step.ok for step in report.steps] == [step.requests for step in report.steps] != [0]
+        done = kiln(
+            "bench", "--url", server.url, "--model", "tiny", "--rates", "20", "--duration-s", "0.3",
+            "--max-requests", "4", "--api-key", "k3y",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    assert "k3y" not in (tmp_path / "load" / "load.json").read_text()  # the key is not written with the figures

@@ -139,12 +139,14 @@ def load_test(
     label: str = "",
     report_dir: Path | None = None,
     progress: Progress | None = None,
+    api_key: str | None = None,
 ) -> LoadReport:
     """Load a model on a KServe V2 HTTP server step by step and report each step.
 
     The model's inputs come from ``GET /v2/models/{model}``; one probe request checks the server answers before
     the load starts. With ``report_dir``, ``index.html`` (table + latency-vs-throughput plots) and ``load.json``
-    are written there.
+    are written there. ``api_key`` goes with every request as ``Authorization: Bearer <key>`` (it is written to
+    neither).
 
     Raises:
         ConfigError: ``report_dir`` cannot be created.
@@ -161,7 +163,7 @@ def load_test(
                 f"cannot write the report to {report_dir} ({exc.strerror or exc}); choose another --report-dir",
                 report_dir=str(report_dir),
             ) from exc
-    target = V2Target(url, model, version)
+    target = V2Target.with_key(url, model, version, api_key)
     metadata = target.metadata()
     payloads, described = payloads_for(metadata, settings)
     outputs = probe(target, payloads[0], timeout_s=max(settings.timeout_s, 30.0))

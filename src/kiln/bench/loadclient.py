@@ -7,6 +7,7 @@ pipe, and turns the raw samples that come back into a :class:`~kiln.bench.loadre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import subprocess
@@ -71,6 +72,8 @@ class LoadClient:
         if not payloads:
             raise ConfigError("a load client needs at least one prebuilt request; pass payloads")
         self.target = target
+        if target.headers:  # the target's own headers (an API key) go with every request
+            payloads = [dataclasses.replace(p, headers=p.headers + target.headers) for p in payloads]
         self._config = WorkerConfig(target.infer_url, tuple(payloads), timeout_s, warmup_requests)
         self._process: subprocess.Popen[bytes] | None = None
         self._outbox: Connection | None = None  # plans to the worker

@@ -33,11 +33,20 @@ Array = np.ndarray[Any, Any]
 
 @dataclass(frozen=True)
 class V2Target:
-    """One model on a KServe V2 HTTP server: ``POST {url}/v2/models/{model}[/versions/{version}]/infer``."""
+    """One model on a KServe V2 HTTP server: ``POST {url}/v2/models/{model}[/versions/{version}]/infer``.
+
+    ``headers`` go with every request to it (``Authorization: Bearer <key>`` for a server with API keys).
+    """
 
     url: str
     model: str
     version: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def with_key(cls, url: str, model: str, version: str | None = None, api_key: str | None = None) -> V2Target:
+        """A target whose requests carry ``Authorization: Bearer <api_key>`` when a key is given."""
+        return cls(url, model, version, (("Authorization", f"Bearer {api_key}"),) if api_key else ())
 
     @property
     def model_url(self) -> str:
@@ -55,7 +64,7 @@ class V2Target:
             ModelNotFound: the server answered 404.
             KilnError: the server cannot be reached or answered something else.
         """
-        answer = http_request(self.model_url, timeout_s=timeout_s)
+        answer = http_request(self.model_url, headers=dict(self.headers), timeout_s=timeout_s)
         status, body = answer.status, answer.body
         if status == 404:
             raise ModelNotFound(
@@ -168,7 +177,7 @@ def probe(target: V2Target, payload: Payload, timeout_s: float = 30.0) -> list[d
         InvalidInput: the server refused the request as the client's mistake (a 4xx; its error is in the message).
         KilnError: the server failed to answer it (a 5xx: overloaded, still loading, or broken).
     """
-    answer = http_request(target.infer_url, payload.body, dict(payload.headers), timeout_s=timeout_s)
+    answer = http_request(target.infer_url, payload.body, dict(payload.headers + target.headers), timeout_s=timeout_s)
     if 400 <= answer.status < 500 and answer.status != 429:
         raise InvalidInput(
             f"POST {target.infer_url} answered {answer.status} to the first request ({payload.rows} rows, built "

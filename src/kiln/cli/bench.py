@@ -47,6 +47,9 @@ def bench(
     binary: bool = typer.Option(None, "--binary/--json", help="With --url: the V2 binary tensor extension or JSON."),
     texts_per_request: int = typer.Option(None, "--texts-per-request", help="With --url: texts per request [1]."),
     rows_per_request: int = typer.Option(None, "--rows-per-request", help="With --url: tensor rows per request [1]."),
+    api_key: str = typer.Option(
+        None, "--api-key", help="With --url: a server with API keys; sent as `Authorization: Bearer KEY`."
+    ),
 ) -> None:
     """Median and P99 latency, throughput, size and fidelity per engine and batch size; HTML report with plots.
 
@@ -89,6 +92,7 @@ def bench(
             },
             report_dir or DEFAULT_LOAD_REPORT_DIR,
             config,
+            api_key,
         )
         return
     if not models:
@@ -108,6 +112,7 @@ def bench(
             "--binary" if binary else "--json": binary,
             "--texts-per-request": texts_per_request,
             "--rows-per-request": rows_per_request,
+            "--api-key": api_key,
         },
         "only with --url (a server under load), not to model directories compared in-process",
     )
@@ -160,7 +165,7 @@ def _bench_in_process(
     with progress_bar("bench") as update:
         report = run_bench(artifacts, settings=settings, report_dir=report_dir, progress=update)
     console.print(report.table())
-    console.print(f"report: {report_dir / 'index.html'}  json: {report_dir / 'bench.json'}")
+    console.print(f"report: {report_dir / 'index.html'}  json: {report_dir / 'bench.json'}", markup=False)
 
 
 def _bench_url(
@@ -170,6 +175,7 @@ def _bench_url(
     overrides: dict[str, object],
     report_dir: Path,
     config: Path | None,
+    api_key: str | None,
 ) -> None:
     from kiln.bench import LoadSettings, load_test
     from kiln.config import resolve
@@ -178,12 +184,14 @@ def _bench_url(
         raise ConfigError(f"--url {url} needs --model NAME: the model to load on that server (see GET /v2/models)")
     settings = resolve(LoadSettings, overrides, config_file=config, section="load")
     with progress_bar("load") as update:
-        report = load_test(url, model, version=version, settings=settings, report_dir=report_dir, progress=update)
+        report = load_test(
+            url, model, version=version, settings=settings, report_dir=report_dir, progress=update, api_key=api_key
+        )
     console.print(report.table())
     best = report.max_rate_within(p99_ms=200.0, max_error_rate=0.01)
     within = f"{best:,.1f} requests/s" if best is not None else "none of the steps"
     console.print(f"highest rate with P99 <= 200 ms and < 1% errors: {within}")
-    console.print(f"report: {report_dir / 'index.html'}  json: {report_dir / 'load.json'}")
+    console.print(f"report: {report_dir / 'index.html'}  json: {report_dir / 'load.json'}", markup=False)
 
 
 def _parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
