@@ -235,3 +235,14 @@ def test_a_report_dir_that_cannot_be_a_directory_is_refused_before_the_run(
     ):
         bench(mlp_artifacts[:1], settings=fast_settings, report_dir=report_dir, progress=lambda m, f: calls.append(m))
     assert calls == []
+
+
+def test_a_model_without_held_out_data_is_told_how_to_export_some_not_an_optimize_flag(
+    mlp_artifacts: list[artifacts.Artifact], fast_settings: BenchSettings, tmp_path: Path
+) -> None:
+    # the advice was eval_set's, for kiln optimize: "pass some with `kiln optimize --eval-data`", no kiln bench flag
+    base = mlp_artifacts[0]
+    bare = artifacts.write(tmp_path / "repo", dataclasses.replace(base.manifest, eval_data={}), base.model_path)
+    with pytest.raises(InvalidInput, match=r"has no held-out data, which kiln bench times and scores it on") as info:
+        bench([bare], settings=fast_settings)
+    assert "--eval-data" not in str(info.value) and "--dataset NAME" in str(info.value)

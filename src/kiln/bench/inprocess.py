@@ -23,7 +23,7 @@ from kiln.bench.measure import CORPUS_PASSES, corpus_passes, fidelity_of, latenc
 from kiln.bench.results import BenchReport, BenchRow, CorpusThroughput
 from kiln.config import BenchSettings, resolve, settings_dict
 from kiln.data import EvalSet, eval_set
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, InvalidInput
 from kiln.runtime import probe
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,13 @@ def bench(
 
     first = artifacts[0]
     step(f"loading {len(artifacts)} artifact(s) and held-out data", 0)
+    if not first.manifest.eval_data:  # eval_set's own advice (kiln optimize --eval-data) is no help here
+        raise InvalidInput(
+            f'model "{first.name}" v{first.version} has no held-out data, which kiln bench times and scores it on; '
+            "export it with some: `kiln export ... --dataset NAME`, or `kiln.export_model(model, eval_data=(x, y), "
+            "...)` from Python",
+            model=first.name,
+        )
     data = eval_set(first, limit=settings.samples)
     candidates = build_candidates(artifacts, include_source=include_source)
 
