@@ -238,3 +238,92 @@ def test_the_pareto_front_is_over_the_objective_so_the_pick_is_on_it() -> None:
     assert (fast_big.pareto, slow_small.pareto) == (False, True)
     _mark_front([fast_big, slow_small], "speed")
     assert (fast_big.pareto, slow_small.pareto) == (True, False)
+
+
+# --- found by using the tools: each failed before its fix -------------------------------------------------------------
+
+
+def test_the_guard_scores_a_classifier_whose_classes_are_not_0_to_k_minus_1_by_its_label_output(
+    tmp_path: Path,
+) -> None:
+    # UCI wine's classes are 1, 2, 3: an argmax over probabilities (0, 1, 2) scored accuracy 0 for the parent and
+    # every variant, so the guard let any variant through
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    from kiln.data import bundled_dataset
+
+    data = bundled_dataset("wine")
+    y_train, y_test = data.y_train + 1, data.y_test + 1
+    model = make_pipeline(MinMaxScaler(), MLPClassifier((32,), max_iter=2000, random_state=0))
+    model.fit(data.x_train, y_train)
+    parent = export(
+        model, out=tmp_path / "repo", name="wine", example_inputs=data.x_test, eval_data=(data.x_test, y_test)
+    )
+    settings = OptimizeSettings(recipes=("int8-dynamic-per-channel",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(parent, settings=settings)
+
+    rows = data.x_test[: len(data.x_test) * 3 // 4]  # the guard scores the first three quarters
+    expected = float(np.mean(model.predict(rows) == y_test[: len(rows)]))
+    assert expected > 0.9
+    assert result.parent_figures["accuracy"] == pytest.approx(expected)
+    assert result.candidates[0].figures["accuracy"] > 0.9
+
+
+def test_an_int8_recipe_that_quantizes_no_node_does_not_compete(tmp_path: Path) -> None:
+    # a graph without MatMul/Gemm/Conv came out of ORT's quantizer unchanged, and that copy could be chosen as
+    # "int8-dynamic-per-channel" by timer noise or a few bytes of size
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["relu"]), helper.make_node("Softmax", ["relu"], ["probabilities"])],
+        "no_weights",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    parent = export(path, out=tmp_path / "repo", name="relu", eval_data=(x, None))
+    settings = OptimizeSettings(recipes=("int8-dynamic-per-channel",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(parent, settings=settings)
+
+    (candidate,) = result.candidates
+    assert result.chosen is None and candidate.status == "rejected"
+    assert "no node was quantized" in candidate.reason and "Relu, Softmax" in candidate.reason
+    assert artifacts.versions(parent.path.parent) == [1]
+
+
+def test_a_calibration_file_without_arrays_or_with_a_scalar_is_a_calibration_error(tmp_path: Path) -> None:
+    from kiln.optimize import load_calibration
+
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(CalibrationError, match=r'"[^"]*empty\.npz" holds no arrays'):
+        load_calibration(tmp_path / "empty.npz")
+    np.savez(tmp_path / "scalar.npz", input=np.float32(3.0))
+    with pytest.raises(CalibrationError, match=r'calibration array "input" in "[^"]*scalar\.npz" is a scalar'):
+        load_calibration(tmp_path / "scalar.npz")
+
+
+def test_a_misspelt_recipe_is_told_the_closest_recipe_that_applies(digits_mlp: artifacts.Artifact) -> None:
+    # "int8-dynamc" was told "fused-int8-dynamic", a transformer recipe that does not apply to a tabular model
+    with pytest.raises(ConfigError, match=r'did you mean "int8-dynamic-per-channel"\?'):
+        optimize(digits_mlp, settings=OptimizeSettings(recipes=("int8-dynamc",), **QUICK))  # type: ignore[arg-type]
+
+
+def test_held_out_data_of_the_wrong_shape_is_refused_naming_the_input_and_both_shapes(
+    digits_mlp: artifacts.Artifact,
+) -> None:
+    from kiln.data import EvalSet
+    from kiln.errors import InvalidInput
+
+    wrong = EvalSet(feeds={"input": np.zeros((40, 5), dtype=np.float32)}, labels=np.zeros(40, dtype=np.int64))
+    with pytest.raises(
+        InvalidInput, match=r'held-out input "input" has shape \[40, 5\]; model "digits" takes \[-1, 64\]'
+    ):
+        optimize(digits_mlp, settings=OptimizeSettings(**QUICK), eval_data=wrong)  # type: ignore[arg-type]
+    assert artifacts.versions(digits_mlp.path.parent) == [1]

@@ -75,6 +75,14 @@ def convert(model: Any, example: np.ndarray[Any, Any], opset: int, workdir: Path
     x = np.asarray(example, dtype=np.float32)
     if x.ndim != 2:
         raise InvalidInput(f"example inputs for a scikit-learn model must be 2-D (rows, features); got shape {x.shape}")
+    width = getattr(model, "n_features_in_", None)
+    if width is not None and x.shape[1] != width:
+        raise InvalidInput(
+            f"{type(model).__name__} was fitted on {width} features per row but the example inputs have "
+            f"{x.shape[1]} (shape {list(x.shape)}); pass rows of {width} features (a --dataset of the same width)",
+            expected=int(width),
+            actual=int(x.shape[1]),
+        )
     try:
         onx = to_onnx(model, x[:1], target_opset={"": opset, "ai.onnx.ml": 3}, options=_converter_options(model))
     except Exception as exc:
@@ -84,9 +92,27 @@ def convert(model: Any, example: np.ndarray[Any, Any], opset: int, workdir: Path
             model=type(model).__name__,
         ) from exc
     onx.graph.input[0].name = _rename_input(onx, INPUT_NAME)
+    _dedupe_opsets(onx)
     path = workdir / "model.onnx"
     path.write_bytes(onx.SerializeToString())
     return path, [o.name for o in onx.graph.output]
+
+
+def _dedupe_opsets(onx: Any) -> None:
+    """One opset import per domain, the highest version kept.
+
+    NOTE: skl2onnx lists the default domain twice for some converters (LogisticRegression's); ONNX Runtime's
+    quantizers then refuse the whole model ("Failed to find proper ai.onnx domain").
+    """
+    highest: dict[str, int] = {}
+    for opset in onx.opset_import:
+        highest[opset.domain] = max(highest.get(opset.domain, 0), int(opset.version))
+    if len(highest) == len(onx.opset_import):
+        return
+    from onnx import helper
+
+    del onx.opset_import[:]
+    onx.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in highest.items())
 
 
 def _rename_input(onx: Any, new: str) -> str:

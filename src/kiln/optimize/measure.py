@@ -37,6 +37,25 @@ class Workload:
         outputs = artifact.manifest.signature.outputs
         floats = [o.name for o in outputs if o.dtype in ("FP32", "FP16", "FP64")]
         self.output = floats[0] if floats else outputs[0].name
+        # A classifier's own label output (scikit-learn's "label") scores the task when the held-out labels are of
+        # its kind: it maps to the model's classes (1, 2, 3 or "setosa" ...), where an argmax over probabilities
+        # gives positions 0..K-1 and would score 0 against such labels, blinding the accuracy guard.
+        labels = data.labels
+        self.label_output: str | None = None
+        text = artifact.manifest.preprocessing.get("kind") == "text"  # scored on its embeddings, never labels
+        if self.task == "classification" and labels is not None and not text:
+            kind = "BYTES" if labels.dtype.kind in "OSU" else "INT"
+            self.label_output = next(
+                (
+                    o.name
+                    for o in outputs
+                    if o.name != self.output
+                    and len(o.shape) in (1, 2)
+                    and o.shape[1:] in ((), (1,))
+                    and (o.dtype == "BYTES" if kind == "BYTES" else o.dtype.startswith(("INT", "UINT")))
+                ),
+                None,
+            )
         pre = artifact.manifest.preprocessing
         self.tokenizer = (
             TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
@@ -50,29 +69,38 @@ class Workload:
 
     def run(self, engine: Engine, batch_size: int, rows: int | None = None) -> Array:
         """Outputs for the first ``rows`` held-out rows, computed in batches of ``batch_size``."""
+        return self.predict(engine, batch_size, rows)[self.output]
+
+    def predict(self, engine: Engine, batch_size: int, rows: int | None = None) -> dict[str, Array]:
+        """The fidelity output (and the label output, when the task is scored on it) for the first ``rows``."""
         subset = self.data if rows is None else self.data.take(slice(0, rows))
         if self.tokenizer is not None:
             assert subset.texts is not None
-            return TextEncoder(engine, self.tokenizer, self.output).encode(subset.texts, batch_size)
+            return {self.output: TextEncoder(engine, self.tokenizer, self.output).encode(subset.texts, batch_size)}
         assert subset.feeds is not None
-        n = subset.rows
-        parts = []
-        for start in range(0, n, batch_size):
+        names = [self.output] + ([self.label_output] if self.label_output else [])
+        parts: dict[str, list[Array]] = {name: [] for name in names}
+        for start in range(0, subset.rows, batch_size):
             batch = {k: v[start : start + batch_size] for k, v in subset.feeds.items()}
-            parts.append(engine.run(batch)[self.output])
-        return np.concatenate(parts, axis=0)
+            result = engine.run(batch)
+            for name in names:
+                parts[name].append(result[name])
+        return {name: np.concatenate(arrays, axis=0) for name, arrays in parts.items()}
 
-    def fidelity(self, reference: Array, candidate: Array) -> dict[str, float]:
-        """Fidelity figures; ``score`` is the one the guard compares (cosine or task accuracy/R²)."""
+    def fidelity(self, reference: dict[str, Array], candidate: dict[str, Array]) -> dict[str, float]:
+        """Fidelity figures of two ``predict`` results; ``score`` is the one the guard compares (cosine or task
+        accuracy/R²)."""
+        ref, cand = reference[self.output], candidate[self.output]
         if self.task == "embedding":
-            figures = fidelity.embedding_fidelity(reference, candidate)
+            figures = fidelity.embedding_fidelity(ref, cand)
             return figures | {"score": figures["mean_cosine"]}
-        figures = fidelity.output_fidelity(reference, candidate)
+        figures = fidelity.output_fidelity(ref, cand)
         if self.data.labels is not None and self.task in ("classification", "regression"):
-            scores = fidelity.task_score(candidate, self.data.labels, self.task)
+            scored = candidate[self.label_output] if self.label_output else cand
+            scores = fidelity.task_score(scored, self.data.labels, self.task)
             figures |= scores | {"score": next(iter(scores.values()))}
         else:
-            figures |= {"score": float(np.mean(fidelity.cosine_rows(reference, candidate)))}
+            figures |= {"score": float(np.mean(fidelity.cosine_rows(ref, cand)))}
         return figures
 
 

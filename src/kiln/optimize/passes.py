@@ -85,7 +85,7 @@ def quantize_dynamic(
         # tensor type the quantizer gives up on them ("Unable to find data type for weight_name").
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},  # 1 = TensorProto.FLOAT
     )
-    return {"quantized_nodes": _count_quantized(dst)}
+    return {"quantized_nodes": _require_quantized(src, dst)}
 
 
 class FeedsReader:
@@ -195,7 +195,7 @@ def quantize_static(
             | ({"CalibPercentile": 99.99} if method == "percentile" else {}),
         )
     logger.debug("calibration output: %s", chatter.getvalue())
-    return {"quantized_nodes": _count_quantized(dst), "calibration_batches": len(calibration), "method": method}
+    return {"quantized_nodes": _require_quantized(src, dst), "calibration_batches": len(calibration), "method": method}
 
 
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
@@ -217,11 +217,37 @@ def _count_quantized(path: Path) -> int:
     )
 
 
+def _require_quantized(src: Path, dst: Path) -> int:
+    """The number of quantized nodes in ``dst``; a KilnError when there are none.
+
+    NOTE: ORT's quantizers copy a graph they cannot quantize (tree ensembles, linear classifiers of ai.onnx.ml)
+    unchanged; such a copy must not compete, let alone win by timer noise, under the name of an INT8 recipe.
+    """
+    quantized = _count_quantized(dst)
+    if quantized == 0:
+        ops = ", ".join(sorted(op_histogram(src)))
+        raise KilnError(f"no node was quantized: the graph has no operator the INT8 pass quantizes (its ops: {ops})")
+    return quantized
+
+
 def load_calibration(path: Path, batch_rows: int = 16) -> list[Feeds]:
     """Calibration batches from an ``.npz`` whose arrays are named like the model inputs (first axis = rows)."""
     from kiln.data import read_npz
 
     arrays = read_npz(path, "calibration file", CalibrationError)
+    if not arrays:
+        raise CalibrationError(
+            f'calibration file "{path}" holds no arrays; save one array of rows per model input, named like it '
+            "(np.savez(path, input=rows))",
+            path=str(path),
+        )
+    scalars = sorted(k for k, v in arrays.items() if v.ndim == 0)
+    if scalars:
+        raise CalibrationError(
+            f'calibration array "{scalars[0]}" in "{path}" is a scalar; each array holds rows of one input (first '
+            "axis = rows)",
+            path=str(path),
+        )
     rows = {len(v) for v in arrays.values()}
     if len(rows) != 1:
         raise CalibrationError(

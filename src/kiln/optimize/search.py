@@ -61,6 +61,7 @@ def optimize(
     if eval_data is None:
         data = eval_set(parent, limit=settings.eval_samples)
     else:  # the caller's held-out rows (a model exported without any)
+        _check_fits(parent, eval_data)
         data = eval_data.take(slice(0, settings.eval_samples))
     # Static INT8 calibrates on held-out rows the guard never scores (with or without labels): a variant calibrated
     # on the rows it is judged on would pass a guard it may fail on new data. Text models calibrate on corpus texts
@@ -80,7 +81,7 @@ def optimize(
     started = time.monotonic()
 
     parent_engine = open_engine(parent.model_path, f"{parent.name} v{parent.version}")
-    reference = workload.run(parent_engine, settings.target_batch_size)
+    reference = workload.predict(parent_engine, settings.target_batch_size)
     parent_figures = workload.fidelity(reference, reference)
     parent_score = parent_figures["score"]
     parent_size = parent.model_path.stat().st_size
@@ -157,7 +158,7 @@ def _evaluate(
         logger.info("recipe %s failed: %s", recipe.name, exc, exc_info=True)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return CandidateReport(recipe=recipe, status="rejected", reason=f"does not apply to this graph: {reason}")
-    figures = workload.fidelity(reference, workload.run(engine, settings.target_batch_size))
+    figures = workload.fidelity(reference, workload.predict(engine, settings.target_batch_size))
     candidate = CandidateReport(recipe=recipe, path=path, history=history, figures=figures)
     candidate.size_bytes = path.stat().st_size
     if workload.task == "embedding" or workload.data.labels is None:
@@ -195,6 +196,24 @@ def _evaluate(
     else:
         candidate.status, candidate.reason = "eligible", f"{candidate.speedup:.2f}x at batch {target}"
     return candidate
+
+
+def _check_fits(parent: artifacts.Artifact, data: EvalSet) -> None:
+    """The caller's held-out feeds must fit the model's inputs (ORT's own refusal comes mid-search, on 3 lines)."""
+    for spec in parent.manifest.signature.inputs:
+        rows = None if data.feeds is None else data.feeds.get(spec.name)
+        if rows is None:
+            continue
+        if rows.ndim != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, rows.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f'held-out input "{spec.name}" has shape {list(rows.shape)}; model "{parent.name}" takes '
+                f"{list(spec.shape)} (-1 = any size); pass held-out rows of that shape",
+                input=spec.name,
+                expected=list(spec.shape),
+                actual=list(rows.shape),
+            )
 
 
 def _mark_front(reports: list[CandidateReport], objective: str) -> None:
