@@ -275,3 +275,158 @@ def test_classifier_without_predict_proba_is_exported_as_a_classifier(tmp_path: 
         out = engine.run({"input": x[150 : 150 + rows]})
         np.testing.assert_array_equal(out["label"], clf.predict(x[150 : 150 + rows]))
         np.testing.assert_allclose(out["probabilities"], clf.decision_function(x[150 : 150 + rows]), atol=1e-4)
+
+
+# --- found by using the tools: each failed before its fix -------------------------------------------------------------
+
+
+def test_a_linear_pipeline_has_one_opset_per_domain_so_the_quantizer_reads_it(tmp_path: Path) -> None:
+    # skl2onnx listed the default domain twice for graphs of ai.onnx.ml operators (Scaler + LinearRegressor);
+    # ORT's quantizers refused such a model with "Failed to find proper ai.onnx domain" instead of finding that
+    # there was nothing to quantize
+    import onnx
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from kiln.data import bundled_dataset
+    from kiln.errors import KilnError
+    from kiln.optimize.passes import quantize_dynamic
+
+    data = bundled_dataset("diabetes")
+    model = make_pipeline(StandardScaler(), Ridge()).fit(data.x_train, data.y_train)
+    art = export(model, out=tmp_path / "repo", name="ridge", example_inputs=data.x_test[:32])
+
+    domains = [o.domain for o in onnx.load(str(art.model_path)).opset_import]
+    assert sorted(domains) == sorted(set(domains))
+    with pytest.raises(KilnError, match=r"no node was quantized.*LinearRegressor, Scaler"):
+        quantize_dynamic(art.model_path, tmp_path / "int8.onnx", per_channel=True)
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module ``review_factories`` on the import path with factories a user might point --model at."""
+    (tmp_path / "review_factories.py").write_text(
+        "import torch\n"
+        "def mlp():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 4))\n"
+        "def cnn():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())\n"
+        "def number():\n"
+        "    return 42\n"
+        "def sized(n):\n"
+        "    return torch.nn.Linear(n, 2)\n"
+        "def broken():\n"
+        "    raise ValueError('no config.yaml beside the model')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "review_factories"
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("number", r'"review_factories:number" returned an object of type int, not a torch\.nn\.Module'),
+        ("sized", r"cannot be called without arguments \(missing a required argument: 'n'\)"),
+        ("broken", r'"review_factories:broken" raised ValueError: no config\.yaml beside the model'),
+    ],
+)
+def test_a_factory_that_does_not_build_a_module_is_invalid_input_not_a_crash(
+    factories: str, factory: str, message: str
+) -> None:
+    from kiln.export.torch import load_factory
+
+    with pytest.raises(InvalidInput, match=message):
+        load_factory(f"{factories}:{factory}")
+
+
+def test_weights_that_do_not_fit_the_factory_or_are_not_safetensors_are_invalid_input(
+    tmp_path: Path, factories: str
+) -> None:
+    from safetensors.torch import save_file
+
+    from kiln.export.torch import load_factory
+
+    cnn_weights = tmp_path / "cnn.safetensors"
+    save_file(load_factory(f"{factories}:cnn").state_dict(), str(cnn_weights))
+    with pytest.raises(InvalidInput, match=r'cnn\.safetensors" does not fit the model built by .*0\.weight'):
+        load_factory(f"{factories}:mlp", cnn_weights)
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors at all" * 4)
+    with pytest.raises(InvalidInput, match=r'junk\.safetensors" is not a readable safetensors file'):
+        load_factory(f"{factories}:mlp", junk)
+
+
+def test_example_inputs_the_module_cannot_take_are_invalid_input_naming_the_shape(
+    tmp_path: Path, factories: str
+) -> None:
+    from kiln.export.torch import load_factory
+
+    rows = np.zeros((8, 64), dtype=np.float32)  # digits rows for a CNN that wants (N, 1, H, W)
+    with pytest.raises(InvalidInput, match=r"cannot run on the example inputs \(input \[8, 64\] float32\)"):
+        export(load_factory(f"{factories}:cnn"), out=tmp_path / "repo", name="cnn", example_inputs=rows)
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "team/model", ".hidden", ""])
+def test_a_model_name_that_is_not_one_directory_of_the_repository_is_refused(
+    tmp_path: Path, tiny_onnx_model: Path, name: str
+) -> None:
+    with pytest.raises(InvalidInput, match="is not a valid name"):
+        export(tiny_onnx_model, out=tmp_path / "repo", name=name)
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path, tiny_onnx_model: Path) -> None:
+    out = tmp_path / "repo"
+    out.write_text("a file, not a repository")
+    with pytest.raises(InvalidInput, match=r'--out ".*repo" is a file, not a model repository directory'):
+        export(tiny_onnx_model, out=out, name="tiny")
+    assert out.read_text() == "a file, not a repository"
+
+
+def test_exporting_the_current_directory_names_the_model_after_it_not_the_repository_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `kiln export . --out repo` named the model "" (Path(".").name) and wrote versions into the repository root
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from kiln.export import bundled_minilm_path
+
+    model_dir = tmp_path / "tiny-bert"
+    config = BertConfig(
+        vocab_size=30522, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    BertModel(config).save_pretrained(str(model_dir))
+    shutil.copyfile(bundled_minilm_path() / "tokenizer.json", model_dir / "tokenizer.json")
+    monkeypatch.chdir(model_dir)
+    art = export(".", out=tmp_path / "repo", settings=ExportSettings(parity_atol=1e-3))
+
+    assert art.name == "tiny-bert"
+    assert art.path == tmp_path / "repo" / "tiny-bert" / "1"
+    assert artifacts.list_models(tmp_path / "repo") == ["tiny-bert"]
+
+
+def test_held_out_rows_that_do_not_fit_an_onnx_file_are_refused_at_export(
+    tmp_path: Path, tiny_onnx_model: Path
+) -> None:
+    # `kiln export tiny.onnx --dataset digits` stored 64-wide rows for a 4-wide model; optimize failed on them later
+    rows = np.zeros((10, 64), dtype=np.float32)
+    with pytest.raises(InvalidInput, match=r'shape \[10, 64\] but input "input" of .* takes \[-1, 4\]'):
+        export(tiny_onnx_model, out=tmp_path / "repo", name="tiny", eval_data=(rows, np.zeros(10, dtype=np.int64)))
+    assert not (tmp_path / "repo").exists()
+
+
+def test_example_rows_of_another_width_than_the_estimator_was_fitted_on_are_invalid_input(
+    tmp_path: Path, fitted_pipeline: Any
+) -> None:
+    # skl2onnx's "Mismatch between expected shape" came out as "check that every step has a registered converter"
+    from kiln.data import bundled_dataset
+
+    iris = bundled_dataset("iris")
+    with pytest.raises(InvalidInput, match=r"fitted on 64 features per row but the example inputs have 4"):
+        export(fitted_pipeline, out=tmp_path / "repo", name="digits", example_inputs=iris.x_test)

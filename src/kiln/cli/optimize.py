@@ -39,6 +39,7 @@ def optimize(
     from kiln.artifact import load
     from kiln.config import OptimizeSettings, resolve
     from kiln.data import load_eval_npz
+    from kiln.errors import ConfigError
     from kiln.optimize import load_calibration
     from kiln.optimize import optimize as run_search
 
@@ -55,6 +56,16 @@ def optimize(
         },
         config_file=config,
     )
+    # Checked before the search: a report path that cannot be written would otherwise fail after the chosen variant
+    # was written, as an internal error.
+    if report and report.is_dir():
+        raise ConfigError(f'--report "{report}" is a directory; pass a file path, e.g. {report / "search.json"}')
+    blocking = next((p for p in report.parents if p.exists() and not p.is_dir()), None) if report else None
+    if blocking is not None:
+        raise ConfigError(
+            f'--report "{report}" cannot be written: "{blocking}" is a file, not a directory; pass a path in a '
+            "directory, e.g. search.json"
+        )
     parent = load(model, version)
     feeds = load_calibration(calibration) if calibration else None
     held_out = load_eval_npz(eval_data, parent.manifest.signature.input_names) if eval_data else None

@@ -25,7 +25,7 @@ from kiln.export import hf, onnx_file, sklearn
 from kiln.export import torch as torch_export
 from kiln.export.checks import check_parity, check_structure, signature_of
 from kiln.export.hf import bundled_minilm_path
-from kiln.export.pipeline import finalize
+from kiln.export.pipeline import check_destination, finalize
 from kiln.runtime import Engine, TorchEngine
 
 __all__ = [
@@ -73,6 +73,8 @@ def export(
     """
     settings = settings or resolve(ExportSettings, {})
     out = Path(out)
+    if name is not None:  # before any work: a MiniLM export takes a while to fail at the write otherwise
+        check_destination(out, name)
     if isinstance(model, str | Path):
         return _export_path(
             Path(model),
@@ -141,7 +143,8 @@ def _export_path(
         raise ModelNotFound(f'"{path}" does not exist; pass a model file or directory', path=str(path))
     if path.is_dir():
         if hf.is_hf_directory(path):
-            return _export_hf(path, out=out, name=name or path.name.lower(), settings=settings)
+            # resolved: `kiln export .` would otherwise name the model "" and write versions into the repository root
+            return _export_hf(path, out=out, name=name or path.resolve().name.lower(), settings=settings)
         raise UnknownFormat(
             f'directory "{path}" is not a Hugging Face model (no config.json); pass an .onnx file, a pickle or a '
             "Hugging Face directory",
@@ -346,6 +349,19 @@ def _export_onnx(
 
     model, signature = onnx_file.inspect_file(path)
     eval_entry, assets = _eval_entry(eval_data, signature.inputs[0].name) if eval_data else ({}, {})
+    if eval_data is not None:  # stored now, read by optimize and bench later: it must fit the model's input
+        spec, rows = signature.inputs[0], np.asarray(eval_data[0])
+        if rows.ndim != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, rows.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f'held-out inputs have shape {list(rows.shape)} but input "{spec.name}" of "{path}" takes '
+                f"{list(spec.shape)} (-1 = any size); pass held-out rows that fit the model (a --dataset of the same "
+                "width)",
+                input=spec.name,
+                expected=list(spec.shape),
+                actual=list(rows.shape),
+            )
     return finalize(
         path,
         out=out,

@@ -9,11 +9,29 @@ from typing import Any
 from kiln import artifact as artifacts
 from kiln._utils import package_versions
 from kiln.config import ExportSettings, settings_dict
+from kiln.errors import ArtifactError, InvalidInput
 from kiln.export.checks import check_parity, check_structure, open_session, opsets_of, signature_of
 from kiln.runtime import probe
 from kiln.types import Feeds
 
 TRACKED_PACKAGES = ("kiln", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "scikit-learn", "skl2onnx")
+
+
+def check_destination(out: Path, name: str) -> None:
+    """Refuse, before any work, a model name that is not one directory of the repository, or an ``out`` that is
+    not a directory: the version would land outside the repository, or fail after a long export."""
+    if not name.strip() or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise InvalidInput(
+            f'model name "{name}" is not a valid name; it becomes a directory of the repository (and the name '
+            'clients call), so it must be non-empty, must not start with "." or hold "/" or "\\"; pass --name, '
+            "e.g. --name digits-mlp",
+            name=name,
+        )
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(
+            f'--out "{out}" is a file, not a model repository directory; pass a directory (it is created if missing)',
+            path=str(out),
+        )
 
 
 def finalize(
@@ -36,6 +54,7 @@ def finalize(
     ``sample_feeds`` should hold at least two feeds of different shapes along each dynamic axis: running both
     proves the axes were kept, not frozen at the example's size. Nothing is written if any check fails.
     """
+    check_destination(out, name)
     model = check_structure(onnx_path)
     signature = signature_of(model)
     engine = open_session(onnx_path, model)
@@ -74,4 +93,11 @@ def finalize(
         settings={"export": settings_dict(settings)},
         eval_data=eval_data or {},
     )
-    return artifacts.write(out, manifest, onnx_path, assets=assets)
+    try:
+        return artifacts.write(out, manifest, onnx_path, assets=assets)
+    except OSError as exc:
+        raise ArtifactError(
+            f'cannot write model "{name}" into repository "{out}" ({exc.strerror or exc}); pass a writable --out '
+            "directory; nothing was written",
+            path=str(out),
+        ) from exc

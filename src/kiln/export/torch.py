@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from kiln._utils import import_factory
-from kiln.errors import ExportError, InvalidInput
+from kiln.errors import ExportError, InvalidInput, KilnError
 from kiln.types import Feeds
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,25 @@ def match_module_dtype(module: Any, feeds: Feeds) -> Feeds:
 
 
 def count_outputs(module: Any, feeds: Feeds) -> int:
+    """Run ``module`` once on the example feeds; InvalidInput when it cannot take them (wrong shape, say)."""
     import torch
 
-    with torch.inference_mode():
-        result = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()))
+    try:
+        with torch.inference_mode():
+            result = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()))
+    except Exception as exc:
+        shapes = ", ".join(f"{name} {list(v.shape)} {v.dtype}" for name, v in feeds.items())
+        raise InvalidInput(
+            f"{type(module).__name__} cannot run on the example inputs ({shapes}): {_first_line(exc)}; pass example "
+            "inputs of the shape and dtype its forward() takes (--example-shape, or --dataset rows that fit)",
+            shapes={name: list(v.shape) for name, v in feeds.items()},
+        ) from exc
     return len(result) if isinstance(result, tuple | list) else 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def export_module(
@@ -168,15 +182,73 @@ def export_module(
 
 
 def load_factory(spec: str, weights: Path | None = None) -> Any:
-    """Build a module from ``package.module:factory`` and optionally load safetensors weights into it."""
-    model = import_factory(spec, "mypkg.models:build_cnn")()
-    if weights is not None:
-        if not weights.is_file():
-            raise InvalidInput(f'weights file "{weights}" does not exist', path=str(weights))
-        from safetensors.torch import load_file
+    """Build a module from ``package.module:factory`` and optionally load safetensors weights into it.
 
-        model.load_state_dict(load_file(str(weights)))
+    Raises:
+        InvalidInput: the factory is not a callable taking no arguments, fails, or returns no ``nn.Module``; the
+            weights file is missing, not safetensors, or does not fit the module.
+    """
+    import inspect
+
+    import torch
+
+    factory = import_factory(spec, "mypkg.models:build_cnn")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as exc:  # not callable, or it has required parameters
+        raise InvalidInput(
+            f'factory "{spec}" cannot be called without arguments ({exc}); point --model at a function (or class) '
+            "that builds the model with no arguments, e.g. def build_cnn(): return CNN(channels=8)",
+            model=spec,
+        ) from exc
+    except ValueError:  # no signature to inspect (some builtins): calling it tells
+        pass
+    try:
+        model = factory()
+    except KilnError:
+        raise
+    except Exception as exc:
+        raise InvalidInput(
+            f'factory "{spec}" raised {type(exc).__name__}: {_first_line(exc)}; fix the factory (run with --debug '
+            "for the traceback)",
+            model=spec,
+        ) from exc
+    if not isinstance(model, torch.nn.Module):
+        raise InvalidInput(
+            f'factory "{spec}" returned an object of type {type(model).__name__}, not a torch.nn.Module; '
+            "return the model",
+            model=spec,
+        )
+    if weights is not None:
+        _load_weights(model, spec, weights)
     return model.eval()
+
+
+def _load_weights(model: Any, spec: str, weights: Path) -> None:
+    if not weights.is_file():
+        raise InvalidInput(f'weights file "{weights}" does not exist', path=str(weights))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise InvalidInput(
+            f'weights file "{weights}" is not a readable safetensors file ({_first_line(exc)}); save it with '
+            "safetensors.torch.save_file(model.state_dict(), path)",
+            path=str(weights),
+        ) from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        # torch lists every missing/unexpected key and size mismatch, one per line; the first few say enough.
+        details = [line.strip().rstrip(".") for line in str(exc).strip().splitlines()[1:] if line.strip()]
+        raise InvalidInput(
+            f'weights file "{weights}" does not fit the model built by "{spec}": {"; ".join(details[:3]) or exc}'
+            f"{' ...' if len(details) > 3 else ''}; pass the weights saved from this model's state_dict()",
+            path=str(weights),
+            model=spec,
+        ) from exc
 
 
 def temp_workdir() -> tempfile.TemporaryDirectory[str]:

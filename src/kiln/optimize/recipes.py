@@ -103,9 +103,11 @@ def candidates(artifact: Artifact, *, gpu: bool, names: tuple[str, ...] = ()) ->
     chosen = []
     for name in names:
         if name not in known:
+            # the closest recipe that applies here first: suggesting a transformer recipe for a tabular model
+            # leads straight to "does not apply"
+            hint = did_you_mean(name, [r.name for r in applicable]) or did_you_mean(name, known)
             raise ConfigError(
-                f'recipe "{name}" is unknown{did_you_mean(name, known)}; recipes for this model: '
-                f"{', '.join(r.name for r in applicable)}",
+                f'recipe "{name}" is unknown{hint}; recipes for this model: {", ".join(r.name for r in applicable)}',
                 recipe=name,
             )
         if known[name] not in applicable:
