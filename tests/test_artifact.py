@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from kiln import artifact as artifacts
 from kiln._utils import sha256_file
-from kiln.errors import ArtifactError, IntegrityError, ModelNotFound
+from kiln.errors import ArtifactError, IntegrityError, InvalidInput, ModelNotFound
 from kiln.types import Signature, TensorSpec
 
 MakeManifest = Callable[..., artifacts.Manifest]
@@ -332,3 +333,20 @@ def test_a_model_name_longer_than_the_file_system_allows_is_model_not_found(repo
         artifacts.versions(repository / name)
     with pytest.raises(ModelNotFound, match="300 characters, longer than the file system allows"):
         artifacts.load(repository / name)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "team/model", ".hidden", "", "back\\slash"])
+def test_write_refuses_a_model_name_that_is_not_one_plain_directory(
+    tmp_path: Path, tiny_onnx_model: Path, make_manifest: Callable[..., artifacts.Manifest], name: str
+) -> None:
+    # every writer (export, train, optimize) goes through write(); export checked names, the others did not
+    with pytest.raises(InvalidInput, match=f'model name "{re.escape(name)}" is not a valid name'):
+        artifacts.write(tmp_path / "repo", make_manifest(name=name), tiny_onnx_model)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "repo").exists()
+
+
+def test_a_train_run_with_a_name_that_is_not_a_plain_directory_is_refused_before_training() -> None:
+    from kiln.train import TrainSettings
+
+    with pytest.raises(InvalidInput, match=r'model name "\.\./x" is not a valid name.*name = "digits-cnn"'):
+        TrainSettings(dataset="digits", name="../x")

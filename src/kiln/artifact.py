@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln._utils import atomic_directory, atomic_write_text, sha256_file
-from kiln.errors import ArtifactError, IntegrityError, KilnError, ModelNotFound
+from kiln.errors import ArtifactError, IntegrityError, InvalidInput, KilnError, ModelNotFound
 from kiln.types import Signature
 
 MANIFEST_FILE = "kiln.json"
@@ -305,6 +305,21 @@ def verify_integrity(artifact: Artifact) -> None:
         )
 
 
+def check_model_name(name: str, fix: str = "choose another, e.g. digits-mlp") -> None:
+    """Refuse a model name that is not one plain directory of a repository (it is also the name clients call).
+
+    Raises:
+        InvalidInput: empty, starting with ".", or holding a path separator: the versions would land outside the
+            repository, in a model nested in another, or hidden from its index.
+    """
+    if not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise InvalidInput(
+            f'model name "{name}" is not a valid name; it becomes a directory of the repository (and the name '
+            f'clients call), so it must be non-empty, must not start with "." or hold "/" or "\\"; {fix}',
+            name=name,
+        )
+
+
 def write(
     repository: Path | str,
     manifest: Manifest,
@@ -318,6 +333,7 @@ def write(
     The version number, creation time and model hash are filled in here. ``assets`` maps a relative path under
     ``assets/`` to a file/directory to copy or bytes to write. Returns the loaded (verified) artifact.
     """
+    check_model_name(manifest.name)
     repository = Path(repository)
     manifest = dataclasses.replace(manifest)  # the caller's object stays as it was
     model_dir = repository / manifest.name

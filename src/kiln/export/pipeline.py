@@ -20,13 +20,7 @@ TRACKED_PACKAGES = ("kiln", "torch", "onnx", "onnxruntime", "onnxscript", "trans
 def check_destination(out: Path, name: str) -> None:
     """Refuse, before any work, a model name that is not one directory of the repository, or an ``out`` that is
     not a directory: the version would land outside the repository, or fail after a long export."""
-    if not name.strip() or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise InvalidInput(
-            f'model name "{name}" is not a valid name; it becomes a directory of the repository (and the name '
-            'clients call), so it must be non-empty, must not start with "." or hold "/" or "\\"; pass --name, '
-            "e.g. --name digits-mlp",
-            name=name,
-        )
+    artifacts.check_model_name(name, fix="pass --name, e.g. --name digits-mlp")
     if out.exists() and not out.is_dir():
         raise InvalidInput(
             f'--out "{out}" is a file, not a model repository directory; pass a directory (it is created if missing)',

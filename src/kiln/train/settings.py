@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from kiln.artifact import check_model_name
 from kiln.config import ExportSettings, resolve
 from kiln.errors import ConfigError, did_you_mean
 
@@ -153,6 +154,8 @@ class TrainSettings:
     prune_batches: int = 8
 
     def __post_init__(self) -> None:
+        if self.name:  # it names the artifact's directory: refused now, not after the training it would end
+            check_model_name(self.name, fix='set name to a plain one, e.g. name = "digits-cnn"')
         _check_choice("task", self.task, TASKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
