@@ -51,3 +51,26 @@ def test_inspect_prints_a_source_path_with_brackets_as_it_is(tmp_path: Path) -> 
     # rich read "[v2]" as a style tag: the path printed as "/data/runs//model.onnx"
     assert f"path={source}" in result.stdout, result.stdout
     assert "(verified)" in result.stdout
+
+
+def test_export_prints_names_and_paths_with_brackets_and_help_shows_the_config_table(tmp_path: Path) -> None:
+    version_dir = tiny_artifact(tmp_path, "x.onnx")
+
+    def kiln(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kiln", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+
+    out = tmp_path / "out[v2]"
+    result = kiln("export", str(version_dir / "model.onnx"), "--out", str(out), "--name", "m[red]x")
+    assert result.returncode == 0, result.stderr
+    # rich read "[red]" and "[v2]" as tags: "exported mx v1 -> .../out/mx/1"
+    assert f"exported m[red]x v1 -> {out / 'm[red]x' / '1'}" in result.stdout, result.stdout
+    assert f"next: kiln optimize {out / 'm[red]x'}" in result.stdout
+    for verb, table in (("export", "[export]"), ("optimize", "[optimize]"), ("serve", "[serve]")):
+        assert f"TOML config file ({table} table)" in kiln(verb, "--help").stdout, verb  # was "( table)"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from kiln.cli._console import console, parse_ints
 from kiln.errors import InvalidInput
@@ -37,7 +38,7 @@ def export(
     opset: int = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
     parity_atol: float = typer.Option(None, "--parity-atol", help="Absolute tolerance of the parity gate."),
     parity_rtol: float = typer.Option(None, "--parity-rtol", help="Relative tolerance of the parity gate."),
-    config: Path = typer.Option(None, "--config", help="TOML config file ([export] table)."),
+    config: Path = typer.Option(None, "--config", help="TOML config file (\\[export] table)."),
 ) -> None:
     """Export a model to ONNX with dynamic axes, check parity with its source, and write a new version."""
     from kiln.config import ExportSettings, resolve
@@ -107,7 +108,7 @@ def export(
     parity = artifact.manifest.checks.get("parity", {})
     worst = max((o["max_abs_error"] for o in parity.get("outputs", {}).values()), default=0.0)
     console.print(
-        f"[green]exported[/] {artifact.name} v{artifact.version} -> {artifact.path} "
+        f"[green]exported[/] {escape(f'{artifact.name} v{artifact.version} -> {artifact.path}')} "
         f"({artifact.manifest.model['size_bytes'] / 1e6:.1f} MB, parity max |diff| {worst:.2e})"
     )
-    console.print(f"next: kiln optimize {artifact.path.parent}")
+    console.print(f"next: kiln optimize {artifact.path.parent}", markup=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from kiln.cli._console import console, parse_ints, progress_bar
 
@@ -33,7 +34,7 @@ def optimize(
         "without any.",
     ),
     report: Path = typer.Option(None, "--report", help="Write the search report as JSON here."),
-    config: Path = typer.Option(None, "--config", help="TOML config file ([optimize] table)."),
+    config: Path = typer.Option(None, "--config", help="TOML config file (\\[optimize] table)."),
 ) -> None:
     """Search fusion / INT8 / fp16 variants; keep the fastest that stays within the accuracy budget."""
     from kiln.artifact import load
@@ -76,16 +77,17 @@ def optimize(
         console.print(f"fusions fired: {fused}")
     if report:
         result.write_json(report)
-        console.print(f"report: {report}")
+        console.print(f"report: {report}", markup=False)
     if result.chosen is None:
         console.print(
-            f"[yellow]kept {parent.name} v{parent.version}:[/] no candidate was both within budget and "
+            f"[yellow]kept {escape(parent.name)} v{parent.version}:[/] no candidate was both within budget and "
             + ("smaller" if settings.objective == "size" else "faster")
         )
         return
     best = result.best
     assert best is not None
     console.print(
-        f"[green]chose[/] {best.recipe.name} -> {result.chosen.name} v{result.chosen.version} "
-        f"({best.speedup:.2f}x at batch {settings.target_batch_size}); next: kiln bench {result.chosen.path.parent}"
+        f"[green]chose[/] {best.recipe.name} -> {escape(result.chosen.name)} v{result.chosen.version} "
+        f"({best.speedup:.2f}x at batch {settings.target_batch_size}); next: kiln bench "
+        + escape(str(result.chosen.path.parent))
     )

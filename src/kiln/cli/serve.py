@@ -38,7 +38,7 @@ def serve(
     admin: bool = typer.Option(False, "--admin", help="Enable the repository load/unload endpoints."),
     admin_key: list[str] = typer.Option(None, "--admin-key", help="Key for the admin endpoints (repeatable)."),
     latest_versions: int = typer.Option(None, "--latest-versions", help="Serve the newest N versions (default 1)."),
-    config: Path = typer.Option(None, "--config", help="TOML config file ([serve] table)."),
+    config: Path = typer.Option(None, "--config", help="TOML config file (\\[serve] table)."),
 ) -> None:
     """Serve every model of a repository over KServe V2 (HTTP and gRPC) until SIGTERM, then drain and exit 0."""
     from kiln.config import ServeSettings, resolve
