@@ -252,3 +252,17 @@ def test_a_config_file_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_pat
     latin1.write_bytes('[bench]\nreport_dir = "r\xe9sultats"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match=r'latin1.toml" is not UTF-8 text .*save it as UTF-8'):
         resolve(BenchSettings, config_file=latin1, environ={})
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"time_budget_s": -5.0}, "time_budget_s is -5"),
+        ({"time_budget_s": float("inf")}, "time_budget_s is inf"),
+        ({"min_speedup": 0.5}, 'min_speedup is 0.5; it must be >= 1 .* use objective "size"'),
+    ],
+)
+def test_optimize_budget_and_speedup_outside_their_rules_are_refused(changes: dict[str, float], named: str) -> None:
+    # a budget of -5 s skipped every recipe as "spent"; a min_speedup below 1 kept variants slower than their parent
+    with pytest.raises(ConfigError, match=named):
+        OptimizeSettings(**changes)  # type: ignore[arg-type]

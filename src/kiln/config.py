@@ -76,6 +76,17 @@ class OptimizeSettings:
             )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"batch_sizes {list(self.batch_sizes)} must be positive integers, e.g. 1,32")
+        if not 0 < self.time_budget_s < math.inf:
+            raise ConfigError(
+                f"time_budget_s is {self.time_budget_s:g}; it must be a positive, finite number of seconds, e.g. 600",
+                setting="time_budget_s",
+            )
+        if not 1.0 <= self.min_speedup < math.inf:
+            raise ConfigError(
+                f"min_speedup is {self.min_speedup:g}; it must be >= 1 (the search keeps only variants really faster "
+                'than their parent; to prefer smaller ones whatever their speed, use objective "size")',
+                setting="min_speedup",
+            )
 
 
 @dataclass(frozen=True)
