@@ -337,6 +337,9 @@ def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(
     assert stats.inference_count == sum(row_counts)
     assert stats.execution_count < len(row_counts)  # several requests shared a batch
     assert sum(batch.batch_size * batch.compute_infer.count for batch in stats.batch_stats) == sum(row_counts)
+    # Triton counts compute_infer per request (each request of a batch took the batch's compute), as success is
+    infer = stats.inference_stats
+    assert infer.compute_infer.count == infer.success.count == infer.queue.count == len(row_counts)
     client.close()
 
 

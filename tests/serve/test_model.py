@@ -45,13 +45,29 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_the_queue(minilm: S
 def test_token_rows_must_hold_1_to_max_length_tokens_and_every_tensor_the_same_shape(minilm: ServedModel) -> None:
     assert minilm.tokenizer is not None
     limit = minilm.tokenizer.max_length
-    with pytest.raises(InvalidInput, match=f"0 tokens a row.*1 to {limit}"):
+    with pytest.raises(InvalidInput, match=f"0 tokens a row.*1 to {limit}.*; send at least one token a row, or"):
         minilm.prepare(token_request(minilm, np.zeros((1, 0), dtype=np.int64)), max_rows=8)
     with pytest.raises(InvalidInput, match=f"{limit + 1} tokens a row"):
         minilm.prepare(token_request(minilm, np.full((1, limit + 1), 1000, dtype=np.int64)), max_rows=8)
     ids = np.array([[101, 2000, 102]], dtype=np.int64)
     with pytest.raises(InvalidInput, match=r'"attention_mask" has shape \[1, 2\] but "input_ids" has \[1, 3\]'):
         minilm.prepare(token_request(minilm, ids, attention_mask=np.ones((1, 2), dtype=np.int64)), max_rows=8)
+
+
+@pytest.mark.slow
+def test_an_unknown_input_of_a_text_model_is_told_the_token_tensors_it_also_takes(minilm: ServedModel) -> None:
+    # a BERT tokenizer's output holds token_type_ids, which this MiniLM export does not take; "its inputs are text"
+    # hid that input_ids and attention_mask are accepted, and "input_id" got no did-you-mean
+    ids = np.array([[101, 2000, 102]], dtype=np.int64)
+    names = [spec.name for spec in minilm.engines[0].inputs]
+    assert names == ["input_ids", "attention_mask"]
+    extra = token_request(minilm, ids)
+    extra.inputs["token_type_ids"] = np.zeros_like(ids)
+    with pytest.raises(InvalidInput, match=r'it takes "text", or the token tensors input_ids, attention_mask$'):
+        minilm.prepare(extra, max_rows=8)
+    typo = InferRequest(inputs={"input_id": ids}, datatypes={"input_id": "INT64"})
+    with pytest.raises(InvalidInput, match='did you mean "input_ids"'):
+        minilm.prepare(typo, max_rows=8)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -187,3 +188,79 @@ def test_a_reload_goes_on_past_an_unexpected_error_and_records_it(
     assert served_version(server.http_url, "b") == "2"
     entry = index_entry(server.http_url, "a")
     assert entry["version"] == "2" and entry["reason"] == "MemoryError: out of memory while building the engine"
+
+
+def series(server: Any, model: str = "tiny") -> list[str]:
+    """The /metrics sample lines of ``model``, as a scraper sees them."""
+    with urllib.request.urlopen(f"http://{server.http_url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return [line for line in text.splitlines() if not line.startswith("#") and f'model="{model}"' in line]
+
+
+def test_the_series_of_a_version_that_leaves_the_policy_or_is_unloaded_leave_metrics(
+    start_server: Callable[..., Any],
+    tiny_artifact: artifacts.Artifact,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+) -> None:
+    server = start_server(tiny_artifact.repository, ADMIN_SETTINGS, http=True)
+    assert served_version(server.http_url) == "1"
+    bad = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
+    assert post(server.http_url, "/v2/models/tiny/infer", bad.encode())[0] == 400
+    assert any('reason="invalidinput",version="1"' in line for line in series(server))
+    artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model)
+
+    assert post(server.http_url, "/v2/repository/models/tiny/load")[0] == 200  # latest 1: version 1 leaves
+
+    lines = series(server)
+    assert lines and not [line for line in lines if 'version="1"' in line], lines
+    assert served_version(server.http_url) == "2"
+
+    assert post(server.http_url, "/v2/repository/models/tiny/unload")[0] == 200
+    assert series(server) == []
+
+    assert post(server.http_url, "/v2/repository/models/tiny/load")[0] == 200  # a load starts from zero
+    assert 'kiln_requests_total{model="tiny",outcome="success",version="2"} 0.0' in series(server)
+    stats = server.plane.statistics("tiny", None)["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == 0
+
+
+@pytest.mark.parametrize("version", ["+9", "1_0", " 9", "\u0669"])  # U+0669: ARABIC-INDIC DIGIT NINE
+def test_a_version_that_is_not_ascii_digits_is_not_found_not_served_by_another_version(
+    start_server: Callable[..., Any],
+    tiny_artifact: artifacts.Artifact,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+    version: str,
+) -> None:
+    for _ in range(9):  # versions 2 to 10; int() would read "1_0" as 10 and the others as 9
+        artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model)
+    server = start_server(tiny_artifact.repository, ServeSettings(version_policy_latest=2), http=True)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+
+    path = f"/v2/models/tiny/versions/{urllib.parse.quote(version)}/infer"
+    code, payload = post(server.http_url, path, body.encode())
+
+    assert code == 404, payload
+    assert f'version "{version}" is not a version number' in payload["error"]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata("tiny", model_version=version)
+    client.close()
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_a_load_that_fails_leaves_no_series_of_the_versions_it_built_and_discarded(
+    start_server: Callable[..., Any],
+    tiny_artifact: artifacts.Artifact,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+) -> None:
+    settings = ServeSettings(admin_enabled=True, admin_keys=(ADMIN_KEY,), version_policy_latest=2)
+    server = start_server(tiny_artifact.repository, settings, http=True)
+    artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model)  # version 2: builds, then discarded
+    corrupt_model_file(artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model).path)
+
+    assert post(server.http_url, "/v2/repository/models/tiny/load")[0] == 409
+
+    assert {line.rpartition('version="')[2][0] for line in series(server)} == {"1"}

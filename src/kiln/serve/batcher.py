@@ -381,7 +381,7 @@ class Batcher:
                     logger.exception("request failed on %s", self.model.name)
                 loop.call_soon_threadsafe(_fail_all, group, exc)
             return False
-        self.metrics.batch(sum(p.work.rows for p in group), time.perf_counter() - started)
+        self.metrics.batch(sum(p.work.rows for p in group), time.perf_counter() - started, len(group))
         loop.call_soon_threadsafe(_resolve_all, group, results)
         return True
 

@@ -2,7 +2,8 @@
 
 Durations are **histograms**, so P99 aggregates correctly across replicas (a summary's quantiles do not).
 Every series carries ``model`` and ``version`` labels. One ``ServerMetrics`` owns its own registry, so two
-servers in one process (tests) do not collide.
+servers in one process (tests) do not collide. A version's series go when it is unloaded, as Triton's do; a
+later load of it starts them from zero.
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ class ServerMetrics:
                 self._models[key] = ModelMetrics(self, *key)
             return self._models[key]
 
+    def forget(self, name: str, version: int | str) -> None:
+        """Drop the series of a version that is no longer served (unloaded, or out of the latest-N policy).
+
+        NOTE: call it when the version leaves the served set, before a load can bind the same labels again: its
+        draining requests then update unregistered children, not the series of the version loaded next.
+        """
+        with self._lock:
+            metrics = self._models.pop((name, str(version)), None)
+        if metrics is not None:
+            metrics.unregister()
+
     def render(self) -> bytes:
         """The Prometheus text exposition format."""
         return generate_latest(self.registry)
@@ -98,6 +110,8 @@ class ModelMetrics:
         # Bound once: finished() runs for every request.
         self._request_seconds = {o: server.request_seconds.labels(model, version, o) for o in ("success", "failure")}
         self._requests = {o: server.requests.labels(model, version, o) for o in ("success", "failure")}
+        self._reasons: set[str] = set()  # failure reasons seen, whose series ``unregister`` removes
+        self._registered = True
         self.stats = ModelStats()
         self._lock = threading.Lock()
 
@@ -106,8 +120,12 @@ class ModelMetrics:
         self.stats.queue[0] += 1
         self.stats.queue[1] += int(seconds * 1e9)
 
-    def batch(self, rows: int, seconds: float) -> None:
-        """Called from worker threads."""
+    def batch(self, rows: int, seconds: float, requests: int = 1) -> None:
+        """A batch of ``requests`` requests and ``rows`` rows ran in ``seconds``. Called from worker threads.
+
+        Triton's ``compute_infer`` counts requests, each with the batch's duration (so its count matches
+        ``success``); ``execution_count`` and the batch-size statistics count batches.
+        """
         self._compute_seconds.observe(seconds)
         self._batch_rows.observe(rows)
         ns = int(seconds * 1e9)
@@ -115,8 +133,8 @@ class ModelMetrics:
             stats = self.stats
             stats.execution_count += 1
             stats.inference_count += rows
-            stats.compute_infer[0] += 1
-            stats.compute_infer[1] += ns
+            stats.compute_infer[0] += requests
+            stats.compute_infer[1] += ns * requests
             entry = stats.batch_sizes.setdefault(rows, [0, 0])
             entry[0] += 1
             entry[1] += ns
@@ -134,8 +152,22 @@ class ModelMetrics:
         bucket[1] += ns
         if outcome == "success":
             self.stats.last_inference_ms = int(time.time() * 1000)
-        elif reason is not None:
+        elif reason is not None and self._registered:  # a request that outlived its version's series adds none
+            self._reasons.add(reason)
             self._server.failures.labels(*self._labels, reason).inc()
+
+    def unregister(self) -> None:
+        """Remove this version's series from the registry (``ServerMetrics.forget``)."""
+        self._registered = False
+        server, labels = self._server, self._labels
+        for family in (server.queue_seconds, server.compute_seconds, server.batch_rows, server.queue_rows):
+            family.remove(*labels)
+        server.inflight.remove(*labels)  # a separate line: mypy's join of the five families is not one type
+        for outcome in ("success", "failure"):
+            server.request_seconds.remove(*labels, outcome)
+            server.requests.remove(*labels, outcome)
+        for reason in self._reasons:
+            server.failures.remove(*labels, reason)
 
     def triton_stats(self) -> dict[str, Any]:
         """This version's entry of ``GET /v2/models/{m}/stats`` (Triton's statistics extension)."""

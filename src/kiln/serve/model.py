@@ -148,12 +148,14 @@ class ServedModel:
 
     def _prepare_tensors(self, request: InferRequest, outputs: list[str], max_rows: int) -> Work:
         expected = self.engine_inputs
-        public = [spec.name for spec in self.inputs]
+        accepted = [*(spec.name for spec in self.inputs), *(expected if self.tokenizer is not None else ())]
         for name in request.inputs:
             if name not in expected:
+                takes = f"its inputs are {', '.join(accepted)}"
+                if self.tokenizer is not None:  # its token tensors are accepted too: name them, or "text" misleads
+                    takes = f'it takes "{TEXT_INPUT}", or the token tensors {", ".join(expected)}'
                 raise InvalidInput(
-                    f'input "{name}" is not an input of model "{self.name}"{did_you_mean(name, public)}; '
-                    f"its inputs are {', '.join(public)}",
+                    f'input "{name}" is not an input of model "{self.name}"{did_you_mean(name, accepted)}; {takes}',
                     input=name,
                 )
         missing = [name for name in expected if name not in request.inputs]
@@ -175,9 +177,7 @@ class ServedModel:
                     expected=spec.dtype,
                     received=sent_as,
                 )
-            if array.ndim != len(spec.shape) or any(
-                want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-            ):
+            if not spec.fits(array.shape):
                 raise InvalidInput(
                     f'input "{name}" has shape {list(array.shape)}; model "{self.name}" expects '
                     f"{list(spec.shape)} (-1: any size)",
@@ -215,10 +215,10 @@ class ServedModel:
             return
         limit = self.tokenizer.max_length
         if not 1 <= ids.shape[1] <= limit:
+            fix = "send shorter rows" if ids.shape[1] > limit else "send at least one token a row"
             raise InvalidInput(
                 f'input "input_ids" has {ids.shape[1]} tokens a row; model "{self.name}" takes 1 to {limit} (its '
-                f'tokenizer truncates to {limit}); send shorter rows, or send "{TEXT_INPUT}" and let the server '
-                "tokenize",
+                f'tokenizer truncates to {limit}); {fix}, or send "{TEXT_INPUT}" and let the server tokenize',
                 input="input_ids",
             )
         vocab = self.tokenizer.vocab_size

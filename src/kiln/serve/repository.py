@@ -151,6 +151,7 @@ class ModelRepository:
                     if isinstance(exc, Exception):
                         self._record_failure(name, version, exc)
                     for loaded in fresh.values():
+                        self.metrics.forget(name, loaded.version)
                         await loaded.batcher.close()
                     raise
             for loaded in fresh.values():
@@ -159,6 +160,8 @@ class ModelRepository:
             self._served = {**self._served, name: {**keep, **fresh}}  # one assignment: the swap
             self._failures.pop(name, None)
             retired = [lv for v, lv in current.items() if v not in wanted]
+            for loaded in retired:  # in the lock: a load of the same version must bind fresh series
+                self.metrics.forget(name, loaded.version)
         for loaded in retired:
             await loaded.batcher.close()
             logger.info("unloaded %s version %d", name, loaded.version)
@@ -175,6 +178,8 @@ class ModelRepository:
                 )
             retired = self._served[name]
             self._served = {k: v for k, v in self._served.items() if k != name}
+            for version in retired:  # in the lock: a load of the same version must bind fresh series
+                self.metrics.forget(name, version)
         for loaded in retired.values():
             await loaded.batcher.close()
 
@@ -233,11 +238,12 @@ def _reason(exc: Exception) -> str:
 
 
 def _version_number(name: str, version: str | int) -> int:
-    try:
+    # NOTE: not int(version) alone: it takes "1_0" (10), " 2", "+2" and "٢" (Arabic-Indic 2), so a malformed
+    # version would be served by another one. A version is what names its directory: ASCII digits.
+    if isinstance(version, int) or (version.isascii() and version.isdigit()):
         return int(version)
-    except (TypeError, ValueError):
-        raise ModelNotFound(
-            f'model "{name}" version "{version}" is not a version number; versions are 1, 2, 3 ...',
-            model=name,
-            version=str(version),
-        ) from None
+    raise ModelNotFound(
+        f'model "{name}" version "{version}" is not a version number; versions are 1, 2, 3 ...',
+        model=name,
+        version=str(version),
+    )
