@@ -138,3 +138,34 @@ def test_eval_set_take_selects_rows() -> None:
     picked = texts.take(np.array([2, 0]))
     assert picked.texts == ["c", "a"]
     np.testing.assert_array_equal(picked.labels, [2, 0])
+
+
+# --- found in review: each failed before its fix ----------------------------------------------------------------------
+
+
+def test_read_npz_refuses_files_that_are_not_an_npz_with_invalid_input(tmp_path: Path) -> None:
+    # an .npy was a TypeError ("does not support the context manager protocol"), an empty file an EOFError and a
+    # truncated .npz a zipfile.BadZipFile: stack traces for a wrong --eval-data or --calibration-data file
+    np.save(tmp_path / "rows.npy", np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(InvalidInput, match=r'"[^"]*rows\.npy" is an \.npy file \(one unnamed array\), not an \.npz'):
+        data.read_npz(tmp_path / "rows.npy", "held-out data file")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(InvalidInput, match=r'"[^"]*empty\.npz" is not a readable \.npz'):
+        data.read_npz(tmp_path / "empty.npz", "held-out data file")
+    np.savez(tmp_path / "good.npz", input=np.zeros((64, 8), dtype=np.float32))
+    whole = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InvalidInput, match=r'"[^"]*cut\.npz" is not a readable \.npz'):
+        data.read_npz(tmp_path / "cut.npz", "held-out data file")
+    with pytest.raises(InvalidInput, match=r'"[^"]*" is a directory; pass an \.npz'):
+        data.read_npz(tmp_path, "held-out data file")
+
+
+def test_held_out_data_with_a_scalar_array_is_invalid_input(tmp_path: Path) -> None:
+    # was TypeError "len() of unsized object"
+    np.savez(tmp_path / "scalar.npz", input=np.float32(1.0))
+    with pytest.raises(InvalidInput, match=r'holds a scalar "input"; each array holds rows'):
+        data.load_eval_npz(tmp_path / "scalar.npz", ["input"])
+    np.savez(tmp_path / "labels.npz", input=np.zeros((3, 2), dtype=np.float32), labels=np.int64(1))
+    with pytest.raises(InvalidInput, match=r'holds a scalar "labels"'):
+        data.load_eval_npz(tmp_path / "labels.npz", ["input"])

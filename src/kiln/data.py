@@ -132,12 +132,24 @@ def heldout_asset(feeds: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any
 def read_npz(path: Path, what: str, error: type[InvalidInput] = InvalidInput) -> dict[str, np.ndarray[Any, Any]]:
     """The arrays of an ``.npz`` a user passed (``what``: "calibration file", say), by name; ``error`` when the file
     is missing or unreadable (pickled objects are refused)."""
+    import zipfile
+
     if not path.is_file():
-        raise error(f'{what} "{path}" does not exist; pass an .npz of model inputs', path=str(path))
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise error(f'{what} "{path}" {state}; pass an .npz of model inputs', path=str(path))
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+        # NOTE: opened here, not by np.load, which leaves its file open when zipfile refuses a truncated .npz
+        with path.open("rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy: one unnamed array
+                raise error(
+                    f'{what} "{path}" is an .npy file (one unnamed array), not an .npz of arrays named like the model '
+                    "inputs; save one with np.savez(path, input=rows)",
+                    path=str(path),
+                )
+            with loaded as data:
+                return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # empty, truncated, not numpy at all
         raise error(f'{what} "{path}" is not a readable .npz ({exc})', path=str(path)) from exc
 
 
@@ -149,6 +161,14 @@ def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
         raise InvalidInput(
             f'held-out data file "{path}" has arrays {", ".join(sorted(arrays)) or "none"}; the model takes '
             f'{", ".join(input_names)}: name one array after each input (and, optionally, one "labels")',
+            path=str(path),
+        )
+    scalars = sorted(k for k, v in arrays.items() if v.ndim == 0) + (
+        ["labels"] if labels is not None and labels.ndim == 0 else []
+    )
+    if scalars:
+        raise InvalidInput(
+            f'held-out data file "{path}" holds a scalar "{scalars[0]}"; each array holds rows (first axis = rows)',
             path=str(path),
         )
     rows = {len(v) for v in arrays.values()} | ({len(labels)} if labels is not None else set())

@@ -5,11 +5,13 @@ Used by optimize (the accuracy guard) and bench (the fidelity column), so both r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kiln.errors import InvalidInput
+from kiln.types import TensorSpec
 
 Array = np.ndarray[Any, Any]
 
@@ -52,21 +54,48 @@ def embedding_fidelity(reference: Array, candidate: Array) -> dict[str, float]:
     }
 
 
+def label_output(outputs: Sequence[TensorSpec], labels: Array | None, task: str, *, scored: str) -> str | None:
+    """The output that gives a classifier's own labels, of the held-out labels' kind, or None.
+
+    scikit-learn's ``label`` maps to the model's classes (1, 2, 3 or "setosa" ...), where an argmax over its
+    probabilities (``scored``) gives positions 0..K-1, which never equal such labels: the task is scored on it.
+    """
+    if task != "classification" or labels is None:
+        return None
+    strings = labels.dtype.kind in "OSU"
+    return next(
+        (
+            o.name
+            for o in outputs
+            if o.name != scored
+            and len(o.shape) in (1, 2)
+            and o.shape[1:] in ((), (1,))
+            and (o.dtype == "BYTES" if strings else o.dtype.startswith(("INT", "UINT")))
+        ),
+        None,
+    )
+
+
 def predictions(output: Array, task: str) -> Array:
-    """Class ids from probabilities/logits (2-D) or from labels (1-D integers); values for regression.
+    """Class ids from probabilities/logits (2-D) or from labels (1-D integers); values (N, outputs) for regression.
 
     One float column is a binary classifier's score: a probability of class 1 when every value lies in [0, 1]
-    (cut at 0.5), a logit otherwise (cut at 0).
+    (cut at 0.5), a logit otherwise (cut at 0). A row with a NaN or infinite score predicts class -1, which no
+    label equals: a variant that overflows is wrong there, not class 0.
     """
     if task == "regression":
-        return output.reshape(len(output))
+        return output.reshape(len(output), -1)
     if output.ndim == 2 and output.shape[1] > 1:
         classes: Array = np.argmax(output, axis=1)
+        if output.dtype.kind == "f":
+            classes[~np.isfinite(output).all(axis=1)] = -1
         return classes
     flat = output.reshape(len(output))
     if flat.dtype.kind == "f":
-        cut = 0.5 if flat.size and flat.min() >= 0.0 and flat.max() <= 1.0 else 0.0
+        finite = flat[np.isfinite(flat)]
+        cut = 0.5 if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0 else 0.0
         binary: Array = (flat > cut).astype(np.int64)
+        binary[~np.isfinite(flat)] = -1
         return binary
     return flat
 
@@ -74,21 +103,55 @@ def predictions(output: Array, task: str) -> Array:
 def task_score(output: Array, labels: Array, task: str) -> dict[str, float]:
     """Accuracy for classification; R² (higher is better, so the same guard applies) for regression.
 
+    R² is averaged over the outputs of a multi-output regressor; on labels without variance (one row, say) it is
+    1.0 for exact predictions and 0.0 otherwise, as scikit-learn's ``r2_score`` gives.
+
     Raises:
-        InvalidInput: classification labels that are not class ids (strings, say): they could never equal a
-            predicted class, and an accuracy of 0 would let the accuracy guard pass any variant.
+        InvalidInput: labels of another row count, or classification labels that are not class ids of the output
+            scored (strings, say, or 1..3 against three probability columns): they could never equal a predicted
+            class, and an accuracy of 0 would let the accuracy guard pass any variant.
     """
+    if len(labels) != len(output):
+        raise InvalidInput(
+            f"the held-out data has {len(labels)} labels for {len(output)} rows of outputs; pass one label per row"
+        )
     pred = predictions(output, task)
     if task == "regression":
-        residual = float(np.sum((labels - pred) ** 2))
-        total = float(np.sum((labels - np.mean(labels)) ** 2)) or 1.0
-        return {"r2": 1.0 - residual / total}
-    if labels.dtype.kind not in "iub" and pred.dtype.kind in "iub":
+        return {"r2": _r2(labels.reshape(len(labels), -1).astype(np.float64), pred.astype(np.float64))}
+    if labels.ndim == 2 and labels.shape[1] == 1:  # (N, 1) labels against (N,) predictions broadcast to (N, N)
+        labels = labels.reshape(len(labels))
+    if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):  # 0.0/1.0 targets of BCE: class ids as floats
+        labels = labels.astype(np.int64)
+    if pred.dtype.kind not in "iub":
+        return {"accuracy": float(np.mean(pred == labels))}
+    if labels.dtype.kind not in "iub":
         raise InvalidInput(
             f"the held-out labels are {labels.dtype} values ({', '.join(map(repr, labels[:3].tolist()))} ...) but the "
             "model predicts class ids; store the labels as class ids 0..K-1, in the order of the model's outputs"
         )
+    classes = output.shape[1] if output.dtype.kind == "f" and output.ndim == 2 and output.shape[1] > 1 else 2
+    if output.dtype.kind == "f" and labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise InvalidInput(
+            f"the held-out labels run from {labels.min()} to {labels.max()} but the model scores {classes} classes, "
+            f"whose ids are 0..{classes - 1} in the order of its outputs; store the labels as those class ids (or "
+            "score the model's own label output)"
+        )
     return {"accuracy": float(np.mean(pred == labels))}
+
+
+def _r2(labels: Array, pred: Array) -> float:
+    """R² of (N, outputs) predictions, averaged over the outputs."""
+    if labels.shape != pred.shape:
+        raise InvalidInput(
+            f"the held-out labels have shape {list(labels.shape)} but the model predicts {list(pred.shape)} values; "
+            "pass one label per output of each row"
+        )
+    residual = np.sum((labels - pred) ** 2, axis=0)
+    total = np.sum((labels - labels.mean(axis=0)) ** 2, axis=0)
+    constant = np.where(residual == 0, 1.0, 0.0)
+    per_output = np.where(total > 0, 1.0 - residual / np.where(total > 0, total, 1.0), constant)
+    # a NaN prediction stays NaN: the guard compares it false and refuses the variant
+    return float(np.mean(np.where(np.isnan(residual), np.nan, per_output)))
 
 
 def output_fidelity(reference: Array, candidate: Array) -> dict[str, float]:

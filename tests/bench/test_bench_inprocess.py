@@ -246,3 +246,32 @@ def test_a_model_without_held_out_data_is_told_how_to_export_some_not_an_optimiz
     with pytest.raises(InvalidInput, match=r"has no held-out data, which kiln bench times and scores it on") as info:
         bench([bare], settings=fast_settings)
     assert "--eval-data" not in str(info.value) and "--dataset NAME" in str(info.value)
+
+
+@pytest.mark.parametrize("classes", ["1..3", "strings"])
+def test_a_classifier_whose_classes_are_not_0_to_k_minus_1_is_scored_on_its_own_labels(
+    tmp_path: Path, fast_settings: BenchSettings, classes: str
+) -> None:
+    # wine's classes 1, 2, 3 scored accuracy 0.0 (an argmax over probabilities gives 0..2) and string classes were
+    # refused with "store the labels as class ids 0..K-1", though scikit-learn's own label output gives them
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from kiln import export_model
+    from kiln.data import bundled_dataset
+
+    data = bundled_dataset("wine")
+    names = np.array(data.target_names)
+    y_train, y_test = (
+        (data.y_train + 1, data.y_test + 1) if classes == "1..3" else (names[data.y_train], names[data.y_test])
+    )
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(data.x_train, y_train)
+    art = export_model(
+        model, out=tmp_path / "repo", name="wine", example_inputs=data.x_test, eval_data=(data.x_test, y_test)
+    )
+
+    report = bench([art], settings=dataclasses.replace(fast_settings, samples=len(y_test)))
+    expected = float(np.mean(model.predict(data.x_test) == y_test))
+    assert expected > 0.9
+    assert report.row("wine v1 (fp32)", 4).fidelity["accuracy"] == pytest.approx(expected)

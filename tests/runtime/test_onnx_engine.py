@@ -86,3 +86,35 @@ def test_missing_input_names_what_is_needed(engine: OrtEngine) -> None:
 def test_missing_model_file_is_model_not_found(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match=r'model file ".*absent\.onnx" does not exist'):
         OrtEngine(tmp_path / "absent.onnx")
+
+
+# --- found in review: each failed before its fix ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "given"),
+    [((4,), r"\[4\]"), ((2, 5), r"\[2, 5\]"), ((2, 4, 1), r"\[2, 4, 1\]")],
+)
+def test_a_feed_of_the_wrong_shape_names_the_input_and_both_shapes(
+    engine: OrtEngine, shape: tuple[int, ...], given: str
+) -> None:
+    # was ONNX Runtime's "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid rank for input..." with a hint about
+    # token ids
+    with pytest.raises(
+        InvalidInput, match=rf'input "input" has shape {given}; model .* takes \[-1, 4\] \(-1 = any size\)'
+    ) as info:
+        engine.run({"input": np.zeros(shape, dtype=np.float32)})
+    assert "ONNXRuntimeError" not in str(info.value) and "token ids" not in str(info.value)
+    assert info.value.details == {"input": "input", "expected": [-1, 4], "actual": list(shape)}
+
+
+def test_a_feed_that_cannot_be_cast_to_the_input_dtype_is_invalid_input(engine: OrtEngine) -> None:
+    # was numpy's ValueError "could not convert string to float", a stack trace
+    with pytest.raises(InvalidInput, match=r'input "input" of model .* holds <U1 values that cannot be read as FP32'):
+        engine.run({"input": np.array([["a", "b", "c", "d"]])})
+
+
+def test_a_missing_input_is_named_in_the_details(engine: OrtEngine) -> None:
+    with pytest.raises(InvalidInput) as info:
+        engine.run({})
+    assert info.value.details == {"input": "input"}

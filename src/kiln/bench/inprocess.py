@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from kiln.bench.results import BenchReport, BenchRow, CorpusThroughput
 from kiln.config import BenchSettings, resolve, settings_dict
 from kiln.data import EvalSet, eval_set
 from kiln.errors import ConfigError, InvalidInput
+from kiln.fidelity import label_output, task_score
 from kiln.runtime import probe
 
 logger = logging.getLogger(__name__)
@@ -133,10 +135,22 @@ def _corpus_and_fidelity(
     seconds, outputs = corpus_passes(candidates, request, batch_size, passes)
     reference = outputs[candidates[0].name]
     embedding = text or first.manifest.task == "embedding"
-    fidelity = {
-        name: fidelity_of(reference, out, task=first.manifest.task, embedding=embedding, labels=data.labels)
-        for name, out in outputs.items()
-    }
+    task = first.manifest.task
+    # A classifier's own label output scores the task where it has one of the labels' kind (classes 1..3, strings)
+    outputs_of_first = first.manifest.signature.outputs
+    labels_from = None if text else label_output(outputs_of_first, data.labels, task, scored=candidates[0].output)
+    fidelity = {}
+    for cand in candidates:
+        if labels_from is None or labels_from not in [spec.name for spec in cand.engine.outputs]:
+            fidelity[cand.name] = fidelity_of(
+                reference, outputs[cand.name], task=task, embedding=embedding, labels=data.labels
+            )
+        else:
+            assert data.labels is not None
+            own = dataclasses.replace(cand, output=labels_from).infer(request, batch_size)
+            fidelity[cand.name] = task_score(own, data.labels, task) | fidelity_of(
+                reference, outputs[cand.name], task=task, embedding=embedding, labels=None
+            )
     corpus = (
         [CorpusThroughput(c.name, batch_size, data.rows, data.rows / seconds[c.name]) for c in candidates]
         if text

@@ -141,8 +141,10 @@ class OrtEngine:
             )
         missing = [k for k in expected if k not in feeds]
         if missing:
-            raise InvalidInput(f'input "{missing[0]}" is missing; this model needs {", ".join(expected)}')
-        ready = {k: np.ascontiguousarray(v, dtype=expected[k].numpy_dtype) for k, v in feeds.items()}
+            raise InvalidInput(
+                f'input "{missing[0]}" is missing; this model needs {", ".join(expected)}', input=missing[0]
+            )
+        ready = {k: self._ready(expected[k], v) for k, v in feeds.items()}
         try:
             values = self._session.run(self._output_names, ready)
         except self._invalid_argument as exc:
@@ -153,3 +155,28 @@ class OrtEngine:
                 "token ids: within the vocabulary, every tensor of the same length)"
             ) from None
         return dict(zip(self._output_names, values, strict=True))
+
+    def _ready(self, spec: TensorSpec, value: Any) -> np.ndarray[Any, Any]:
+        """``value`` as a contiguous array of the input's dtype; InvalidInput naming the input when its values
+        cannot be read as that dtype or its shape does not fit (ONNX Runtime's own text names neither well)."""
+        try:
+            array = np.ascontiguousarray(value, dtype=spec.numpy_dtype)
+        except (TypeError, ValueError) as exc:
+            given = getattr(value, "dtype", type(value).__name__)
+            raise InvalidInput(
+                f'input "{spec.name}" of model {self.name!r} holds {given} values that cannot be read as '
+                f"{spec.dtype} ({exc}); pass {spec.dtype} values",
+                input=spec.name,
+                expected=spec.dtype,
+                actual=str(given),
+            ) from None
+        # NOTE: ONNX Runtime reports an input of unknown rank with shape []: only a known rank is checked here.
+        if spec.shape and not spec.fits(array.shape):
+            raise InvalidInput(
+                f'input "{spec.name}" has shape {list(array.shape)}; model {self.name!r} takes {list(spec.shape)} '
+                "(-1 = any size); pass rows of that shape",
+                input=spec.name,
+                expected=list(spec.shape),
+                actual=list(array.shape),
+            )
+        return array
