@@ -56,6 +56,12 @@ class TensorSpec:
         dtype: np.dtype[Any] = np.dtype(V2_TO_NUMPY[self.dtype])
         return dtype
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of ``shape`` fits: the same rank, and each fixed axis the same size (-1: any size)."""
+        return len(shape) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.dtype, "shape": list(self.shape)}
 

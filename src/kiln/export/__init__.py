@@ -351,9 +351,7 @@ def _export_onnx(
     eval_entry, assets = _eval_entry(eval_data, signature.inputs[0].name) if eval_data else ({}, {})
     if eval_data is not None:  # stored now, read by optimize and bench later: it must fit the model's input
         spec, rows = signature.inputs[0], np.asarray(eval_data[0])
-        if rows.ndim != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, rows.shape, strict=True)
-        ):
+        if not spec.fits(rows.shape):
             raise InvalidInput(
                 f'held-out inputs have shape {list(rows.shape)} but input "{spec.name}" of "{path}" takes '
                 f"{list(spec.shape)} (-1 = any size); pass held-out rows that fit the model (a --dataset of the same "

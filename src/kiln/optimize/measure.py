@@ -38,24 +38,9 @@ class Workload:
         floats = [o.name for o in outputs if o.dtype in ("FP32", "FP16", "FP64")]
         self.output = floats[0] if floats else outputs[0].name
         # A classifier's own label output (scikit-learn's "label") scores the task when the held-out labels are of
-        # its kind: it maps to the model's classes (1, 2, 3 or "setosa" ...), where an argmax over probabilities
-        # gives positions 0..K-1 and would score 0 against such labels, blinding the accuracy guard.
-        labels = data.labels
-        self.label_output: str | None = None
-        text = artifact.manifest.preprocessing.get("kind") == "text"  # scored on its embeddings, never labels
-        if self.task == "classification" and labels is not None and not text:
-            kind = "BYTES" if labels.dtype.kind in "OSU" else "INT"
-            self.label_output = next(
-                (
-                    o.name
-                    for o in outputs
-                    if o.name != self.output
-                    and len(o.shape) in (1, 2)
-                    and o.shape[1:] in ((), (1,))
-                    and (o.dtype == "BYTES" if kind == "BYTES" else o.dtype.startswith(("INT", "UINT")))
-                ),
-                None,
-            )
+        # its kind (classes 1, 2, 3 or "setosa" ...); text models are scored on their embeddings, never on labels
+        text = artifact.manifest.preprocessing.get("kind") == "text"
+        self.label_output = None if text else fidelity.label_output(outputs, data.labels, self.task, scored=self.output)
         pre = artifact.manifest.preprocessing
         self.tokenizer = (
             TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))

@@ -123,10 +123,7 @@ def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> list
                     input=spec.name,
                 )
             array = feeds[spec.name]
-            fixed_ok = len(array.shape) == len(spec.shape) and all(
-                want in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
-            )
-            if not fixed_ok:
+            if not spec.fits(array.shape):
                 raise CalibrationError(
                     f'calibration batch {number}, input "{spec.name}" has shape {list(array.shape)}; the model '
                     f"expects {list(spec.shape)} (-1 = any size); reshape the calibration data to match",

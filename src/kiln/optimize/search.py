@@ -204,9 +204,7 @@ def _check_fits(parent: artifacts.Artifact, data: EvalSet) -> None:
         rows = None if data.feeds is None else data.feeds.get(spec.name)
         if rows is None:
             continue
-        if rows.ndim != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, rows.shape, strict=True)
-        ):
+        if not spec.fits(rows.shape):
             raise InvalidInput(
                 f'held-out input "{spec.name}" has shape {list(rows.shape)}; model "{parent.name}" takes '
                 f"{list(spec.shape)} (-1 = any size); pass held-out rows of that shape",
