@@ -350,3 +350,14 @@ def test_a_train_run_with_a_name_that_is_not_a_plain_directory_is_refused_before
 
     with pytest.raises(InvalidInput, match=r'model name "\.\./x" is not a valid name.*name = "digits-cnn"'):
         TrainSettings(dataset="digits", name="../x")
+
+
+def test_only_directories_named_as_write_names_them_are_versions(
+    tmp_path: Path, tiny_onnx_model: Path, make_manifest: Callable[..., artifacts.Manifest]
+) -> None:
+    # "²" passed str.isdigit and then failed int(): every load, index and metadata call for the model was a 500
+    art = artifacts.write(tmp_path / "repo", make_manifest(), tiny_onnx_model)
+    for junk in ("²", "٣", "007", "1a"):
+        (art.path.parent / junk).mkdir()
+    assert artifacts.versions(art.path.parent) == [1]
+    assert artifacts.load(art.path.parent).version == 1

@@ -157,9 +157,18 @@ def versions(model_dir: Path) -> list[int]:
     try:
         if not model_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _is_version_name(p.name))
     except OSError as exc:
         raise _unreadable(model_dir, exc) from exc
+
+
+def _is_version_name(name: str) -> bool:
+    """A version's directory is named by its number as ``write`` writes it: ASCII digits, no leading zero.
+
+    NOTE: ``str.isdigit`` takes "²" (which ``int`` refuses: every request to the model was a 500) and "٣" (read as
+    3); "007" is int 7 but lives at "007", where version 7 would not be found.
+    """
+    return name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0"))
 
 
 def list_models(repository: Path) -> list[str]:
