@@ -36,6 +36,17 @@ def fitted_pipeline(digits: tuple[Array, Array]) -> Any:
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)).fit(x[:1200], y[:1200])
 
 
+def test_a_fitted_estimator_exports_from_its_held_out_rows_alone(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
+) -> None:
+    # the held-out rows fix the input width as example rows do; only a pickle's path used them, an object did not
+    x, y = digits
+    art = export(fitted_pipeline, out=tmp_path, name="digits", eval_data=(x[1200:], y[1200:]))
+    assert art.manifest.signature.inputs[0].shape == (-1, 64) and art.manifest.eval_data["rows"] == len(x) - 1200
+    with pytest.raises(InvalidInput, match=r"needs example_inputs .* or eval_data"):
+        export(fitted_pipeline, out=tmp_path, name="digits")
+
+
 def test_sklearn_pipeline_matches_predict_proba_at_any_batch(
     tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
 ) -> None:

@@ -157,8 +157,6 @@ def _export_path(
         )
     if suffix in _PICKLE_SUFFIXES:
         model = sklearn.load_pickle(path, trust_pickle=trust_pickle)
-        if example_inputs is None and eval_data is not None:
-            example_inputs = eval_data[0]
         if not sklearn.is_sklearn(model):
             raise UnknownFormat(
                 f'"{path}" holds a {type(model).__name__}, not a scikit-learn estimator', path=str(path)
@@ -207,8 +205,12 @@ def _export_sklearn(
     settings: ExportSettings,
     source_extra: dict[str, Any],
 ) -> Artifact:
+    if example_inputs is None and eval_data is not None:  # the held-out rows show the input width as well
+        example_inputs = eval_data[0]
     if example_inputs is None:
-        raise InvalidInput("a scikit-learn model needs example_inputs (a 2-D feature array) to fix the input width")
+        raise InvalidInput(
+            "a scikit-learn model needs example_inputs (a 2-D feature array) or eval_data to fix the input width"
+        )
     import sklearn as sk
 
     x = np.asarray(example_inputs, dtype=np.float32)
