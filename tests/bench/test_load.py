@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import socket
 import struct
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -28,9 +25,10 @@ from kiln.bench.load import payloads_for
 from kiln.bench.loadclient import poisson_schedule
 from kiln.bench.loadreport import read_load_json
 from kiln.bench.loadresults import STEP_COLUMNS, LoadStep, step_cells
-from kiln.bench.loadtarget import BINARY_HEADER, V2Target, encode_request, wait_ready
+from kiln.bench.loadtarget import BINARY_HEADER, V2Target, encode_request
 from kiln.errors import ConfigError, ModelNotFound
 from kiln.types import Signature, TensorSpec
+from tests.helpers import kiln, serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE = REPO_ROOT / "bench" / "serve_fastapi_baseline.py"
@@ -47,18 +45,9 @@ def free_port() -> int:
 def baseline_server(artifact_dir: Path) -> Iterator[str]:
     """The FastAPI + ORT baseline serving ``artifact_dir``; yields its URL once GET /v2/health/ready is 200."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(BASELINE), str(artifact_dir), "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, timeout_s=60.0, poll_s=0.05)
+    with serving([sys.executable, str(BASELINE), str(artifact_dir), "--port", str(port)], url):
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def write_tiny_artifact(repo: Path) -> artifacts.Artifact:
@@ -384,12 +373,6 @@ def test_load_html_has_both_plots_and_round_trips_its_json(tmp_path: Path) -> No
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------------
-
-
-def kiln(*args: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 def test_cli_bench_url_prints_the_table_and_writes_the_report(tiny_url: str, tmp_path: Path) -> None:

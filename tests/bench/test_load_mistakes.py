@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -24,9 +22,10 @@ from kiln import artifact as artifacts
 from kiln.bench import LoadSettings, load_test
 from kiln.bench.load import payloads_for
 from kiln.bench.loadclient import poisson_schedule
-from kiln.bench.loadtarget import ModelMetadata, wait_ready
+from kiln.bench.loadtarget import ModelMetadata
 from kiln.errors import ConfigError, InvalidInput, KilnError
 from kiln.types import Signature, TensorSpec
+from tests.helpers import kiln, serving
 
 FAST = LoadSettings(rates=(20.0,), duration_s=0.3, max_requests=4, warmup_requests=1, cooldown_s=0.0)
 MAX_ROWS, MAX_QUEUE_ROWS = 8, 4  # a request of 5-8 rows is over the queue's bound (503), of 9 over the rows' (400)
@@ -82,39 +81,24 @@ def write_repository(repo: Path) -> None:
 
 
 @contextlib.contextmanager
-def serving(repo: Path, *extra: str) -> Iterator[Served]:
+def kiln_serve(repo: Path, *extra: str) -> Iterator[Served]:
     """``kiln serve repo`` (the CLI, in a process of its own) on free ports, stopped with SIGTERM afterwards."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "kiln", "serve", str(repo), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         "--instances", "1", "--max-rows-per-request", str(MAX_ROWS), "--max-queue-rows", str(MAX_QUEUE_ROWS), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{http_port}"
-    try:
-        wait_ready(url, timeout_s=60.0, poll_s=0.05)
+    with serving(command, url):
         yield Served(url, grpc_port)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     repo = tmp_path_factory.mktemp("mistakes") / "repo"
     write_repository(repo)
-    with serving(repo) as server:
+    with kiln_serve(repo) as server:
         yield server
-
-
-def kiln(*args: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 # --- the server answers, but not as expected ---------------------------------------------------------------------
@@ -201,7 +185,7 @@ def test_a_report_dir_that_cannot_be_made_is_refused_before_the_load(served: Ser
 def test_a_server_with_api_keys_is_loaded_with_api_key(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_repository(repo)
-    with serving(repo, "--api-key", "k3y") as server:
+    with kiln_serve(repo, "--api-key", "k3y") as server:
         with pytest.raises(KilnError, match=r"answered 401.*Authorization: Bearer"):
             load_test(server.url, "tiny", settings=FAST)
         report = load_test(server.url, "tiny", settings=FAST, api_key="k3y", report_dir=tmp_path / "load")

@@ -12,22 +12,9 @@ from pathlib import Path
 import pytest
 
 from kiln import artifact as artifacts
+from tests.helpers import kiln
 
 EXIT_USER_ERROR = 2
-
-
-def kiln(
-    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kiln", *map(str, args)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:

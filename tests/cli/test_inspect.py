@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from tests.helpers import kiln
 
 
 def tiny_artifact(tmp_path: Path, source_path: str) -> Path:
@@ -39,14 +38,7 @@ def tiny_artifact(tmp_path: Path, source_path: str) -> Path:
 def test_inspect_prints_a_source_path_with_brackets_as_it_is(tmp_path: Path) -> None:
     source = "/data/runs/[v2]/model.onnx"
     version_dir = tiny_artifact(tmp_path, source)
-    result = subprocess.run(
-        [sys.executable, "-m", "kiln", "inspect", str(version_dir)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "250"},
-    )
+    result = kiln("inspect", version_dir, env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
     # rich read "[v2]" as a style tag: the path printed as "/data/runs//model.onnx"
     assert f"path={source}" in result.stdout, result.stdout
@@ -55,16 +47,6 @@ def test_inspect_prints_a_source_path_with_brackets_as_it_is(tmp_path: Path) -> 
 
 def test_export_prints_names_and_paths_with_brackets_and_help_shows_the_config_table(tmp_path: Path) -> None:
     version_dir = tiny_artifact(tmp_path, "x.onnx")
-
-    def kiln(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kiln", *args],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "COLUMNS": "250"},
-        )
 
     out = tmp_path / "out[v2]"
     result = kiln("export", str(version_dir / "model.onnx"), "--out", str(out), "--name", "m[red]x")

@@ -1,0 +1,45 @@
+"""Helpers the test modules share (plain functions; the fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def kiln(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None, timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python -m kiln ARGS`` as a user runs it: exit code, stdout and stderr (200 columns: rich does not wrap)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kiln", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+@contextmanager
+def serving(command: list[str], url: str) -> Iterator[None]:
+    """Run the server ``command``; yield once ``GET {url}/v2/health/ready`` answers 200; SIGTERM it afterwards
+    (and kill it if it has not exited 15 s later)."""
+    from kiln.bench.loadtarget import wait_ready
+
+    process = subprocess.Popen(command)
+    try:
+        wait_ready(url, timeout_s=60.0, poll_s=0.05)
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
