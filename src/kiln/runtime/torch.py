@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import InvalidInput
 from kiln.types import NUMPY_TO_V2, Feeds, TensorSpec
 
 
@@ -46,6 +47,10 @@ class TorchEngine:
     def run(self, feeds: Feeds) -> Feeds:
         import torch
 
+        missing = [s.name for s in self._inputs if s.name not in feeds]
+        if missing:  # as OrtEngine says it, not a bare KeyError
+            needs = ", ".join(s.name for s in self._inputs)
+            raise InvalidInput(f'input "{missing[0]}" is missing; this model needs {needs}', input=missing[0])
         args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(self._device) for s in self._inputs]
         with torch.inference_mode():
             result = self._module(*args)
