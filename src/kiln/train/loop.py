@@ -164,7 +164,8 @@ class Trainer:
             batch = self.collate(rows)
         else:
             index = torch.as_tensor(rows, dtype=torch.long)
-            batch = {k: v[index] for k, v in self.tensors.items()}
+            # index_select, not v[index]: advanced indexing costs ~2 µs more a tensor, 1% of a small model's step
+            batch = {k: torch.index_select(v, 0, index) for k, v in self.tensors.items()}
         if self._on_cpu:
             return batch
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -187,33 +188,50 @@ class Trainer:
         half = len(rows) // 2
         return [rows[:half], rows[half:]]
 
+    def _no_sync(self) -> Any:
+        return self.accelerator.no_sync(self.model)
+
+    def _rank_share(self, window: list[list[int]], ghost_ids: set[int]) -> list[Batch]:
+        """This rank's micro-batches of the global ``window``; adds the ids of those it runs at zero weight.
+
+        A batch of fewer rows than ranks (an epoch's short last one, a long text alone in its token budget) leaves
+        some ranks no share. They run its first row at zero weight: every rank still joins the gradient all-reduce,
+        and the window's gradient is its real rows' alone.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        micro = []
+        for rows in window:
+            share = rows[rank::world]
+            batch = self._batch(share or rows[:1])
+            if not share:
+                ghost_ids.add(id(batch))
+            micro.append(batch)
+        return micro
+
     def train_step(self) -> tuple[float, int]:
         """One optimiser step over the next ``grad_accum_steps`` micro-batches: ``(mean loss, rows)``."""
         self._mid_step = True
         window = self.sampler.next_window(self.grad_accum_steps)
-        global_rows = sum(len(r) for r in window)
-        ghosts: list[bool] = []  # micro-batches this rank runs at zero weight
+        global_rows = len(window[0]) if len(window) == 1 else sum(len(r) for r in window)
+        ghost_ids: set[int] = set()  # micro-batches this rank runs at zero weight; none in one process
         if self.accelerator.num_processes > 1:  # every rank sees the global batch and takes its share
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            # A batch of fewer rows than ranks (an epoch's short last one, a long text alone in its token budget)
-            # leaves some ranks no share. They run its first row at zero weight: every rank still joins the
-            # gradient all-reduce, and the window's gradient is its real rows' alone.
-            shares = [rows[rank::world] for rows in window]
-            ghosts = [not share for share in shares]
-            window = [share or rows[:1] for share, rows in zip(shares, window, strict=True)]
-        halves = self._halves_for_noise(window)
-        micro = [self._batch(rows) for rows in halves or window]
-        ghost_ids = {id(batch) for batch, ghost in zip(micro, ghosts, strict=False) if ghost}  # none in one process
+            micro = self._rank_share(window, ghost_ids)
+            halves = None
+        else:
+            halves = self._halves_for_noise(window)
+            micro = [self._batch(rows) for rows in halves or window]
         if "attention_mask" in micro[0]:
             local_tokens = sum(int(b["attention_mask"].sum()) for b in micro if id(b) not in ghost_ids)
             self.last_tokens = self._global_count(local_tokens)
+        loss_sum, count = self.loss_sum, self.count
+        if ghost_ids:
 
-        def count(batch: Batch) -> int:
-            return 0 if id(batch) in ghost_ids else self.count(batch)
+            def count(batch: Batch) -> int:
+                return 0 if id(batch) in ghost_ids else self.count(batch)
 
-        def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-            loss = self.loss_sum(model, batch)
-            return loss * 0.0 if id(batch) in ghost_ids else loss
+            def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+                loss = self.loss_sum(model, batch)
+                return loss * 0.0 if id(batch) in ghost_ids else loss
 
         if not self._module.training:  # after an evaluation; train() walks every module, 6% of a small step
             self.model.train()
@@ -226,11 +244,11 @@ class Trainer:
         result = accumulate_gradients(
             self.model,
             micro,
-            loss_sum if ghost_ids else self.loss_sum,
-            count=count if ghost_ids else self.count,
+            loss_sum,
+            count=count,
             backward=torch.Tensor.backward if self._plain else self.accelerator.backward,
             autocast=self._autocast,
-            no_sync=lambda: self.accelerator.no_sync(self.model),
+            no_sync=self._no_sync,
             global_count=self._global_count,
             world_size=self.accelerator.num_processes,
             after_backward=keep_first_half if halves else None,
