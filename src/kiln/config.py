@@ -125,6 +125,7 @@ class ServeSettings:
     max_queue_rows: int = 1024
     default_timeout_ms: float | None = None
     instances: int | None = None
+    sessions: int | None = None
     intra_op_threads: int | None = None
     max_request_bytes: int = 16 * 1024 * 1024
     max_rows_per_request: int = 256
@@ -145,6 +146,10 @@ class ServeSettings:
             )
         if self.instances is not None and self.instances < 1:
             raise ConfigError(f"instances is {self.instances}; it must be >= 1 (or unset: one per core on a CPU)")
+        if self.sessions is not None and self.sessions < 1:
+            raise ConfigError(
+                f"sessions is {self.sessions}; it must be >= 1 (or unset: one ONNX Runtime session per instance)"
+            )
         for name in ("max_batch_size", "max_queue_rows", "max_rows_per_request", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 1", setting=name)

@@ -143,3 +143,35 @@ def test_a_request_its_client_cancelled_counts_as_a_failure(slow_repo: Path, sta
     text = server.plane.metrics_text().decode()
     assert 'kiln_request_failures_total{model="slow",reason="cancelled",version="1"} 1.0' in text
     assert server.plane.statistics("slow", None)["model_stats"][0]["inference_stats"]["fail"]["count"] == 1
+
+
+def test_instances_run_on_a_session_each_or_share_fewer_sessions(
+    tiny_artifact: artifacts.Artifact, tiny_weights: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    split = ServedModel(tiny_artifact, instances=4, intra_op_threads=1)
+    assert len({id(engine) for engine in split.engines}) == 4 and split.settings["sessions"] == 4
+    shared = ServedModel(tiny_artifact, instances=4, sessions=2, intra_op_threads=2)
+    assert len(shared.engines) == 4 and len({id(engine) for engine in shared.engines}) == 2
+    assert shared.engines[0] is shared.engines[2] and shared.engines[1] is shared.engines[3]
+    assert shared.settings | {"sessions": 2, "intra_op_threads": 2} == shared.settings
+    assert ServedModel(tiny_artifact, instances=2, sessions=9).settings["sessions"] == 2  # no idle copies
+
+    # every instance of a shared session at once: each request gets its own rows' answer
+    weight, bias = tiny_weights
+    rows = [np.random.default_rng(seed).standard_normal((1 + seed, 4)).astype(np.float32) for seed in range(64)]
+    works = [shared.prepare(InferRequest(inputs={"input": x}, datatypes={"input": "FP32"}), max_rows=256) for x in rows]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: shared.execute([works[i]], i % 4)[0]["probabilities"], range(64)))
+    for x, answer in zip(rows, answers, strict=True):
+        logits = x @ weight + bias
+        expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(answer, expected / expected.sum(axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_sessions_below_one_are_refused() -> None:
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sessions is 0; it must be >= 1"):
+        ServeSettings(sessions=0)

@@ -25,9 +25,14 @@ def serve(
     no_batching: bool = typer.Option(False, "--no-batching", help="Run every request alone."),
     max_queue_rows: int = typer.Option(None, "--max-queue-rows", help="Queue bound per model (default 1024)."),
     instances: int = typer.Option(
-        None, "--instances", help="Engine instances per model (default: one per core on a CPU, 1 on a GPU)."
+        None, "--instances", help="Batches run at once per model (default: one per core on a CPU, 1 on a GPU)."
     ),
-    intra_op_threads: int = typer.Option(None, "--intra-op-threads", help="ONNX Runtime threads per instance."),
+    sessions: int = typer.Option(
+        None, "--sessions", help="ONNX Runtime sessions the instances share (default: one per instance)."
+    ),
+    intra_op_threads: int = typer.Option(
+        None, "--intra-op-threads", help="ONNX Runtime threads per session (default: cores / sessions)."
+    ),
     max_request_bytes: int = typer.Option(None, "--max-request-bytes", help="Largest request body (413 above)."),
     max_rows_per_request: int = typer.Option(None, "--max-rows-per-request", help="Most rows in one request."),
     body_timeout_s: float = typer.Option(
@@ -55,6 +60,7 @@ def serve(
         "batching": False if no_batching else None,
         "max_queue_rows": max_queue_rows,
         "instances": instances,
+        "sessions": sessions,
         "intra_op_threads": intra_op_threads,
         "max_request_bytes": max_request_bytes,
         "max_rows_per_request": max_rows_per_request,

@@ -58,6 +58,7 @@ class DataPlane:
             self.metrics,
             latest_versions=settings.version_policy_latest,
             instances=settings.instances,
+            sessions=settings.sessions,
             intra_op_threads=settings.intra_op_threads,
             warmup=settings.warmup,
         )

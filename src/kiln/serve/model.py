@@ -61,14 +61,20 @@ class ServedModel:
     """
 
     def __init__(
-        self, artifact: Artifact, *, instances: int | None = None, intra_op_threads: int | None = None
+        self,
+        artifact: Artifact,
+        *,
+        instances: int | None = None,
+        sessions: int | None = None,
+        intra_op_threads: int | None = None,
     ) -> None:
         self.artifact = artifact
         self.name = artifact.name
         self.version = artifact.version
         instances = instances or default_instances()
-        threads = intra_op_threads or max(1, default_intra_op_threads() // instances)
-        self.engines = [
+        sessions = min(sessions or instances, instances)
+        threads = intra_op_threads or max(1, default_intra_op_threads() // sessions)
+        pool = [
             OrtEngine(
                 artifact.model_path,
                 name=f"{self.name}:{self.version}#{i}",
@@ -76,8 +82,13 @@ class ServedModel:
                 intra_op_threads=threads,
                 allow_spinning=False,  # a spinning pool would steal the cores the event loop needs
             )
-            for i in range(instances)
+            for i in range(sessions)
         ]
+        # instance i runs on session i mod sessions (ONNX Runtime sessions take concurrent runs). Fewer sessions
+        # than instances hold fewer copies of the weights, and each session's threads span more cores, so a batch
+        # running alone is faster; but concurrent runs then contend for one thread pool, and under load the tail
+        # grows (bench/serve_sessions.py). So the default is one session per instance.
+        self.engines = [pool[i % sessions] for i in range(instances)]
         engine = self.engines[0]
         self.engine_inputs = {spec.name: spec for spec in engine.inputs}
         self.outputs = list(engine.outputs)
@@ -88,7 +99,7 @@ class ServedModel:
             self.tokenizer = TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
         self.batchable = all(s.shape and s.shape[0] == -1 for s in [*engine.inputs, *engine.outputs])
         self.cost = BatchCostModel()
-        self.settings = {"instances": instances, "intra_op_threads": threads, **engine.settings}
+        self.settings = {"instances": instances, "sessions": sessions, "intra_op_threads": threads, **engine.settings}
 
     # -- the public signature ---------------------------------------------------------------------------------
     @property
@@ -346,11 +357,12 @@ class ServedModel:
 
 
 def default_instances() -> int:
-    """One single-threaded engine per core on a CPU, one engine on a GPU.
+    """One batch at a time per core on a CPU, one on a GPU.
 
-    Measured on two cores with MiniLM at batch 1: two one-thread sessions running side by side serve about 1.7x
-    the sentences/s of one two-thread session, because a small batch leaves intra-op threads waiting on each
-    other; large batches parallelise well either way.
+    Measured on two cores with MiniLM at batch 1: one request at a time on a two-thread session leaves its
+    threads waiting on each other in a small batch's many small operators, so two requests at once, on a
+    one-thread session each, serve more sentences/s (``bench/serve_sessions.py`` also compares them with two
+    requests at once on one shared two-thread session).
     """
     if preferred_providers()[0] != "CPUExecutionProvider":
         return 1

@@ -61,6 +61,7 @@ class ModelRepository:
         *,
         latest_versions: int = 1,
         instances: int | None = None,
+        sessions: int | None = None,
         intra_op_threads: int | None = None,
         warmup: bool = True,
     ) -> None:
@@ -71,6 +72,7 @@ class ModelRepository:
         self.metrics = metrics
         self.latest_versions = max(1, latest_versions)
         self.instances = instances
+        self.sessions = sessions
         self.intra_op_threads = intra_op_threads
         self.warmup = warmup
         self._served: dict[str, dict[int, LoadedVersion]] = {}
@@ -215,7 +217,9 @@ class ModelRepository:
     def _build(self, name: str, version: int) -> LoadedVersion:
         started = time.perf_counter()
         artifact = artifacts.load(self.root / name, version)
-        model = ServedModel(artifact, instances=self.instances, intra_op_threads=self.intra_op_threads)
+        model = ServedModel(
+            artifact, instances=self.instances, sessions=self.sessions, intra_op_threads=self.intra_op_threads
+        )
         if self.warmup:
             model.warmup(self.policy.max_batch_size)
         metrics = self.metrics.for_model(name, version)
