@@ -83,11 +83,13 @@ async def _start(root: Path, settings: ServeSettings, http: bool) -> RunningServ
 async def _start_http(plane: DataPlane, host: str) -> tuple[str, Callable[[], Coroutine[Any, Any, None]]]:
     import uvicorn
 
-    from kiln.serve.http import build_app
+    from kiln.serve.http import build_app, http_protocol
     from kiln.serve.server import bind
 
     sock = bind(host, 0)
-    config = uvicorn.Config(build_app(plane), loop="none", lifespan="off", access_log=False, log_level="warning")
+    config = uvicorn.Config(
+        build_app(plane), loop="none", http=http_protocol(), lifespan="off", access_log=False, log_level="warning"
+    )
     uvicorn_server = uvicorn.Server(config)
     task = asyncio.create_task(uvicorn_server.serve(sockets=[sock]))
     while not uvicorn_server.started:

@@ -563,3 +563,30 @@ def test_a_queued_request_whose_client_disconnects_leaves_the_queue_unrun(
     assert queued >= rows
     assert _metric(url, "kiln_batch_size_rows_sum") == ahead * rows  # the 7 rows never ran
     assert _failures_of(url, "slow") == {"cancelled": 1.0}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",  # no request line
+        b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}",  # not a length
+        b"GET /v2 HTTP/1.1\r\nHo st: x\r\n\r\n",  # a space in a header name
+    ],
+)
+def test_a_request_that_is_not_http_gets_a_json_400(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact, raw: bytes
+) -> None:
+    # uvicorn answered these itself, in text/plain ("Invalid HTTP request received.")
+    server = start_server(tiny_artifact.repository, ServeSettings(), http=True)
+    host, port = server.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower() and b"connection: close" in head.lower()
+    assert "not valid HTTP/1.1" in json.loads(body)["error"]
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10) as response:
+        assert response.status == 200  # the server goes on serving others

@@ -334,6 +334,33 @@ async def _bad_method(request: Request, exc: Exception) -> Response:
     return _json({"error": f"{request.method} is not allowed on {request.url.path}{fix}"}, 405, headers)
 
 
+_NOT_HTTP = orjson.dumps(
+    {
+        "error": "the request is not valid HTTP/1.1 (a request line, header names and values, chunk sizes or the "
+        "Content-Length could not be parsed); send a well-formed request, e.g. with tritonclient or curl"
+    }
+)
+
+
+def http_protocol() -> type[Any]:
+    """uvicorn's httptools protocol, answering a request it cannot parse with a JSON error like every other 4xx
+    (uvicorn's own answer is text/plain)."""
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    class JsonErrorsProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            head = [STATUS_LINE[400]]
+            for name, value in self.server_state.default_headers:
+                head.extend([name, b": ", value, b"\r\n"])
+            head.append(
+                f"content-type: {_JSON}\r\ncontent-length: {len(_NOT_HTTP)}\r\nconnection: close\r\n\r\n".encode()
+            )
+            self.transport.write(b"".join([*head, _NOT_HTTP]))
+            self.transport.close()
+
+    return JsonErrorsProtocol
+
+
 async def run_http(plane: DataPlane, sock: Any, *, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve the app on a bound socket until SIGINT/SIGTERM; then finish in-flight requests and return.
 
@@ -354,7 +381,7 @@ async def run_http(plane: DataPlane, sock: Any, *, on_shutdown: Callable[[], Awa
     config = uvicorn.Config(
         app,
         loop="none",  # the caller owns the (uvloop) event loop
-        http="httptools",
+        http=http_protocol(),
         lifespan="on",
         access_log=False,
         log_level="warning",
