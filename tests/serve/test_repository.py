@@ -160,6 +160,29 @@ def test_a_reload_goes_on_past_a_model_that_fails(
     assert entry["version"] == "2" and "is not a model ONNX Runtime can load" in entry["reason"]
 
 
+def test_a_reload_unloads_a_model_whose_directory_is_gone_and_keeps_one_mid_copy(
+    start_server: Callable[..., Any],
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+) -> None:
+    import shutil
+
+    for name in ("gone", "copying", "kept"):
+        artifacts.write(repository, make_manifest(name=name), tiny_onnx_model)
+    server = start_server(repository, ADMIN_SETTINGS, http=True)
+    shutil.rmtree(repository / "gone")  # removed from the repository, as Triton's poll mode would see it
+    shutil.rmtree(repository / "copying" / "1")  # its directory is there, its versions not yet
+
+    server.call(server.plane.repository.reload())  # what SIGHUP runs
+
+    assert sorted(server.plane.repository.served()) == ["copying", "kept"]
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    code, payload = post(server.http_url, "/v2/models/gone/infer", body.encode())
+    assert code == 404 and 'model "gone" is not served here' in payload["error"]
+    assert served_version(server.http_url, "copying") == "1"
+
+
 def test_a_reload_goes_on_past_an_unexpected_error_and_records_it(
     start_server: Callable[..., Any],
     repository: Path,

@@ -189,9 +189,15 @@ class ModelRepository:
         """Bring every served model to its latest-N versions on disk (SIGHUP).
 
         A model that fails keeps serving its loaded versions (the failure is logged and shows in ``index``);
-        the reload goes on with the others.
+        the reload goes on with the others. A model whose directory is gone from the repository is unloaded, as
+        Triton's poll mode does (queued and running requests finish); one whose directory is there but holds no
+        version (a copy in progress, say) keeps serving.
         """
         for name in list(self._served):
+            if not (self.root / name).exists():
+                logger.warning("model %s is no longer in repository %s; unloading it", name, self.root)
+                await self.unload(name)
+                continue
             try:
                 await self.load(name)
             except Exception as exc:  # one model's failure must not stop the others' reload
