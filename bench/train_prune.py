@@ -33,7 +33,7 @@ from rich.table import Table
 from kiln._utils import write_result
 from kiln.artifact import Artifact
 from kiln.config import ExportSettings
-from kiln.data import english_corpus, eval_set
+from kiln.data import english_corpus, eval_set, topic_paragraphs
 from kiln.runtime import OrtEngine, TextTokenizer
 from kiln.runtime.text import sorted_batches
 from kiln.train import TrainSettings, train
@@ -59,15 +59,9 @@ def timed(engine: OrtEngine, batches: list[Feeds], repeats: int) -> float:
 
 
 def write_topics(path: Path) -> Path:
-    from pydoc_data.topics import topics
-
     with path.open("w", encoding="utf-8") as fh:
-        for label, keys in TOPIC_GROUPS.items():
-            for key in keys:
-                for block in topics[key].split("\n\n"):
-                    text = " ".join(block.split())
-                    if len(text) >= 40:
-                        fh.write(json.dumps({"text": text, "label": label}) + "\n")
+        for text, label in topic_paragraphs(TOPIC_GROUPS):
+            fh.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
 
 

@@ -169,3 +169,14 @@ def test_held_out_data_with_a_scalar_array_is_invalid_input(tmp_path: Path) -> N
     np.savez(tmp_path / "labels.npz", input=np.zeros((3, 2), dtype=np.float32), labels=np.int64(1))
     with pytest.raises(InvalidInput, match=r'holds a scalar "labels"'):
         data.load_eval_npz(tmp_path / "labels.npz", ["input"])
+
+
+def test_topic_paragraphs_are_real_text_labelled_by_their_group() -> None:
+    from kiln.data import topic_paragraphs
+
+    rows = topic_paragraphs({"errors": ("try", "raise"), "strings": ("strings",)})
+    assert {label for _, label in rows} == {"errors", "strings"}
+    assert all(len(text) >= 40 and "\n" not in text for text, _ in rows)
+    assert any("finally" in text for text, label in rows if label == "errors")
+    with pytest.raises(InvalidInput, match=r'"tyr" is not a help topic \(did you mean "try"\?\); name keys of'):
+        topic_paragraphs({"errors": ("tyr",)})

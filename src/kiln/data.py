@@ -32,6 +32,29 @@ def _paragraphs() -> tuple[str, ...]:
     return tuple(found)
 
 
+def topic_paragraphs(groups: dict[str, tuple[str, ...]], *, min_chars: int = 40) -> list[tuple[str, str]]:
+    """``(paragraph, group)`` for the paragraphs of each group's help topics: real text labelled by its subject.
+
+    Example:
+        >>> rows = topic_paragraphs({"errors": ("try", "raise"), "strings": ("strings",)})  # doctest: +SKIP
+    """
+    from pydoc_data.topics import topics
+
+    unknown = [key for keys in groups.values() for key in keys if key not in topics]
+    if unknown:
+        raise InvalidInput(
+            f'"{unknown[0]}" is not a help topic{did_you_mean(unknown[0], sorted(topics))}; name keys of '
+            "pydoc_data.topics.topics (what help() lists under TOPICS and keywords)"
+        )
+    return [
+        (text, label)
+        for label, keys in groups.items()
+        for key in keys
+        for block in topics[key].split("\n\n")
+        if len(text := " ".join(block.split())) >= min_chars
+    ]
+
+
 def english_corpus(limit: int | None = None, *, offset: int = 0) -> list[str]:
     """Paragraphs of real English text (Python's help topics), natural order, lengths from 20 chars upward.
 

@@ -79,16 +79,12 @@ GROUPS = {"strings": ("string-methods", "formatstrings", "strings"), "errors": (
 @pytest.fixture
 def topics_jsonl(tmp_path: Path) -> Path:
     """Paragraphs of Python's help topics, labelled by topic group (strings vs errors): ~250 real rows."""
-    from pydoc_data.topics import topics
+    from kiln.data import topic_paragraphs
 
     path = tmp_path / "topics.jsonl"
     with path.open("w", encoding="utf-8") as fh:
-        for label, keys in GROUPS.items():
-            for key in keys:
-                for block in topics[key].split("\n\n"):
-                    text = " ".join(block.split())
-                    if len(text) >= 40:
-                        fh.write(json.dumps({"text": text, "label": label}) + "\n")
+        for text, label in topic_paragraphs(GROUPS):
+            fh.write(json.dumps({"text": text, "label": label}) + "\n")
     return path
 
 
