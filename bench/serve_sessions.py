@@ -1,8 +1,8 @@
 """One ONNX Runtime session shared by the server's instances, or one session per instance: which serves better?
 
 `kiln serve` runs one batch at a time per core (``--instances``, default one per core on a CPU). Those instances
-can run on one shared session whose thread pool spans every core (``--sessions 1``, the default), or on a
-single-threaded session each (``--sessions 2`` on two cores). Same FP32 MiniLM, real English paragraphs:
+can run on a single-threaded session each (``--sessions 2`` on two cores, the default), or on one shared session
+whose thread pool spans every core (``--sessions 1``). Same FP32 MiniLM, real English paragraphs:
 
   (a) in-process: sentences/s with two callers, each running one paragraph at a time (the server's instances
       under load), and the latency of one paragraph running alone (the server below saturation), for short
@@ -46,7 +46,7 @@ from serve_minilm import (
 from kiln import artifact as artifacts
 from kiln._utils import write_result
 from kiln.data import english_corpus
-from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads
+from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads, tokenizer_for
 from kiln.serve import free_port
 from kiln.types import Feeds
 
@@ -93,8 +93,8 @@ def alone_ms(engine: OrtEngine, feeds: list[Feeds]) -> float:
 
 
 def in_process(art: artifacts.Artifact, texts: int, rounds: int, cores: int) -> dict[str, dict[str, float]]:
-    pre = art.manifest.preprocessing
-    tokenizer = TextTokenizer(art.assets_dir / pre["tokenizer"], int(pre["max_length"]))
+    tokenizer = tokenizer_for(art)
+    assert tokenizer is not None
     ids = tokenizer.encode(english_corpus(texts))
     engines = layouts(art, cores)
     names = [spec.name for spec in next(iter(engines.values()))[0].inputs]

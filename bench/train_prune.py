@@ -34,7 +34,7 @@ from kiln._utils import write_result
 from kiln.artifact import Artifact
 from kiln.config import ExportSettings
 from kiln.data import english_corpus, eval_set, topic_paragraphs
-from kiln.runtime import OrtEngine, TextTokenizer
+from kiln.runtime import OrtEngine, TextTokenizer, tokenizer_for
 from kiln.runtime.text import sorted_batches
 from kiln.train import TrainSettings, train
 from kiln.types import Feeds
@@ -89,16 +89,16 @@ def base_settings(args: argparse.Namespace, tmp: str) -> TrainSettings:
     )
 
 
-def timing_batches(model: str, art: Artifact, sizes: list[int]) -> dict[int, list[Feeds]]:
-    """What each batch size runs: held-out digits rows, or tokenized corpus paragraphs."""
+def timing_batches(model: str, art: Artifact, engine: OrtEngine, sizes: list[int]) -> dict[int, list[Feeds]]:
+    """What each batch size runs on ``art`` (its ``engine``): held-out digits rows, or tokenized corpus paragraphs."""
     if model == "cnn":
         held_out = eval_set(art)
         assert held_out.feeds is not None
         x = held_out.feeds["input"]
         return {b: [{"input": np.ascontiguousarray(x[:b])}] for b in sizes}
-    pre = art.manifest.preprocessing
-    tokenizer = TextTokenizer(art.assets_dir / pre["tokenizer"], int(pre["max_length"]))
-    names = [spec.name for spec in OrtEngine(art.model_path, intra_op_threads=1).inputs]
+    tokenizer = tokenizer_for(art)
+    assert tokenizer is not None
+    names = [spec.name for spec in engine.inputs]
     ids = tokenizer.encode(english_corpus(TIMING_TEXTS))
     batches: dict[int, list[Feeds]] = {}
     for b in sizes:
@@ -158,7 +158,7 @@ def main() -> None:
             arts[name] = run.artifact
         engines = {name: OrtEngine(a.model_path, intra_op_threads=1) for name, a in arts.items()}
         acc = accuracy(args.model, runs, engines, arts["dense"])
-        inputs = timing_batches(args.model, arts["dense"], sizes)
+        inputs = timing_batches(args.model, arts["dense"], engines["dense"], sizes)
         times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in sizes} for name in engines}
         for batch in sizes:
             for engine in engines.values():

@@ -18,7 +18,7 @@ from kiln import fidelity
 from kiln._utils import median, percentile
 from kiln.artifact import Artifact
 from kiln.data import EvalSet
-from kiln.runtime import Engine, OrtEngine, TextEncoder, TextTokenizer
+from kiln.runtime import Engine, OrtEngine, TextEncoder, tokenizer_for
 
 Array = np.ndarray[Any, Any]
 
@@ -41,12 +41,7 @@ class Workload:
         # its kind (classes 1, 2, 3 or "setosa" ...); text models are scored on their embeddings, never on labels
         text = artifact.manifest.preprocessing.get("kind") == "text"
         self.label_output = None if text else fidelity.label_output(outputs, data.labels, self.task, scored=self.output)
-        pre = artifact.manifest.preprocessing
-        self.tokenizer = (
-            TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
-            if pre.get("kind") == "text"
-            else None
-        )
+        self.tokenizer = tokenizer_for(artifact)
 
     @property
     def rows(self) -> int:

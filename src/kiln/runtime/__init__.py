@@ -5,7 +5,7 @@ from __future__ import annotations
 from kiln.runtime.engine import Engine
 from kiln.runtime.hardware import default_intra_op_threads, preferred_providers, probe
 from kiln.runtime.onnx import OrtEngine
-from kiln.runtime.text import TextEncoder, TextTokenizer, sorted_batches, text_encoder_for
+from kiln.runtime.text import TextEncoder, TextTokenizer, sorted_batches, text_encoder_for, tokenizer_for
 from kiln.runtime.torch import TorchEngine, spec_of
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "sorted_batches",
     "spec_of",
     "text_encoder_for",
+    "tokenizer_for",
 ]

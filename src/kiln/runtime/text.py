@@ -108,10 +108,18 @@ class TextEncoder:
         return result
 
 
-def text_encoder_for(artifact: Any, engine: Engine) -> TextEncoder:
-    """Build the TextEncoder an artifact's manifest describes (tokenizer in ``assets/``)."""
+def tokenizer_for(artifact: Any) -> TextTokenizer | None:
+    """The tokenizer an artifact's manifest describes (in ``assets/``); ``None`` for a model that takes no text."""
     pre = artifact.manifest.preprocessing
     if pre.get("kind") != "text":
+        return None
+    return TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
+
+
+def text_encoder_for(artifact: Any, engine: Engine) -> TextEncoder:
+    """Build the TextEncoder an artifact's manifest describes (tokenizer in ``assets/``)."""
+    tokenizer = tokenizer_for(artifact)
+    if tokenizer is None:
+        pre = artifact.manifest.preprocessing
         raise InvalidInput(f'model "{artifact.name}" does not take text (preprocessing: {pre or "none"})')
-    tokenizer = TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
     return TextEncoder(engine, tokenizer)

@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.artifact import Artifact
 from kiln.errors import InvalidInput, did_you_mean
-from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads, preferred_providers
+from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads, preferred_providers, tokenizer_for
 from kiln.serve.codec import decode_texts
 from kiln.serve.costmodel import BatchCostModel
 from kiln.serve.protocol import Array, InferRequest
@@ -93,10 +93,7 @@ class ServedModel:
         self.engine_inputs = {spec.name: spec for spec in engine.inputs}
         self.outputs = list(engine.outputs)
         self.output_names = [spec.name for spec in self.outputs]
-        pre = artifact.manifest.preprocessing
-        self.tokenizer: TextTokenizer | None = None
-        if pre.get("kind") == "text":
-            self.tokenizer = TextTokenizer(artifact.assets_dir / pre["tokenizer"], int(pre["max_length"]))
+        self.tokenizer = tokenizer_for(artifact)
         self.batchable = all(s.shape and s.shape[0] == -1 for s in [*engine.inputs, *engine.outputs])
         self.cost = BatchCostModel()
         self.settings = {"instances": instances, "sessions": sessions, "intra_op_threads": threads, **engine.settings}

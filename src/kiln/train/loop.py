@@ -164,7 +164,7 @@ class Trainer:
             batch = self.collate(rows)
         else:
             index = torch.as_tensor(rows, dtype=torch.long)
-            # index_select, not v[index]: advanced indexing costs ~2 µs more a tensor, 1% of a small model's step
+            # index_select, not v[index]: advanced indexing took 1.5 µs more for 32 rows of 64 floats (ad hoc timing)
             batch = {k: torch.index_select(v, 0, index) for k, v in self.tensors.items()}
         if self._on_cpu:
             return batch
@@ -191,32 +191,32 @@ class Trainer:
     def _no_sync(self) -> Any:
         return self.accelerator.no_sync(self.model)
 
-    def _rank_share(self, window: list[list[int]], ghost_ids: set[int]) -> list[Batch]:
-        """This rank's micro-batches of the global ``window``; adds the ids of those it runs at zero weight.
+    def _rank_share(self, window: list[list[int]]) -> tuple[list[Batch], set[int]]:
+        """This rank's micro-batches of the global ``window``, and the ids of those it runs at zero weight.
 
         A batch of fewer rows than ranks (an epoch's short last one, a long text alone in its token budget) leaves
         some ranks no share. They run its first row at zero weight: every rank still joins the gradient all-reduce,
         and the window's gradient is its real rows' alone.
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        micro = []
+        micro, ghost_ids = [], set()
         for rows in window:
             share = rows[rank::world]
             batch = self._batch(share or rows[:1])
             if not share:
                 ghost_ids.add(id(batch))
             micro.append(batch)
-        return micro
+        return micro, ghost_ids
 
     def train_step(self) -> tuple[float, int]:
         """One optimiser step over the next ``grad_accum_steps`` micro-batches: ``(mean loss, rows)``."""
         self._mid_step = True
         window = self.sampler.next_window(self.grad_accum_steps)
-        global_rows = len(window[0]) if len(window) == 1 else sum(len(r) for r in window)
+        global_rows = sum(len(r) for r in window)
         ghost_ids: set[int] = set()  # micro-batches this rank runs at zero weight; none in one process
+        halves = None
         if self.accelerator.num_processes > 1:  # every rank sees the global batch and takes its share
-            micro = self._rank_share(window, ghost_ids)
-            halves = None
+            micro, ghost_ids = self._rank_share(window)
         else:
             halves = self._halves_for_noise(window)
             micro = [self._batch(rows) for rows in halves or window]
