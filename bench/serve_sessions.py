@@ -101,6 +101,8 @@ def in_process(art: artifacts.Artifact, texts: int, rounds: int, cores: int) -> 
     feeds = [TextTokenizer.pad([row], names) for row in ids]
     short = [f for f, row in zip(feeds, ids, strict=True) if 30 <= len(row) <= 40][:24]
     long = [f for f, row in zip(feeds, ids, strict=True) if len(row) >= 200][:6]
+    if not short or not long:
+        raise SystemExit(f"--texts {texts} holds no short (30-40 tokens) or no long (200+) paragraph; pass more")
     for pool in engines.values():  # warm-up
         concurrent_sps(pool, feeds[:64])
     samples: dict[str, dict[str, list[float]]] = {name: {"sps": [], "short": [], "long": []} for name in engines}
