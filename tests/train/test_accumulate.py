@@ -13,7 +13,7 @@ from torch import nn
 
 from kiln.data import english_corpus
 from kiln.train import Checkpointer, NonFiniteLoss, TrainSettings, accumulate_gradients, train
-from kiln.train.accumulate import Batch, count_tokens
+from kiln.train.accumulate import Batch, backward_batch, count_tokens
 
 VOCAB, CLASSES, MAX_LEN = 211, 5, 96
 
@@ -108,6 +108,32 @@ def test_a_nan_loss_stops_before_backward() -> None:
         accumulate_gradients(model, [good, bad], loss_sum)
     assert model.weight.grad is not None  # the good micro-batch ran; the bad one never reached backward
     assert torch.isfinite(model.weight.grad).all()
+
+
+def test_one_batch_without_the_window_bookkeeping_gives_the_same_gradient_to_the_bit(texts: list[str]) -> None:
+    """The trainer's common step (one process, one micro-batch) skips accumulate_gradients' window bookkeeping:
+    the same loss and the same gradients, bit for bit, as a window of that one batch, and the mean loss's."""
+    torch.manual_seed(0)
+    model = TokenTagger()
+    batch = encode(texts)
+    loss = backward_batch(model, batch, token_loss_sum, count_tokens)
+    lean = grads(model)
+    window = accumulate_gradients(model, [batch], token_loss_sum, count=count_tokens)
+    general = grads(model)
+    mean = token_loss_sum(model, batch) / count_tokens(batch)
+    mean.backward()
+    reference = grads(model)
+
+    assert loss == window.loss == pytest.approx(float(mean.detach()), rel=1e-6)
+    for a, b, c in zip(lean, general, reference, strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+    bad = encode(texts[:2])
+    model.embed.weight.data[bad["ids"][1, 0]] = float("nan")  # a word of the second row embeds as NaN
+    with pytest.raises(NonFiniteLoss, match="the loss is nan"):
+        backward_batch(model, bad, token_loss_sum, count_tokens)
+    assert all(p.grad is None for p in model.parameters())  # stopped before its backward
 
 
 def _one_step_weights(make_settings: Callable[..., TrainSettings], tmp: Path, **kw: Any) -> dict[str, torch.Tensor]:

@@ -69,22 +69,58 @@ def accumulate_gradients(
             with several ranks: each must run the window's backward (the last one all-reduces the gradients), or
             the others would wait in that all-reduce; the caller checks the ranks' summed loss instead.
     """
-    local = sum(count(b) for b in micro_batches)
-    total = global_count(local)
-    if total <= 0:
-        raise KilnError("an accumulation window holds no rows/tokens; the batches are empty", count=total)
+    total = global_count(sum(count(b) for b in micro_batches))
+    _check_count(total)
     scale = world_size / total
     summed = 0.0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last else no_sync():
-            with autocast():
-                loss = loss_sum(model, batch)
-            value = loss.item() * scale  # this micro-batch's share of the window's mean
-            if world_size == 1 and not math.isfinite(value):
-                raise NonFiniteLoss(f"the loss is {value} on micro-batch {i} of the window", loss=value)
-            backward(loss, gradient=torch.full_like(loss, scale))
+            summed += _backward_share(model, batch, loss_sum, scale, backward, autocast, i, world_size == 1)
         if after_backward is not None:
             after_backward(i)
-        summed += value
     return WindowLoss(loss=summed / world_size, count=total)
+
+
+def backward_batch(
+    model: nn.Module,
+    batch: Batch,
+    loss_sum: LossSum,
+    count: CountFn = count_rows,
+    backward: Callable[..., None] = torch.Tensor.backward,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> float:
+    """:func:`accumulate_gradients` for a window of one batch in one process, without its bookkeeping for windows
+    and ranks: the gradient of the batch's mean loss in ``.grad``; returns that loss.
+
+    Raises:
+        NonFiniteLoss: the loss is NaN/inf; raised before the backward, so the weights stay good.
+    """
+    total = count(batch)
+    _check_count(total)
+    return _backward_share(model, batch, loss_sum, 1 / total, backward, autocast, 0, True)
+
+
+def _check_count(total: int) -> None:
+    if total <= 0:
+        raise KilnError("an accumulation window holds no rows/tokens; the batches are empty", count=total)
+
+
+def _backward_share(
+    model: nn.Module,
+    batch: Batch,
+    loss_sum: LossSum,
+    scale: float,
+    backward: Callable[..., None],
+    autocast: Callable[[], AbstractContextManager[Any]],
+    index: int,
+    check_finite: bool,
+) -> float:
+    """One micro-batch's forward and backward at weight ``scale``; returns its share of the window's mean loss."""
+    with autocast():
+        loss = loss_sum(model, batch)
+    value = loss.item() * scale
+    if check_finite and not math.isfinite(value):
+        raise NonFiniteLoss(f"the loss is {value} on micro-batch {index} of the window", loss=value)
+    backward(loss, gradient=torch.full_like(loss, scale))
+    return value

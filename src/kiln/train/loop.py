@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kiln.errors import ConfigError, NonFiniteLoss, TrainingDiverged
-from kiln.train.accumulate import Batch, LossSum, accumulate_gradients, count_rows
+from kiln.train.accumulate import Batch, LossSum, accumulate_gradients, backward_batch, count_rows
 from kiln.train.checkpoint import Checkpointer, SavedCheckpoint, capture_rng, restore_rng
 from kiln.train.goodput import ConsecutiveGradients, GoodputSizer, flat_gradient, observe_pair
 from kiln.train.sampling import ShuffledBatchSampler, TokenBudgetBatchSampler
@@ -124,7 +124,9 @@ class Trainer:
         # NOTE: Accelerate's optimizer wrapper and backward() matter only with a gradient scaler (fp16) or several
         # processes; in a plain run they cost ~0.4 ms a step (package look-ups on every backward), which is more
         # than a small model's whole step, so the plain run calls torch directly.
-        self._plain = accelerator.num_processes == 1 and getattr(accelerator, "scaler", None) is None
+        self._world = accelerator.num_processes
+        self._plain = self._world == 1 and getattr(accelerator, "scaler", None) is None
+        self._backward: Callable[..., None] = torch.Tensor.backward if self._plain else accelerator.backward
         # Accelerate's autocast() builds its state object on every call; with no mixed precision it is a no-op.
         self._autocast = nullcontext if accelerator.mixed_precision == "no" else accelerator.autocast
         self._on_cpu = accelerator.device.type == "cpu"
@@ -153,7 +155,8 @@ class Trainer:
         self.sizer = sizer
         self.noise_every = noise_every
         self.optimizer_kind = optimizer_kind
-        self._split_for_noise = sizer is not None and accelerator.num_processes == 1 and grad_accum_steps == 1
+        self._one_batch_steps = self._world == 1 and grad_accum_steps == 1
+        self._split_for_noise = sizer is not None and self._one_batch_steps
         self._gradient_pairs = (
             ConsecutiveGradients(sizer.noise, noise_every) if sizer is not None and not self._split_for_noise else None
         )
@@ -171,7 +174,7 @@ class Trainer:
         return {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
 
     def _global_count(self, local: int) -> int:
-        if self.accelerator.num_processes == 1:
+        if self._world == 1:
             return local
         return int(self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum"))
 
@@ -212,13 +215,40 @@ class Trainer:
         """One optimiser step over the next ``grad_accum_steps`` micro-batches: ``(mean loss, rows)``."""
         self._mid_step = True
         window = self.sampler.next_window(self.grad_accum_steps)
-        global_rows = sum(len(r) for r in window)
+        halves = self._halves_for_noise(window)
+        if self._one_batch_steps and halves is None:
+            loss = self._backward_batch(window[0])
+        else:
+            loss = self._backward_window(window, halves)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.sizer is not None:  # AdaScale's gain moves with the noise scale: the next step's lr follows
+            self._lr_factor = self.sizer.lr_factor(self.optimizer_kind)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["lr"] * self._lr_factor
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._mid_step = False
+        return loss, sum(len(rows) for rows in window)
+
+    def _backward_batch(self, rows: Sequence[int]) -> float:
+        """The gradient of one batch's mean loss, in one process: the common step, without the window's bookkeeping
+        for ranks, accumulation and noise samples (about 11 µs a step, 1.8% of a 64-128-128-10 MLP's step at 32
+        rows, in ad-hoc timings beside ``bench/train_overhead.py``'s loops)."""
+        batch = self._batch(rows)
+        if "attention_mask" in batch:
+            self.last_tokens = int(batch["attention_mask"].sum())
+        if not self._module.training:  # after an evaluation; train() walks every module, 6% of a small step
+            self.model.train()
+        return backward_batch(self.model, batch, self.loss_sum, self.count, self._backward, self._autocast)
+
+    def _backward_window(self, window: list[list[int]], halves: list[list[int]] | None) -> float:
+        """The gradient of the window's mean loss in ``.grad`` (this rank's share of it under data parallelism);
+        with ``halves``, the step's batch runs as two halves and their gradients give a noise-scale sample."""
         ghost_ids: set[int] = set()  # micro-batches this rank runs at zero weight; none in one process
-        halves = None
-        if self.accelerator.num_processes > 1:  # every rank sees the global batch and takes its share
+        if self._world > 1:  # every rank sees the global batch and takes its share
             micro, ghost_ids = self._rank_share(window)
         else:
-            halves = self._halves_for_noise(window)
             micro = [self._batch(rows) for rows in halves or window]
         if "attention_mask" in micro[0]:
             local_tokens = sum(int(b["attention_mask"].sum()) for b in micro if id(b) not in ghost_ids)
@@ -246,18 +276,18 @@ class Trainer:
             micro,
             loss_sum,
             count=count,
-            backward=torch.Tensor.backward if self._plain else self.accelerator.backward,
+            backward=self._backward,
             autocast=self._autocast,
             no_sync=self._no_sync,
             global_count=self._global_count,
-            world_size=self.accelerator.num_processes,
+            world_size=self._world,
             after_backward=keep_first_half if halves else None,
         )
         loss = result.loss  # this rank's share of the window's mean loss: the ranks' shares add up to it
-        if self.accelerator.num_processes > 1:
+        if self._world > 1:
             loss = float(self.accelerator.reduce(torch.tensor(loss, device=self.accelerator.device), reduction="sum"))
             if not math.isfinite(loss):  # every rank sees the same sum, so all stop here, before the update
-                raise NonFiniteLoss(f"the loss summed over the {self.accelerator.num_processes} ranks is {loss}")
+                raise NonFiniteLoss(f"the loss summed over the {self._world} ranks is {loss}")
         count_a = self.count(micro[0]) if halves else 0
         if halves is not None and self.sizer is not None and 0 < count_a < result.count:
             # .grad after half a is (count_a / count)·G_a; after both, G = (count_a·G_a + count_b·G_b) / count
@@ -271,16 +301,7 @@ class Trainer:
             )
         elif self._gradient_pairs is not None:  # the all-reduced gradient of the window's mean loss
             self._gradient_pairs.observe(self.step, result.count, self._grads())
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.sizer is not None:  # AdaScale's gain moves with the noise scale: the next step's lr follows
-            self._lr_factor = self.sizer.lr_factor(self.optimizer_kind)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["lr"] * self._lr_factor
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self._mid_step = False
-        return loss, global_rows
+        return loss
 
     def _adapt_batch(self) -> None:
         """After a step: let the sizer pick the batch size from the next step on (mid-epoch too).
