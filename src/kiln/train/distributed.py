@@ -130,3 +130,22 @@ def write_result(path: Path, record: dict[str, Any]) -> None:
 
 def load_artifact(record: dict[str, Any]) -> artifacts.Artifact | None:
     return artifacts.load(record["artifact"]) if record.get("artifact") else None
+
+
+def leave_process_group(*, finished: bool) -> None:
+    """Tear the process group down (through Accelerate's state, which set it up) before the interpreter does.
+
+    Left to interpreter exit, gloo's threads can be destroyed while still joinable, and the process aborts
+    ("terminate called without an active exception", exit -6) after a run that succeeded: seen in the
+    two-process `kiln train` test, and in a test whose ranks left without it. After a finished run the ranks
+    first meet at a barrier, so none leaves while another is still in its last collective.
+    """
+    import torch.distributed as dist
+    from accelerate.state import PartialState
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # never set up: PartialState() here would start a rendezvous
+    state = PartialState()
+    if finished:
+        state.wait_for_everyone()
+    state.destroy_process_group()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kiln.config import ExportSettings, resolve
 from kiln.errors import KilnError
-from kiln.train.distributed import error_path, write_error
+from kiln.train.distributed import error_path, leave_process_group, write_error
 from kiln.train.runner import train
 from kiln.train.settings import TrainSettings
 
@@ -27,29 +27,10 @@ def main(spec_path: str) -> int:
         # a worker process's entry point, like the CLI: exit code 2, and the error left for the parent, which
         # raises it as its own (torchrun's traceback of the failed worker is not shown)
         write_error(error_path(Path(spec["result"]), os.environ.get("RANK", "0")), exc)
-        _leave_process_group(finished=False)
+        leave_process_group(finished=False)
         return 2
-    _leave_process_group(finished=True)
+    leave_process_group(finished=True)
     return 0
-
-
-def _leave_process_group(*, finished: bool) -> None:
-    """Tear the process group down (through Accelerate's state, which set it up) before the interpreter does.
-
-    Left to interpreter exit, gloo's threads can be destroyed while still joinable, and the process aborts
-    ("terminate called without an active exception", exit -6) after a run that succeeded: seen once in the
-    two-process test. After a finished run the ranks first meet at a barrier, so none leaves while another is
-    still in its last collective.
-    """
-    import torch.distributed as dist
-    from accelerate.state import PartialState
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return  # never set up: PartialState() here would start a rendezvous
-    state = PartialState()
-    if finished:
-        state.wait_for_everyone()
-    state.destroy_process_group()
 
 
 if __name__ == "__main__":
