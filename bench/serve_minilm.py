@@ -25,10 +25,12 @@ steps (else the next lower passing rate is tried), so one lucky step near satura
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,7 +61,7 @@ from kiln.bench.loadtarget import V2Target, probe, wait_ready
 from kiln.data import english_corpus
 from kiln.runtime import OrtEngine, text_encoder_for
 from kiln.runtime import probe as probe_hardware
-from kiln.serve import free_port
+from kiln.serve import free_port, free_ports
 
 HERE = Path(__file__).resolve().parent
 BASELINE_SCRIPT = HERE / "serve_fastapi_baseline.py"
@@ -161,6 +163,9 @@ def server(name: str, command: list[str], port: int, log_dir: Path) -> Iterator[
     log = log_dir / f"{name.replace(' ', '_')}.log"
     url = f"http://127.0.0.1:{port}"
     run = ServerRun(name, float("nan"))
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        # something answers there already: its answers would be taken for this server's
+        raise SystemExit(f"{name}: port {port} is already taken by another process; run the bench again")
     with log.open("wb") as sink:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
@@ -364,7 +369,7 @@ def main() -> None:
         port = free_port()
         search_server("fastapi baseline", baseline_command(fp32, port), port, start)
         # Both kiln servers stay up (the idle one costs nothing), so their P99s can be compared interleaved.
-        on_port, off_port = free_port(), free_port()
+        on_port, off_port = free_ports(2)
         with (
             server("kiln batching on", kiln_command(fp32_repo, on_port, batching=True), on_port, workdir) as on,
             server("kiln batching off", kiln_command(fp32_repo, off_port, batching=False), off_port, workdir) as off,

@@ -47,7 +47,7 @@ from kiln import artifact as artifacts
 from kiln._utils import write_result
 from kiln.data import english_corpus
 from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads, tokenizer_for
-from kiln.serve import free_port
+from kiln.serve import free_ports
 from kiln.types import Feeds
 
 console = Console(width=150)
@@ -155,7 +155,7 @@ def main() -> None:
         inproc = in_process(fp32, args.texts, args.rounds, cores)
         repo = single_version_repo(fp32, workdir / "serve")
         console.print("(b) kiln serve, --sessions 1 against --sessions", cores, "...")
-        shared_port, split_port = free_port(), free_port()
+        shared_port, split_port = free_ports(2)
         shared_cmd = [*kiln_command(repo, shared_port, batching=True), "--sessions", "1"]
         split_cmd = [*kiln_command(repo, split_port, batching=True), "--sessions", str(cores)]
         with (

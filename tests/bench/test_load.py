@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import struct
 import sys
 from collections.abc import Iterator
@@ -27,18 +26,13 @@ from kiln.bench.loadreport import read_load_json
 from kiln.bench.loadresults import STEP_COLUMNS, LoadStep, step_cells
 from kiln.bench.loadtarget import BINARY_HEADER, V2Target, encode_request
 from kiln.errors import ConfigError, ModelNotFound
+from kiln.serve import free_port
 from kiln.types import Signature, TensorSpec
 from tests.helpers import kiln, serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE = REPO_ROOT / "bench" / "serve_fastapi_baseline.py"
 FAST = LoadSettings(rates=(40.0,), duration_s=0.5, warmup_requests=2, cooldown_s=0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -24,6 +23,7 @@ from kiln.bench.load import payloads_for
 from kiln.bench.loadclient import poisson_schedule
 from kiln.bench.loadtarget import ModelMetadata
 from kiln.errors import ConfigError, InvalidInput, KilnError
+from kiln.serve import free_ports
 from kiln.types import Signature, TensorSpec
 from tests.helpers import kiln, serving
 
@@ -35,12 +35,6 @@ MAX_ROWS, MAX_QUEUE_ROWS = 8, 4  # a request of 5-8 rows is over the queue's bou
 class Served:
     url: str
     grpc_port: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_model(repo: Path, name: str, nodes: list[Any], inputs: list[Any], outputs: list[Any], sig: Signature) -> None:
@@ -83,7 +77,7 @@ def write_repository(repo: Path) -> None:
 @contextlib.contextmanager
 def kiln_serve(repo: Path, *extra: str) -> Iterator[Served]:
     """``kiln serve repo`` (the CLI, in a process of its own) on free ports, stopped with SIGTERM afterwards."""
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     command = [
         sys.executable, "-m", "kiln", "serve", str(repo), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         "--instances", "1", "--max-rows-per-request", str(MAX_ROWS), "--max-queue-rows", str(MAX_QUEUE_ROWS), *extra,

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings
-from kiln.serve import ServerProcess, free_port
+from kiln.serve import ServerProcess, free_port, free_ports
 
 ROWS = 64
 
@@ -209,3 +209,19 @@ def test_a_sigterm_just_after_start_up_is_not_lost(many_models_repo: tuple[Path,
     code, log = signal_on_log_line(repository, "ready in", signal.SIGTERM)
     assert code == 0, log
     assert "drained and stopped" in log
+
+
+def test_free_ports_are_distinct_and_free() -> None:
+    """Ports picked together never repeat (one free_port() after another may), and each can be listened on."""
+    ports = free_ports(16)
+    assert len(set(ports)) == 16
+    listeners = []
+    try:
+        for port in ports:
+            sock = socket.socket()
+            listeners.append(sock)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+    finally:
+        for sock in listeners:
+            sock.close()

@@ -11,7 +11,7 @@ from kiln.config import ServeSettings
 from kiln.serve.batcher import Batcher, BatchPolicy
 from kiln.serve.costmodel import BatchCostModel
 from kiln.serve.dataplane import DataPlane
-from kiln.serve.process import ServerProcess, free_port
+from kiln.serve.process import ServerProcess, free_port, free_ports
 from kiln.serve.protocol import InferRequest, InferResponse, RequestedOutput
 from kiln.serve.repository import ModelRepository
 from kiln.serve.server import serve, serve_async
@@ -28,6 +28,7 @@ __all__ = [
     "ServeSettings",
     "ServerProcess",
     "free_port",
+    "free_ports",
     "serve",
     "serve_async",
 ]

@@ -22,10 +22,24 @@ from kiln.errors import KilnError
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports nothing listens on right now.
+
+    Held open together while they are chosen: one ``free_port()`` after another can hand back the same port (the
+    kernel may reuse a port just released), and then the second server cannot bind it while a client of the
+    first takes that server's answers for the second's (seen once in ``bench/serve_minilm.py``).
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class ServerProcess:
