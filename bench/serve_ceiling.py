@@ -54,7 +54,8 @@ def service_times(model: ServedModel, texts: list[str], passes: int) -> np.ndarr
     """Seconds per text (median over ``passes``) on each of ``model``'s instances, all instances running at once;
     shape (instances, texts). Instance ``i`` starts at text ``i * len(texts) / instances``, so at any moment the
     instances run different texts, as they do under load."""
-    assert model.tokenizer is not None, "a text model"
+    tokenizer = model.tokenizer
+    assert tokenizer is not None, "a text model"
     names = list(model.engine_inputs)
     count = len(model.engines)
     times = np.zeros((count, passes, len(texts)))
@@ -65,13 +66,13 @@ def service_times(model: ServedModel, texts: list[str], passes: int) -> np.ndarr
         offset = instance * len(texts) // count
         order = [(offset + k) % len(texts) for k in range(len(texts))]
         for index in order[:16]:  # warm-up
-            engine.run(model.tokenizer.pad(model.tokenizer.encode([texts[index]]), names))  # type: ignore[union-attr]
+            engine.run(tokenizer.pad(tokenizer.encode([texts[index]]), names))
         start.wait()
         for p in range(passes):
             for index in order:
                 began = time.perf_counter()
-                ids = model.tokenizer.encode([texts[index]])  # type: ignore[union-attr]
-                engine.run(model.tokenizer.pad(ids, names))  # type: ignore[union-attr]
+                ids = tokenizer.encode([texts[index]])
+                engine.run(tokenizer.pad(ids, names))
                 times[instance, p, index] = time.perf_counter() - began
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]

@@ -216,6 +216,8 @@ class Trainer:
         self._mid_step = True
         window = self.sampler.next_window(self.grad_accum_steps)
         halves = self._halves_for_noise(window)
+        if not self._module.training:  # after an evaluation; train() walks every module, 6% of a small step
+            self.model.train()
         if self._one_batch_steps and halves is None:
             loss = self._backward_batch(window[0])
         else:
@@ -238,8 +240,6 @@ class Trainer:
         batch = self._batch(rows)
         if "attention_mask" in batch:
             self.last_tokens = int(batch["attention_mask"].sum())
-        if not self._module.training:  # after an evaluation; train() walks every module, 6% of a small step
-            self.model.train()
         return backward_batch(self.model, batch, self.loss_sum, self.count, self._backward, self._autocast)
 
     def _backward_window(self, window: list[list[int]], halves: list[list[int]] | None) -> float:
@@ -263,8 +263,6 @@ class Trainer:
                 loss = self.loss_sum(model, batch)
                 return loss * 0.0 if id(batch) in ghost_ids else loss
 
-        if not self._module.training:  # after an evaluation; train() walks every module, 6% of a small step
-            self.model.train()
         first_half: list[torch.Tensor] = []  # with halves: the gradient after the first half's backward
 
         def keep_first_half(micro_batch: int) -> None:
