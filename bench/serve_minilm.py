@@ -518,7 +518,7 @@ def summarize(
             for name, run in runs.items()
         },
         "hardware": probe_hardware(),
-        "versions": package_versions("kiln", "onnxruntime", "numpy", "aiohttp", "fastapi", "uvicorn", "starlette"),
+        "versions": package_versions("kiln", "onnxruntime", "numpy", "httptools", "fastapi", "uvicorn", "starlette"),
     }
 
 

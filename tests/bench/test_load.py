@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import struct
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from kiln.bench.load import payloads_for
 from kiln.bench.loadclient import poisson_schedule
 from kiln.bench.loadreport import read_load_json
 from kiln.bench.loadresults import STEP_COLUMNS, LoadStep, step_cells
-from kiln.bench.loadtarget import BINARY_HEADER, V2Target, encode_request
+from kiln.bench.loadtarget import BINARY_HEADER, Payload, V2Target, encode_request
 from kiln.errors import ConfigError, ModelNotFound
 from kiln.serve import free_port
 from kiln.types import Signature, TensorSpec
@@ -158,6 +160,97 @@ def test_refused_connections_are_counted_by_kind(tiny_client: LoadClient) -> Non
     with LoadClient(V2Target(f"http://127.0.0.1:{free_port()}", "tiny"), payloads, warmup_requests=1) as client:
         step = client.run_schedule([0.0, 0.01, 0.02, 0.03])
     assert (step.requests, step.ok, step.errors) == (4, 0, {"connection": 4})
+
+
+class ScriptedServer:
+    """A real HTTP/1.1 socket server whose answers a test scripts: ``answer(request_number) -> bytes | None``
+    (None: read the request, answer nothing). It counts the connections it accepted."""
+
+    def __init__(self, answer: Callable[[int], bytes | None]) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection, connection.makefile("rb") as reader:
+            while reader.readline():  # a request line
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                reader.read(length)
+                with self._lock:
+                    number, self.requests = self.requests, self.requests + 1
+                answer = self.answer(number)
+                if answer is None:
+                    continue
+                connection.sendall(answer)
+                if b"connection: close" in answer.lower():
+                    return
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def _answer(status: int = 200, headers: str = "") -> bytes:
+    body = b'{"outputs": []}'
+    return f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{headers}\r\n".encode() + body
+
+
+@contextmanager
+def scripted_client(
+    answer: Callable[[int], bytes | None], timeout_s: float = 10.0
+) -> Iterator[tuple[ScriptedServer, LoadClient]]:
+    server = ScriptedServer(answer)
+    payloads = [Payload(b'{"inputs": []}', (("Content-Type", "application/json"),), 1)]
+    try:
+        with LoadClient(V2Target(server.url, "m"), payloads, timeout_s=timeout_s, warmup_requests=0) as client:
+            yield server, client
+    finally:
+        server.close()
+
+
+def test_keep_alive_connections_are_reused_across_requests_and_steps() -> None:
+    with scripted_client(lambda _: _answer()) as (server, client):
+        first = client.closed_loop(2, duration_s=30.0, max_requests=40)
+        second = client.closed_loop(2, duration_s=30.0, max_requests=40)
+    assert (first.ok, second.ok, server.requests) == (40, 40, 80)
+    assert server.connections == 2  # one per client, kept from the first step to the second
+
+
+def test_an_answer_that_closes_its_connection_is_counted_and_the_next_request_reconnects() -> None:
+    with scripted_client(lambda _: _answer(headers="Connection: close\r\n")) as (server, client):
+        step = client.closed_loop(1, duration_s=30.0, max_requests=5)
+    assert (step.ok, step.errors, server.connections) == (5, {}, 5)
+
+
+def test_a_server_that_never_answers_gives_timeouts_not_a_hang() -> None:
+    with scripted_client(lambda _: None, timeout_s=0.3) as (_, client):
+        step = client.run_schedule([0.0, 0.0, 0.05])
+    assert (step.requests, step.ok, step.errors) == (3, 0, {"timeout": 3})
+    assert step.samples is not None and np.all(step.samples.done_s - step.samples.sent_s >= 0.3 - 0.01)
+
+
+def test_a_malformed_answer_is_a_client_error_and_its_status_codes_are_kept() -> None:
+    answers = {0: b"HTTP/1.1 abc nonsense\r\n\r\n", 1: _answer(503), 2: _answer()}
+    with scripted_client(lambda n: answers[n]) as (server, client):
+        step = client.closed_loop(1, duration_s=30.0, max_requests=3)
+    assert (step.ok, step.errors) == (1, {"client-error": 1, "503": 1})
+    assert server.connections == 2  # the malformed answer's connection was dropped, the 503's kept
 
 
 def test_load_test_names_a_missing_model(tiny_url: str) -> None:

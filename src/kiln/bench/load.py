@@ -198,7 +198,7 @@ def load_test(
         steps=steps,
         payload=described | {"outputs": outputs},
         hardware=_client_hardware(),
-        versions=package_versions("kiln", "aiohttp", "numpy"),
+        versions=package_versions("kiln", "httptools", "numpy"),
         settings=settings_dict(settings),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )

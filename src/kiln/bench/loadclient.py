@@ -86,8 +86,10 @@ class LoadClient:
         from_child, to_parent = os.pipe()
         src = str(Path(__file__).resolve().parents[2])  # so the worker imports this very kiln
         code = f"import sys; sys.path.insert(0, {src!r}); from kiln.bench.loadworker import main; main()"
+        # One thread for numpy's BLAS: its idle pool would spin on the cores the server under test needs.
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         self._process = subprocess.Popen(
-            [sys.executable, "-c", code, str(from_parent), str(to_parent)], pass_fds=(from_parent, to_parent)
+            [sys.executable, "-c", code, str(from_parent), str(to_parent)], pass_fds=(from_parent, to_parent), env=env
         )
         os.close(from_parent)
         os.close(to_parent)

@@ -1,9 +1,12 @@
-"""The hot loop of the load generator: aiohttp on (uv)loop, in a process of its own.
+"""The hot loop of the load generator: raw HTTP/1.1 keep-alive connections on (uv)loop, in a process of its own.
 
 It runs in its own process (``python -m kiln.bench.loadworker``, talking to its parent over two pipes) so it
-shares no GIL with the caller (a bench script that also runs a model, say), and it is cheap per request: one
-keep-alive connection pool, prebuilt bodies and headers, no encoding or decoding of JSON, and a few float and int
-writes into preallocated arrays.
+shares no GIL with the caller (a bench script that also runs a model, say). It is cheap per request, because on a
+small machine its CPU is taken from the server it measures: every request's bytes (request line, headers, body)
+are built once, before the load; sending one is a single write on an idle keep-alive connection; httptools (the
+C parser uvicorn uses) reads the answer, of which only the status is kept; no task or future is made per request,
+and the figures go into preallocated arrays. (aiohttp, which this replaced, cost about twice the CPU per
+request; ``bench/serve_cpu.py`` measures it.)
 
 Open loop: requests go out on a precomputed schedule (Poisson arrivals) whether or not earlier ones have
 answered; a request due while ``max_outstanding`` are in flight is not sent and counts as ``client-overload``.
@@ -13,24 +16,28 @@ Closed loop: ``clients`` coroutines each send, wait for the answer, and send aga
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
+from urllib.parse import SplitResult, urlsplit
 
+import httptools
 import numpy as np
 
 from kiln.bench.loadresults import CLIENT_ERROR, CLIENT_OVERLOAD, CONNECTION, NOT_SENT, TIMEOUT, Samples
 from kiln.bench.loadtarget import Payload
 
-if TYPE_CHECKING:
-    import aiohttp
-
 # A closed loop writes into arrays of this many entries at a time, growing them as it goes.
 _CLOSED_LOOP_CHUNK = 4096
+# A connection idle this long is closed rather than reused: under uvicorn's 5 s keep-alive, so the client drops it
+# before the server can close it under a request in transit.
+_KEEPALIVE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def worker_main(inbox: Connection, outbox: Connection) -> None:
-    """Receive a :class:`WorkerConfig`, open a session, warm up, then run each plan received until ``None``.
+    """Receive a :class:`WorkerConfig`, warm up a connection pool, then run each plan received until ``None``.
 
     Messages sent back: ``("ready", None)``, ``("samples", Samples)`` per plan, or ``("error", traceback)``.
     """
@@ -82,14 +89,15 @@ def worker_main(inbox: Connection, outbox: Connection) -> None:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        session = loop.run_until_complete(_open_session(config))
+        pool = loop.run_until_complete(_open_pool(config))
         try:
-            loop.run_until_complete(_warm_up(session, config))
+            loop.run_until_complete(_warm_up(pool, config))
             outbox.send(("ready", None))
             while (plan := inbox.recv()) is not None:
-                outbox.send(("samples", loop.run_until_complete(run_plan(session, config, plan))))
+                outbox.send(("samples", loop.run_until_complete(run_plan(pool, config, plan))))
         finally:
-            loop.run_until_complete(session.close())
+            pool.close()
+            loop.run_until_complete(asyncio.sleep(0))  # let the transports see their close
     except (EOFError, KeyboardInterrupt):
         pass  # the parent went away or was interrupted: nothing to report to
     except BaseException:
@@ -98,45 +106,182 @@ def worker_main(inbox: Connection, outbox: Connection) -> None:
         loop.close()
 
 
-async def _open_session(config: WorkerConfig) -> aiohttp.ClientSession:
-    import aiohttp
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection carrying one request at a time; httptools parses the answers."""
 
-    # limit=0: the plans bound the requests in flight themselves. keepalive_timeout stays under uvicorn's 5 s
-    # default, so the client drops an idle connection before the server closes it under a request in transit.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3.0, enable_cleanup_closed=True)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=config.timeout_s),
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-    )
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.request = -1  # the index of the request awaiting its answer; -1 while idle
+        self.idle_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def send(self, i: int, data: bytes, timeout_s: float) -> None:
+        assert self.transport is not None
+        self.request = i
+        self._timer = self._pool.loop.call_later(timeout_s, self.time_out)
+        self.transport.write(data)
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport is not registered as one
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:  # a malformed answer (an upgrade included): this connection is done
+            self._finish(CLIENT_ERROR, reuse=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.request >= 0:
+            self._finish(CONNECTION, reuse=False)
+        else:
+            self._pool.forget(self)
+
+    # httptools callback
+    def on_message_complete(self) -> None:
+        transport = self.transport
+        reuse = (
+            self._parser.should_keep_alive()
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0  # an early answer (413) with our body still unsent
+        )
+        self._finish(self._parser.get_status_code(), reuse=reuse)
+
+    def time_out(self) -> None:
+        self._timer = None
+        self._finish(TIMEOUT, reuse=False)
+
+    def _finish(self, outcome: int, *, reuse: bool) -> None:
+        i, self.request = self.request, -1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if reuse:
+            self.idle_since = self._pool.clock()
+            self._pool.idle.append(self)
+        else:
+            self.close()
+        if i >= 0:  # not an answer nobody asked for
+            self._pool.done(i, outcome)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        self._pool.forget(self)
 
 
-async def _warm_up(session: aiohttp.ClientSession, config: WorkerConfig) -> None:
+class _Pool:
+    """Keep-alive connections to one URL; ``send(i)`` writes request ``i``'s prebuilt bytes on an idle one (a new
+    connection when none is idle) and, when it is over, calls ``done(i, outcome)``: the HTTP status, or one of
+    :data:`TIMEOUT`, :data:`CONNECTION`, :data:`CLIENT_ERROR`. No task or future is made per request."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        url = urlsplit(config.url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"the load generator speaks HTTP to http:// or https:// URLs, not {config.url!r}")
+        self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
+        self.done: Callable[[int, int], None] = _unexpected  # set by each plan's recorder
+        self.idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        self._connecting: set[asyncio.Task[None]] = set()
+        self._host, self._port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._timeout_s = config.timeout_s
+        self._requests = [_request_bytes(url, p) for p in config.payloads]
+
+    def send(self, i: int) -> None:
+        data = self._requests[i % len(self._requests)]
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.transport is not None and self.clock() - connection.idle_since < _KEEPALIVE_S:
+                connection.send(i, data, self._timeout_s)
+                return
+            connection.close()
+        task = self.loop.create_task(self._connect_and_send(i, data))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect_and_send(self, i: int, data: bytes) -> None:
+        began = self.clock()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                _, connection = await self.loop.create_connection(
+                    lambda: _Connection(self), self._host, self._port, ssl=self._ssl
+                )
+        except (TimeoutError, asyncio.CancelledError):  # cancelled: the plan abandoned it
+            self.done(i, TIMEOUT)
+            return
+        except OSError:  # refused, unreachable, reset, a TLS failure
+            self.done(i, CONNECTION)
+            return
+        self._all.add(connection)
+        connection.send(i, data, max(self._timeout_s - (self.clock() - began), 0.0))
+
+    def forget(self, connection: _Connection) -> None:
+        self._all.discard(connection)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(connection)
+
+    def abandon(self) -> None:
+        """End every request still waiting as :data:`TIMEOUT` (their connections close); idle ones stay open."""
+        for task in list(self._connecting):
+            task.cancel()
+        for connection in list(self._all):
+            if connection.request >= 0:
+                connection.time_out()
+
+    def close(self) -> None:
+        """Abandon what is outstanding and close every connection."""
+        self.abandon()
+        for connection in list(self._all):
+            connection.close()
+
+
+def _unexpected(i: int, outcome: int) -> None:
+    raise AssertionError(f"request {i} ended ({outcome}) outside a plan")
+
+
+async def _open_pool(config: WorkerConfig) -> _Pool:
+    return _Pool(config)
+
+
+def _request_bytes(url: SplitResult, payload: Payload) -> bytes:
+    """The whole request, written once: request line, headers (``Host`` and ``Content-Length`` added), body."""
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    host = url.netloc.rpartition("@")[2]
+    names = {name.lower() for name, _ in payload.headers}
+    headers = [("Host", host)] if "host" not in names else []
+    headers += list(payload.headers)
+    if "content-length" not in names:
+        headers.append(("Content-Length", str(len(payload.body))))
+    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    return head.encode("latin-1") + payload.body
+
+
+async def _warm_up(pool: _Pool, config: WorkerConfig) -> None:
     """A few requests, concurrently, so the first step does not pay for opening connections."""
     if config.warmup_requests < 1:
         return
     plan = OpenLoopPlan(np.zeros(config.warmup_requests), 0.0, config.warmup_requests)
-    await run_plan(session, config, plan)
+    await run_plan(pool, config, plan)
 
 
-async def run_plan(session: aiohttp.ClientSession, config: WorkerConfig, plan: Plan) -> Samples:
+async def run_plan(pool: _Pool, config: WorkerConfig, plan: Plan) -> Samples:
     if isinstance(plan, OpenLoopPlan):
-        return await _open_loop(session, config, plan)
-    return await _closed_loop(session, config, plan)
+        return await _open_loop(pool, config, plan)
+    return await _closed_loop(pool, config, plan)
 
 
 class _Recorder:
-    """Per-request figures in preallocated arrays; one ``send`` per request."""
+    """Per-request figures in preallocated arrays, written by the pool's ``done`` callback."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: WorkerConfig, size: int) -> None:
-        import aiohttp
-
-        self._post = session.post
-        self._url = config.url
-        self._payloads: Sequence[Payload] = config.payloads
-        self._headers = [dict(p.headers) for p in config.payloads]
-        self._connection_error = aiohttp.ClientConnectionError
-        self._client_error = aiohttp.ClientError
+    def __init__(self, size: int) -> None:
         # NOTE: perf_counter, not loop.time(): uvloop's clock has millisecond steps and is cached per iteration.
         self._clock = time.perf_counter
         self.t0 = self._clock()
@@ -145,6 +290,8 @@ class _Recorder:
         self.done = np.full(size, np.nan)
         self.outcome = np.full(size, NOT_SENT, dtype=np.int32)
         self.outstanding = 0
+        self.waiters: dict[int, asyncio.Future[None]] = {}  # closed loop: the client waiting on request i
+        self.all_done: asyncio.Future[None] | None = None  # open loop's end: set when nothing is outstanding
 
     def now(self) -> float:
         return self._clock() - self.t0
@@ -156,67 +303,56 @@ class _Recorder:
         self.done = np.concatenate([self.done, np.full(extra, np.nan)])
         self.outcome = np.concatenate([self.outcome, np.full(extra, NOT_SENT, dtype=np.int32)])
 
-    async def send(self, i: int) -> None:
-        k = i % len(self._payloads)
-        self.sent[i] = self.now()
-        try:
-            async with self._post(self._url, data=self._payloads[k].body, headers=self._headers[k]) as response:
-                await response.read()
-                self.outcome[i] = response.status
-        except TimeoutError:
-            self.outcome[i] = TIMEOUT
-        except self._connection_error:
-            self.outcome[i] = CONNECTION
-        except self._client_error:
-            self.outcome[i] = CLIENT_ERROR
-        except asyncio.CancelledError:
-            self.outcome[i] = TIMEOUT
-            raise
-        finally:
-            self.done[i] = self.now()
-
-    def uncount(self, _task: asyncio.Task[None]) -> None:
+    def finish(self, i: int, outcome: int) -> None:
+        self.done[i] = self.now()
+        self.outcome[i] = outcome
         self.outstanding -= 1
+        waiter = self.waiters.pop(i, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self.outstanding and self.all_done is not None and not self.all_done.done():
+            self.all_done.set_result(None)
 
     def samples(self, span_s: float, count: int | None = None) -> Samples:
         n = len(self.outcome) if count is None else count
         return Samples(self.scheduled[:n], self.sent[:n], self.done[:n], self.outcome[:n], span_s)
 
 
-async def _open_loop(session: aiohttp.ClientSession, config: WorkerConfig, plan: OpenLoopPlan) -> Samples:
+async def _open_loop(pool: _Pool, config: WorkerConfig, plan: OpenLoopPlan) -> Samples:
     schedule = plan.schedule_s
-    rec = _Recorder(session, config, len(schedule))
+    rec = _Recorder(len(schedule))
     rec.scheduled[:] = schedule
-    in_flight: set[asyncio.Task[None]] = set()
-    loop = asyncio.get_running_loop()
+    pool.done = rec.finish
     i, n = 0, len(schedule)
-    while i < n:
-        # Fire every arrival that is due without yielding in between (a burst is a burst), then sleep to the next.
-        now = rec.now()
-        while i < n and schedule[i] <= now:
-            if rec.outstanding >= plan.max_outstanding:
-                rec.outcome[i] = CLIENT_OVERLOAD
-            else:
-                # Counted when created, not when send() starts: the cap must hold within one burst too.
-                rec.outstanding += 1
-                task = loop.create_task(rec.send(i))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                task.add_done_callback(rec.uncount)
-            i += 1
-        await asyncio.sleep(max(schedule[i] - rec.now(), 0.0) if i < n else 0.0)
-    if in_flight:
-        _, late = await asyncio.wait(in_flight, timeout=config.timeout_s + 1.0)
-        for task in late:  # the per-request timeout should have ended these; never wait forever
-            task.cancel()
-        if late:
-            await asyncio.wait(late)
+    try:
+        while i < n:
+            # Fire every arrival that is due without yielding in between (a burst is a burst), then sleep to the next.
+            now = rec.now()
+            while i < n and schedule[i] <= now:
+                if rec.outstanding >= plan.max_outstanding:
+                    rec.outcome[i] = CLIENT_OVERLOAD
+                else:
+                    rec.outstanding += 1
+                    rec.sent[i] = rec.now()
+                    pool.send(i)
+                i += 1
+            await asyncio.sleep(max(schedule[i] - rec.now(), 0.0) if i < n else 0.0)
+        if rec.outstanding:
+            rec.all_done = asyncio.get_running_loop().create_future()
+            # every request has its own timeout; this bound only guards against a bug
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rec.all_done, config.timeout_s + 1.0)
+    finally:
+        pool.abandon()
+        pool.done = _unexpected
     return rec.samples(plan.span_s)
 
 
-async def _closed_loop(session: aiohttp.ClientSession, config: WorkerConfig, plan: ClosedLoopPlan) -> Samples:
+async def _closed_loop(pool: _Pool, config: WorkerConfig, plan: ClosedLoopPlan) -> Samples:
     limit = plan.max_requests
-    rec = _Recorder(session, config, min(limit or _CLOSED_LOOP_CHUNK, _CLOSED_LOOP_CHUNK))
+    rec = _Recorder(min(limit or _CLOSED_LOOP_CHUNK, _CLOSED_LOOP_CHUNK))
+    pool.done = rec.finish
+    loop = asyncio.get_running_loop()
     next_index = 0
 
     async def client() -> None:
@@ -226,10 +362,17 @@ async def _closed_loop(session: aiohttp.ClientSession, config: WorkerConfig, pla
             next_index += 1
             if i >= len(rec.outcome):
                 rec.grow(len(rec.outcome) + _CLOSED_LOOP_CHUNK)
-            rec.scheduled[i] = rec.now()  # a closed-loop client is due as soon as its last answer came back
-            await rec.send(i)
+            rec.scheduled[i] = rec.sent[i] = rec.now()  # a closed-loop client is due as soon as its answer came
+            waiter = rec.waiters[i] = loop.create_future()
+            rec.outstanding += 1
+            pool.send(i)
+            await waiter
 
-    await asyncio.gather(*(client() for _ in range(plan.clients)))
+    try:
+        await asyncio.gather(*(client() for _ in range(plan.clients)))
+    finally:
+        pool.abandon()
+        pool.done = _unexpected
     span_s = plan.duration_s if limit is None or next_index < limit else rec.now()
     return rec.samples(min(span_s, rec.now()), next_index)
 
