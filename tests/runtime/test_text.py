@@ -120,14 +120,23 @@ def test_the_tokenizer_never_reads_past_max_chars_of_a_text(tokenizer_json: Path
     read: list[int] = []
 
     class Recording:
-        def encode_batch(self, texts: list[str]) -> Any:
+        def encode_batch_fast(self, texts: list[str]) -> Any:
             read.extend(len(t) for t in texts)
-            return library.encode_batch(texts)
+            return library.encode_batch_fast(texts)
 
     tokenizer._tokenizer = Recording()
     huge = "word " * 2_000_000  # 10 MB
     (ids,) = tokenizer.encode([huge])
     assert read == [128 * 32] and len(ids) == 128
+
+
+def test_the_tokenizer_gives_the_ids_of_the_library_with_offsets(tokenizer_json: Path) -> None:
+    # encode() skips the character offsets (encode_batch_fast); the ids must not change
+    tokenizer = TextTokenizer(tokenizer_json, max_length=128)
+    texts = english_corpus()[:200]
+    expected = [e.ids for e in tokenizer._tokenizer.encode_batch([t[: tokenizer.max_chars] for t in texts])]
+    assert tokenizer.encode(texts) == expected
+    assert max(len(ids) for ids in expected) == 128  # some were truncated
 
 
 def test_tokenizer_does_not_pad(tokenizer: TextTokenizer) -> None:

@@ -61,7 +61,7 @@ class _LoopThread:
         self.loop.close()
 
 
-async def _start(root: Path, settings: ServeSettings, http: bool) -> RunningServer:
+async def _start(root: Path, settings: ServeSettings, http: bool, kiln_protocol: bool = True) -> RunningServer:
     plane = DataPlane(root, settings)
     stops: list[Callable[[], Coroutine[Any, Any, None]]] = []
     try:
@@ -71,7 +71,7 @@ async def _start(root: Path, settings: ServeSettings, http: bool) -> RunningServ
         stops.append(lambda: grpc_server.stop(grace_s=5.0))
         http_url = None
         if http:
-            http_url, stop_http = await _start_http(plane, settings.host)
+            http_url, stop_http = await _start_http(plane, settings.host, kiln_protocol)
             stops.append(stop_http)
     except BaseException:
         await _run_stops(stops)
@@ -80,15 +80,18 @@ async def _start(root: Path, settings: ServeSettings, http: bool) -> RunningServ
     return RunningServer(plane, asyncio.get_running_loop(), grpc_server, url, http_url, stops)
 
 
-async def _start_http(plane: DataPlane, host: str) -> tuple[str, Callable[[], Coroutine[Any, Any, None]]]:
+async def _start_http(
+    plane: DataPlane, host: str, kiln_protocol: bool
+) -> tuple[str, Callable[[], Coroutine[Any, Any, None]]]:
     import uvicorn
 
     from kiln.serve.http import build_app, http_protocol
     from kiln.serve.server import bind
 
     sock = bind(host, 0)
+    protocol = http_protocol() if kiln_protocol else "httptools"  # the app under uvicorn's own protocol
     config = uvicorn.Config(
-        build_app(plane), loop="none", http=http_protocol(), lifespan="off", access_log=False, log_level="warning"
+        build_app(plane), loop="none", http=protocol, lifespan="off", access_log=False, log_level="warning"
     )
     uvicorn_server = uvicorn.Server(config)
     task = asyncio.create_task(uvicorn_server.serve(sockets=[sock]))
@@ -112,18 +115,22 @@ async def _run_stops(stops: list[Callable[[], Coroutine[Any, Any, None]]]) -> No
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., RunningServer]]:
-    """``start_server(root, settings=None, *, http=False) -> RunningServer``: serve the repository ``root``.
+    """``start_server(root, settings=None, *, http=False, kiln_protocol=True) -> RunningServer``: serve the
+    repository ``root``.
 
-    gRPC always (on a free port; ``settings.grpc_port`` is ignored), HTTP too with ``http=True``. Every server
-    started in a test is drained and stopped when the test ends.
+    gRPC always (on a free port; ``settings.grpc_port`` is ignored), HTTP too with ``http=True`` (with
+    ``kiln_protocol=False``, on uvicorn's own HTTP protocol rather than Kiln's). Every server started in a test is
+    drained and stopped when the test ends.
     """
     threads: list[tuple[_LoopThread, RunningServer]] = []
 
-    def start(root: Path, settings: ServeSettings | None = None, *, http: bool = False) -> RunningServer:
+    def start(
+        root: Path, settings: ServeSettings | None = None, *, http: bool = False, kiln_protocol: bool = True
+    ) -> RunningServer:
         thread = _LoopThread()
         try:
             server = asyncio.run_coroutine_threadsafe(
-                _start(root, settings or ServeSettings(), http), thread.loop
+                _start(root, settings or ServeSettings(), http, kiln_protocol), thread.loop
             ).result(_START_TIMEOUT_S)
         except BaseException:
             thread.close()

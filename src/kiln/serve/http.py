@@ -144,13 +144,46 @@ async def _repository_parameters(request: Request, settings: ServeSettings) -> l
     return list(json_object(payload.get("parameters"), '"parameters"'))
 
 
+# The scope key under which Kiln's HTTP protocol (http_protocol) keeps callbacks to run when the client disconnects
+# before its response is complete.
+ON_DISCONNECT = "kiln.on_disconnect"
+
+
 async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Await ``work``, cancelled when the client disconnects first: a request still queued then leaves the queue,
     and its batch slot and compute go to clients that are still waiting (one already running finishes unseen).
 
+    Under Kiln's own protocol the connection tells this request when it is lost (no task is made); under any other
+    ASGI server a watcher task waits for ``http.disconnect``.
+
     Raises:
         ClientClosed: the client disconnected before ``work`` was done.
     """
+    hooks: list[Callable[[], None]] | None = request.scope.get(ON_DISCONNECT)
+    if hooks is None:
+        return await _watching_for_disconnect(request, work)
+    this = asyncio.current_task()
+    assert this is not None
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        left = True
+        this.cancel()
+
+    hooks.append(leave)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise  # this handler was cancelled (a shutdown past its grace period), not by the client leaving
+        this.uncancel()
+        raise ClientClosed("the client closed the connection before its answer was ready", reason="cancelled") from None
+    finally:
+        hooks.remove(leave)
+
+
+async def _watching_for_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
     task = asyncio.ensure_future(work)
     left = False
 
@@ -348,6 +381,20 @@ def http_protocol() -> type[Any]:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     class JsonErrorsProtocol(HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            # The cycle's task has not run yet: the scope it will see still takes the key.
+            self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            cycle = self.cycle
+            hooks: list[Callable[[], None]] = []
+            if cycle is not None and not cycle.response_complete:
+                hooks = list(cycle.scope.get(ON_DISCONNECT, ()))  # type: ignore[call-overload]
+            super().connection_lost(exc)
+            for hook in hooks:
+                hook()
+
         def send_400_response(self, msg: str) -> None:
             head = [STATUS_LINE[400]]
             for name, value in self.server_state.default_headers:
