@@ -536,12 +536,17 @@ def _metric(url: str, name: str, model: str = "slow") -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.mark.parametrize("kiln_protocol", [True, False], ids=["kiln-protocol", "uvicorn-protocol"])
+@pytest.mark.parametrize(
+    ("kiln_protocol", "pipelined"),
+    [(True, False), (False, False), (True, True)],
+    ids=["kiln-protocol", "uvicorn-protocol", "kiln-protocol-pipelined"],
+)
 def test_a_queued_request_whose_client_disconnects_leaves_the_queue_unrun(
-    start_server: Callable[..., Any], slow_repo: Path, kiln_protocol: bool
+    start_server: Callable[..., Any], slow_repo: Path, kiln_protocol: bool, pipelined: bool
 ) -> None:
     # it used to stay queued and run: its batch slot and compute spent on a client that was gone. Kiln's protocol
-    # tells the request when its connection is lost; under uvicorn's own, a task watches for http.disconnect.
+    # tells the request when its connection is lost, also when a pipelined request came after it on the connection
+    # (uvicorn's own flags only the last); under uvicorn's protocol a task watches for http.disconnect.
     rows = 4096  # 0.2-0.4 s of compute a request: the queue stands while the test looks at it
     settings = ServeSettings(instances=1, batching=False, max_rows_per_request=rows, max_queue_rows=4 * rows)
     server = start_server(slow_repo, settings, http=True, kiln_protocol=kiln_protocol)
@@ -557,7 +562,8 @@ def test_a_queued_request_whose_client_disconnects_leaves_the_queue_unrun(
         body = infer_body([0.5] * 28, [7, 4])  # 7 rows: told apart from the others in the rows executed
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             head = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: {url}\r\nContent-Length: {len(body)}\r\n\r\n"
-            sock.sendall(head.encode() + body)
+            behind = f"GET /v2/health/live HTTP/1.1\r\nHost: {url}\r\n\r\n".encode() if pipelined else b""
+            sock.sendall(head.encode() + body + behind)
             while _metric(url, "kiln_queue_depth_rows") % rows != 7 and time.monotonic() < deadline:
                 time.sleep(0.002)  # until it is queued
             assert _metric(url, "kiln_queue_depth_rows") % rows == 7, "the 7-row request never showed in the queue"

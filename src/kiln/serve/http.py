@@ -381,19 +381,27 @@ def http_protocol() -> type[Any]:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     class JsonErrorsProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # (cycle, its disconnect hooks) of the requests on this connection not yet answered: more than one
+            # only when a client pipelines
+            self._open: list[tuple[Any, list[Callable[[], None]]]] = []
+
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
+            hooks: list[Callable[[], None]] = []
             # The cycle's task has not run yet: the scope it will see still takes the key.
-            self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
+            self.scope[ON_DISCONNECT] = hooks  # type: ignore[literal-required]
+            self._open = [(c, h) for c, h in self._open if not c.response_complete]
+            self._open.append((self.cycle, hooks))
 
         def connection_lost(self, exc: Exception | None) -> None:
-            cycle = self.cycle
-            hooks: list[Callable[[], None]] = []
-            if cycle is not None and not cycle.response_complete:
-                hooks = list(cycle.scope.get(ON_DISCONNECT, ()))  # type: ignore[call-overload]
+            unanswered = [list(h) for c, h in self._open if not c.response_complete]
+            self._open = []
             super().connection_lost(exc)
-            for hook in hooks:
-                hook()
+            for hooks in unanswered:
+                for hook in hooks:
+                    hook()
 
         def send_400_response(self, msg: str) -> None:
             head = [STATUS_LINE[400]]
