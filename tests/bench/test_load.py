@@ -238,6 +238,13 @@ def test_an_answer_that_closes_its_connection_is_counted_and_the_next_request_re
     assert (step.ok, step.errors, server.connections) == (5, {}, 5)
 
 
+def test_a_chunked_answer_is_read_to_its_end_and_its_connection_reused() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    with scripted_client(lambda _: chunked) as (server, client):
+        step = client.closed_loop(1, duration_s=30.0, max_requests=6)
+    assert (step.ok, step.errors, server.connections) == (6, {}, 1)
+
+
 def test_a_server_that_never_answers_gives_timeouts_not_a_hang() -> None:
     with scripted_client(lambda _: None, timeout_s=0.3) as (_, client):
         step = client.run_schedule([0.0, 0.0, 0.05])
