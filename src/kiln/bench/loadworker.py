@@ -4,8 +4,8 @@ It runs in its own process (``python -m kiln.bench.loadworker``, talking to its 
 shares no GIL with the caller (a bench script that also runs a model, say). It is cheap per request, because on a
 small machine its CPU is taken from the server it measures: every request's bytes (request line, headers, body)
 are built once, before the load; sending one is a single write on an idle keep-alive connection; httptools (the
-C parser uvicorn uses) reads the answer, of which only the status is kept; no task or future is made per request,
-and the figures go into preallocated arrays. (aiohttp, which this replaced, cost about twice the CPU per
+C parser uvicorn uses) reads the answer, of which only the status is kept; the open loop makes no task or future
+per request, and the figures go into preallocated arrays. (aiohttp, which this replaced, cost about twice the CPU per
 request; ``bench/serve_cpu.py`` measures it.)
 
 Open loop: requests go out on a precomputed schedule (Poisson arrivals) whether or not earlier ones have
@@ -89,7 +89,7 @@ def worker_main(inbox: Connection, outbox: Connection) -> None:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        pool = loop.run_until_complete(_open_pool(config))
+        pool = _Pool(config, loop)
         try:
             loop.run_until_complete(_warm_up(pool, config))
             outbox.send(("ready", None))
@@ -180,11 +180,11 @@ class _Pool:
     connection when none is idle) and, when it is over, calls ``done(i, outcome)``: the HTTP status, or one of
     :data:`TIMEOUT`, :data:`CONNECTION`, :data:`CLIENT_ERROR`. No task or future is made per request."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, loop: asyncio.AbstractEventLoop) -> None:
         url = urlsplit(config.url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"the load generator speaks HTTP to http:// or https:// URLs, not {config.url!r}")
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.clock = self.loop.time
         self.done: Callable[[int, int], None] = _unexpected  # set by each plan's recorder
         self.idle: list[_Connection] = []
@@ -245,10 +245,6 @@ class _Pool:
 
 def _unexpected(i: int, outcome: int) -> None:
     raise AssertionError(f"request {i} ended ({outcome}) outside a plan")
-
-
-async def _open_pool(config: WorkerConfig) -> _Pool:
-    return _Pool(config)
 
 
 def _request_bytes(url: SplitResult, payload: Payload) -> bytes:
