@@ -113,10 +113,12 @@ def test_cutting_long_texts_first_changes_no_token_of_real_english(tokenizer_jso
     assert short.encode([*texts, huge]) == [e.ids for e in reference.encode_batch([*texts, huge])]
 
 
-def test_the_tokenizer_never_reads_past_max_chars_of_a_text(tokenizer_json: Path) -> None:
+@pytest.mark.parametrize("word", ["word ", "wörd "], ids=["ascii-fast-path", "library"])
+def test_the_tokenizer_never_reads_past_max_chars_of_a_text(tokenizer_json: Path, word: str) -> None:
     tokenizer = TextTokenizer(tokenizer_json, max_length=128)
     assert tokenizer.vocab_size == 30522  # MiniLM's BERT uncased vocabulary
-    library = tokenizer._tokenizer
+    library, fast = tokenizer._tokenizer, tokenizer._wordpiece
+    assert fast is not None
     read: list[int] = []
 
     class Recording:
@@ -124,10 +126,16 @@ def test_the_tokenizer_never_reads_past_max_chars_of_a_text(tokenizer_json: Path
             read.extend(len(t) for t in texts)
             return library.encode_batch_fast(texts)
 
+        def encode(self, text: str) -> list[int] | None:
+            read.append(len(text))
+            return fast.encode(text)  # type: ignore[union-attr]
+
     tokenizer._tokenizer = Recording()
-    huge = "word " * 2_000_000  # 10 MB
+    tokenizer._wordpiece = Recording()  # type: ignore[assignment]
+    huge = word * 2_000_000  # 10 MB
     (ids,) = tokenizer.encode([huge])
-    assert read == [128 * 32] and len(ids) == 128
+    # the fast path reads the cut text and, not ASCII, hands the same cut text to the library
+    assert read == [128 * 32] * (1 if word.isascii() else 2) and len(ids) == 128
 
 
 def test_the_tokenizer_gives_the_ids_of_the_library_with_offsets(tokenizer_json: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from kiln.errors import InvalidInput
 from kiln.runtime.engine import Engine
+from kiln.runtime.wordpiece import AsciiWordPiece
 from kiln.types import Feeds
 
 # English averages 4-5 characters a token (spaces included) with BERT's WordPiece; 32 leaves a wide margin.
@@ -33,6 +34,12 @@ class TextTokenizer:
         self._tokenizer.enable_truncation(max_length=max_length)
         self.max_length = max_length
         self.vocab_size = int(self._tokenizer.get_vocab_size())  # checked against every token-id request
+        self._wordpiece = AsciiWordPiece.from_tokenizer_json(tokenizer_json, max_length)
+
+    @property
+    def has_fast_path(self) -> bool:
+        """Whether ASCII text skips the library (a BERT WordPiece tokenizer: :mod:`kiln.runtime.wordpiece`)."""
+        return self._wordpiece is not None
 
     @property
     def max_chars(self) -> int:
@@ -49,8 +56,18 @@ class TextTokenizer:
         """
         limit = self.max_chars
         cut = [text[:limit] for text in texts]
-        # NOTE: _fast skips the character offsets, which nothing here reads: 53 µs instead of 92 a paragraph
-        return [enc.ids for enc in self._tokenizer.encode_batch_fast(cut)]
+        if self._wordpiece is None:
+            return self._library(cut)
+        fast = [self._wordpiece.encode(text) for text in cut]
+        # the library tokenizes the rest (not ASCII, or holding an added token), in one call
+        rest = iter(self._library([text for text, row in zip(cut, fast, strict=True) if row is None]))
+        return [row if row is not None else next(rest) for row in fast]
+
+    def _library(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        # NOTE: encode_batch_fast skips the character offsets, which nothing here reads (53 µs, not 92, a paragraph)
+        return [enc.ids for enc in self._tokenizer.encode_batch_fast(texts)]
 
     @staticmethod
     def pad(ids: Sequence[Sequence[int]], input_names: Sequence[str]) -> Feeds:
