@@ -37,10 +37,15 @@ def numpy_dtype(datatype: str, name: str) -> np.dtype[Any]:
     return dtype
 
 
+# keyed by the dtype itself: every response looks its outputs up here, and ``dtype.name`` is a Python property
+_V2_OF_DTYPE: dict[np.dtype[Any], str] = {np.dtype(name): v2 for name, v2 in NUMPY_TO_V2.items()}
+
+
 def v2_datatype(array: Array) -> str:
-    if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
+    dtype = array.dtype
+    if dtype.kind in "OSU":
         return "BYTES"
-    return NUMPY_TO_V2[array.dtype.name]
+    return _V2_OF_DTYPE.get(dtype) or NUMPY_TO_V2[dtype.name]
 
 
 # numpy's limit (NPY_MAXDIMS); past it numpy raises ValueError, so the codec refuses the shape first
