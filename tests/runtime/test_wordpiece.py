@@ -151,3 +151,11 @@ def test_bert_processing_is_read_like_its_template(tokenizer_json: Path, tmp_pat
 
 def test_minilm_gets_the_fast_path(tokenizer_json: Path) -> None:
     assert TextTokenizer(tokenizer_json, 128).has_fast_path
+
+
+def test_a_tokenizer_without_added_tokens_serves_every_ascii_text(tokenizer_json: Path, tmp_path: Path) -> None:
+    path = variant(tokenizer_json, tmp_path, lambda spec: spec.update(added_tokens=[]))
+    fast = AsciiWordPiece.from_tokenizer_json(path, 64)
+    assert fast is not None
+    text = "no [MASK] is special here"
+    assert fast.encode(text) == library(path, 64).encode(text).ids

@@ -64,7 +64,8 @@ class AsciiWordPiece:
         self._lowercase = lowercase
         self._words = _WORDS[lowercase]
         # the library finds added tokens in the raw text (or, for normalized ones, the lowercased text)
-        self._added = sorted({token for content in added for token in (content, content.lower())})
+        contents = sorted({token for content in added for token in (content, content.lower())})
+        self._added = re.compile("|".join(map(re.escape, contents))) if contents else None
         self._max_length = max_length
 
     @classmethod
@@ -103,7 +104,7 @@ class AsciiWordPiece:
         normalized = text.lower() if self._lowercase else text
         if _NEEDS_CLEANING.search(normalized):
             normalized = normalized.translate(_CLEAN)
-        if any(token in text or token in normalized for token in self._added):
+        if self._added is not None and (self._added.search(text) or self._added.search(normalized)):
             return None
         ids = [self._first]
         room = self._max_length - 1  # ids before the closing special token
