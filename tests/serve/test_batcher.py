@@ -182,3 +182,40 @@ def test_a_request_the_engine_refuses_fails_alone_not_with_its_batch(lookup_arti
         np.testing.assert_array_equal(results[i]["emb"], table[indices[i]])
     assert isinstance(results[2], InvalidInput)
     assert "idx=99" in str(results[2]) and "check the values" in str(results[2])
+
+
+def test_a_worker_that_fails_outside_the_engine_answers_its_requests_and_frees_its_instance(
+    lookup_artifact: artifacts.Artifact,
+) -> None:
+    # a bug after the engine ran (here the metrics raise): the requests of that batch get an error instead of
+    # waiting forever, the instance takes the next batch, and close() stops the worker threads
+    model = ServedModel(lookup_artifact, instances=1)
+    metrics = ServerMetrics().for_model("lookup", 1)
+    calls = 0
+    batch = metrics.batch
+
+    def failing_once(rows: int, seconds: float, requests: int = 1) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("a bug in the metrics")
+        batch(rows, seconds, requests)
+
+    metrics.batch = failing_once  # type: ignore[method-assign]
+
+    async def run_two() -> tuple[list[Any], Batcher]:
+        batcher = Batcher(model, BatchPolicy(batching=False), metrics)
+        batcher.start()
+        results = []
+        for index in (1, 2):
+            work = Work(1, (), 1, ["emb"], feeds={"idx": np.array([index], dtype=np.int64)})
+            results.append(
+                await asyncio.wait_for(asyncio.gather(batcher.submit(work, timeout_s=None), return_exceptions=True), 10)
+            )
+        await batcher.close()
+        return [r for (r,) in results], batcher
+
+    (first, second), batcher = asyncio.run(run_two())
+    assert isinstance(first, RuntimeError) and "the worker running lookup failed" in str(first)
+    np.testing.assert_array_equal(second["emb"], np.arange(40, dtype=np.float32).reshape(10, 4)[[2]])
+    assert not any(worker.is_alive() for worker in batcher._workers)

@@ -19,15 +19,18 @@ import contextlib
 import heapq
 import itertools
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kiln.errors import InvalidInput, Overloaded
 from kiln.serve.metrics import ModelMetrics
 from kiln.serve.model import ServedModel, Work
 from kiln.types import Feeds
+
+_Job = tuple[list["_Pending"], asyncio.AbstractEventLoop]  # a batch for a worker thread, and the loop to answer on
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,13 @@ class Batcher:
         self._free = asyncio.Semaphore(instances)
         self._free_instances = list(range(instances))
         self._busy_until: dict[int, float] = {}  # instance -> predicted end of its running batch
-        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"kiln-{model.name}")
+        # One worker thread per engine instance, fed through its own queue: a batch costs one put and one
+        # call back into the loop, with no futures (an executor wraps every call in two).
+        self._jobs: list[queue.SimpleQueue[_Job | None]] = [queue.SimpleQueue() for _ in range(instances)]
+        self._workers = [
+            threading.Thread(target=self._work, args=(i,), name=f"kiln-{model.name}-{i}", daemon=True)
+            for i in range(instances)
+        ]
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._last_arrival = 0.0
@@ -98,6 +107,8 @@ class Batcher:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
         self._task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name=f"batcher-{self.model.name}")
 
     async def drain(self) -> None:
@@ -114,7 +125,11 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._executor.shutdown(wait=True)
+        for jobs in self._jobs:
+            jobs.put(None)
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join()
 
     @property
     def queued_rows(self) -> int:
@@ -214,7 +229,7 @@ class Batcher:
             rows, length = sum(p.work.rows for p in taken), max(p.work.length for p in taken)
             self._busy_until[instance] = time.perf_counter() + self.model.cost.predict(rows, length)
             self._inflight += 1
-            loop.run_in_executor(self._executor, self._run, taken, instance, loop)
+            self._jobs[instance].put((taken, loop))
 
     def _waiting_pays(self) -> bool:
         policy = self.policy
@@ -352,24 +367,36 @@ class Batcher:
                 )
             )
 
-    def _run(self, group: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Worker thread: run one batch on engine ``instance`` and hand the results back to the event loop.
+    def _work(self, instance: int) -> None:
+        """Worker thread of engine ``instance``: run the batches the dispatch loop hands it, until told to stop."""
+        jobs = self._jobs[instance]
+        while (job := jobs.get()) is not None:
+            try:
+                self._run(*job, instance)
+            except Exception:  # a bug outside the engine: _run has answered the batch; this thread runs the next
+                logger.exception("the worker of %s's instance %d failed", self.model.name, instance)
+
+    def _run(self, group: list[_Pending], loop: asyncio.AbstractEventLoop, instance: int) -> None:
+        """Worker thread: run one batch on engine ``instance`` and hand the outcome back to the event loop.
 
         When a batch of several requests fails, each of them runs again alone, so a request the engine refuses
         (a value no check before the queue could see) fails by itself, not with the requests it was batched with.
         """
+        outcomes: list[tuple[list[_Pending], list[Feeds] | Exception]] = []
         try:
-            if not self._run_together(group, instance, loop) and len(group) > 1:
+            outcome = self._run_together(group, instance)
+            if isinstance(outcome, Exception) and len(group) > 1:
                 logger.warning(
                     "a batch of %d requests failed on %s; running them one by one", len(group), self.model.name
                 )
-                for pending in group:
-                    self._run_together([pending], instance, loop)
+                outcomes = [([pending], self._run_together([pending], instance)) for pending in group]
+            else:
+                outcomes = [(group, outcome)]
         finally:
-            loop.call_soon_threadsafe(self._finished, instance)
+            loop.call_soon_threadsafe(self._complete, group, outcomes, instance)
 
-    def _run_together(self, group: list[_Pending], instance: int, loop: asyncio.AbstractEventLoop) -> bool:
-        """Run ``group`` as one batch; hand back its results, or, for one request, its error. False if it failed."""
+    def _run_together(self, group: list[_Pending], instance: int) -> list[Feeds] | Exception:
+        """Run ``group`` as one batch: its outputs, one per request, or the error that stopped it."""
         started = time.perf_counter()
         try:
             results = self.model.execute([p.work for p in group], instance)
@@ -379,11 +406,22 @@ class Batcher:
                     logger.info("request refused by %s's engine: %s", self.model.name, exc)
                 else:
                     logger.exception("request failed on %s", self.model.name)
-                loop.call_soon_threadsafe(_fail_all, group, exc)
-            return False
+            return exc
         self.metrics.batch(sum(p.work.rows for p in group), time.perf_counter() - started, len(group))
-        loop.call_soon_threadsafe(_resolve_all, group, results)
-        return True
+        return results
+
+    def _complete(
+        self, group: list[_Pending], outcomes: list[tuple[list[_Pending], list[Feeds] | Exception]], instance: int
+    ) -> None:
+        """On the event loop: answer a batch's requests, then free its engine instance."""
+        for members, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                _fail_all(members, outcome)
+            else:
+                _resolve_all(members, outcome)
+        # a worker that failed outside the engine (a bug) answered nothing: its requests must not wait forever
+        _fail_all(group, RuntimeError(f"the worker running {self.model.name} failed; the server log has the details"))
+        self._finished(instance)
 
     def _finished(self, instance: int) -> None:
         self._inflight -= 1
