@@ -419,8 +419,10 @@ class Batcher:
                 _fail_all(members, outcome)
             else:
                 _resolve_all(members, outcome)
-        # a worker that failed outside the engine (a bug) answered nothing: its requests must not wait forever
-        _fail_all(group, RuntimeError(f"the worker running {self.model.name} failed; the server log has the details"))
+        stranded = [p for p in group if not p.future.done()]
+        if stranded:  # the worker failed outside the engine (a bug): its requests must not wait forever
+            failed = RuntimeError(f"the worker running {self.model.name} failed; the server log has the details")
+            _fail_all(stranded, failed)
         self._finished(instance)
 
     def _finished(self, instance: int) -> None:
