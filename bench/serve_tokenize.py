@@ -96,6 +96,7 @@ def main() -> None:
         args.out,
         {
             "benchmark": "serve_tokenize",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "texts": len(texts),
             "served_by_fast_path": len(served),
             "rounds": args.rounds,
