@@ -22,7 +22,8 @@ CHARS_PER_TOKEN = 32
 
 
 class TextTokenizer:
-    """A Hugging Face *fast* tokenizer (``tokenizer.json``) without transformers on the hot path."""
+    """A Hugging Face *fast* tokenizer (``tokenizer.json``) without transformers on the hot path; for BERT
+    WordPiece, ASCII text skips the tokenizers library too (:mod:`kiln.runtime.wordpiece`), with the same ids."""
 
     def __init__(self, tokenizer_json: Path, max_length: int) -> None:
         from tokenizers import Tokenizer
