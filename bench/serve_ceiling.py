@@ -122,7 +122,9 @@ def ceiling(service_s: np.ndarray[Any, Any], args: argparse.Namespace, overhead_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=None, help="Reuse REPO/minilm (v1 = FP32).")
-    parser.add_argument("--texts", type=int, default=512, help="Texts: the load generator's 512 payloads.")
+    parser.add_argument(
+        "--texts", type=int, default=None, help="Texts: the first N paragraphs (default: all, as the load sends them)."
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Repeats of the in-process figure.")
     parser.add_argument("--passes", type=int, default=3, help="Timed passes over the texts per instance.")
     parser.add_argument("--instances", type=int, default=None, help="Engine instances (default: kiln serve's).")
