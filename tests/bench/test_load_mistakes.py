@@ -21,7 +21,7 @@ from kiln import artifact as artifacts
 from kiln.bench import LoadSettings, load_test
 from kiln.bench.load import payloads_for
 from kiln.bench.loadclient import poisson_schedule
-from kiln.bench.loadtarget import ModelMetadata
+from kiln.bench.loadtarget import ModelMetadata, V2Target
 from kiln.errors import ConfigError, InvalidInput, KilnError
 from kiln.serve import free_ports
 from kiln.types import Signature, TensorSpec
@@ -160,6 +160,25 @@ def test_settings_that_cannot_run_are_refused_before_any_load(changes: dict[str,
     with pytest.raises(ConfigError) as info:
         LoadSettings(**changes)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("localhost:8000", "not an http:// or https:// URL"),
+        ("ftp://127.0.0.1:8000", "not an http:// or https:// URL"),
+        ("http://", "not an http:// or https:// URL"),
+        ("http://[::1", "not a valid URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:99999", "not a valid URL (Port out of range"),
+    ],
+)
+def test_a_url_the_load_generator_cannot_speak_to_is_refused_with_an_example(url: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=r"e\.g\. http://127\.0\.0\.1:8000") as info:
+        V2Target(url, "tiny")
+    assert named in str(info.value) and repr(url) in str(info.value)
+    done = kiln("bench", "--url", url, "--model", "tiny", "--rates", "5")
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "internal error" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_rate_bounded_by_max_requests_may_be_high() -> None:

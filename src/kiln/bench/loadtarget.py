@@ -17,11 +17,11 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from kiln.errors import InvalidInput, KilnError, ModelNotFound
+from kiln.errors import ConfigError, InvalidInput, KilnError, ModelNotFound
 from kiln.types import TensorSpec
 
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -42,6 +42,22 @@ class V2Target:
     model: str
     version: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - parsing the port is what raises on a malformed one
+        except ValueError as exc:
+            raise ConfigError(
+                f"--url {self.url!r} is not a valid URL ({exc}); give the server's address, e.g. http://127.0.0.1:8000",
+                url=self.url,
+            ) from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"--url {self.url!r} is not an http:// or https:// URL with a host; the load generator speaks HTTP: "
+                "give the server's HTTP address, e.g. http://127.0.0.1:8000",
+                url=self.url,
+            )
 
     @classmethod
     def with_key(cls, url: str, model: str, version: str | None = None, api_key: str | None = None) -> V2Target:
