@@ -54,8 +54,8 @@ def make_settings(tmp_path: Path) -> Callable[..., TrainSettings]:
 @pytest.fixture
 def make_trainer() -> Callable[..., Trainer]:
     """A Trainer over a settings' workload on the CPU, with the settings' lr schedule (constant by default) over
-    100 steps, without mixed precision unless ``accelerator`` says otherwise; ``trainer_args`` (sizer,
-    optimizer_kind, ...) go to the Trainer."""
+    100 steps, without mixed precision unless ``accelerator`` says otherwise, padding text batches as the run
+    does; ``trainer_args`` (sizer, optimizer_kind, ...) go to the Trainer."""
     from kiln.train.loop import make_accelerator
     from kiln.train.optim import lr_schedule, make_optimizer
     from kiln.train.workload import prepare_workload
@@ -67,7 +67,7 @@ def make_trainer() -> Callable[..., Trainer]:
         accelerator = accelerator or make_accelerator("cpu", "no")
         return Trainer(
             work.model, optimizer, scheduler, work.sampler, work.tensors, work.loss_sum, accelerator=accelerator,
-            **trainer_args,
+            **({"collate": work.collate} | trainer_args),
         )  # fmt: skip
 
     return make

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import socket
@@ -32,6 +33,55 @@ def test_two_processes_equal_one_on_the_same_global_batch(
     for key, value in b.items():
         torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6)
     assert two.metrics["test_accuracy"] == pytest.approx(one.metrics["test_accuracy"], abs=1 / 450)
+
+
+def test_a_two_process_run_resumed_mid_epoch_ends_where_one_run_ends(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    """``--resume`` under ``--nproc``: rank 0's checkpoint (step 5, mid-epoch) restores every rank. Without dropout:
+    each rank's own RNG stream is not in it (the README's limits)."""
+    common = {"dataset": "digits", "batch_size": 64, "nproc": 2, "cpu_threads": 1, "checkpoint_every": 0}
+    train(make_settings(max_steps=10, checkpoint_dir=str(tmp_path / "one-go"), **common))
+    train(make_settings(max_steps=5, checkpoint_dir=str(tmp_path / "two-goes"), **common))
+    resumed = train(make_settings(max_steps=10, checkpoint_dir=str(tmp_path / "two-goes"), resume="latest", **common))
+    assert resumed.resumed_from_step == 5 and resumed.steps == 10
+    one_go, two_goes = Checkpointer(tmp_path / "one-go").load(), Checkpointer(tmp_path / "two-goes").load()
+    assert two_goes["sampler"] == one_go["sampler"] and two_goes["sampler"]["position"] != 0
+    for key, value in one_go["model"].items():
+        torch.testing.assert_close(two_goes["model"][key], value, rtol=0, atol=0)
+
+
+def test_two_processes_fine_tune_text_as_one_does(
+    make_settings: Callable[..., TrainSettings], topics_jsonl: Path, tmp_path: Path
+) -> None:
+    """Text under ``--nproc``: each rank pads its share of every token-budget batch. MiniLM's pooler, which mean
+    pooling never reads, left DDP waiting for its gradient at the second step. A copy of MiniLM without dropout
+    (the ranks draw other masks than one process does), so both runs compute the same function."""
+    from kiln.train.text import encoder_path
+
+    model_dir = tmp_path / "minilm-no-dropout"
+    model_dir.mkdir()
+    for source in encoder_path("minilm").iterdir():
+        if source.name != "config.json":
+            (model_dir / source.name).symlink_to(source)
+    config = json.loads((encoder_path("minilm") / "config.json").read_text(encoding="utf-8"))
+    config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (model_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    common = {
+        "dataset": str(topics_jsonl), "model": str(model_dir), "max_length": 32, "max_tokens": 256, "max_steps": 3,
+        "optimizer": "sgd", "lr": 0.05, "cpu_threads": 1,
+    }  # fmt: skip
+    two = train(make_settings(nproc=2, checkpoint_dir=str(tmp_path / "two"), **common))
+    one = train(make_settings(nproc=1, checkpoint_dir=str(tmp_path / "one"), **common))
+    assert two.steps == one.steps == 3
+    a, b = Checkpointer(tmp_path / "two").load()["model"], Checkpointer(tmp_path / "one").load()["model"]
+    from safetensors.torch import load_file
+
+    query = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(b[f"encoder.{query}"], load_file(str(model_dir / "model.safetensors"))[query])  # trained
+    for key, value in b.items():
+        torch.testing.assert_close(a[key], value, rtol=1e-4, atol=1e-6)
+    assert two.metrics["test_accuracy"] == pytest.approx(one.metrics["test_accuracy"])
 
 
 def _join_as_rank(rank: int, port: int) -> None:

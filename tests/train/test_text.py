@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -133,3 +134,18 @@ def test_text_steps_report_real_tokens_and_tokens_per_second(
     batches = TokenBudgetBatchSampler(lengths, 512, seed=settings.seed).epoch_batches(0)
     assert [s.tokens for s in seen] == [sum(lengths[i] for i in rows) for rows in batches[:2]]  # padding not counted
     assert all(s.tokens_per_s > s.samples_per_s > 0 for s in seen)
+
+
+def test_a_hugging_face_encoder_fine_tunes_with_its_dropout_on(
+    make_settings: Callable[..., TrainSettings], make_trainer: Callable[..., Any], topics_jsonl: Path
+) -> None:
+    """from_pretrained leaves the encoder in eval mode under a classifier in train mode: the trainer used to check
+    only the root's flag, so MiniLM fine-tuned without its dropout."""
+    settings = make_settings(dataset=str(topics_jsonl), model="minilm", max_length=32, max_tokens=256)
+    trainer = make_trainer(settings)
+    seen: list[bool] = []
+    for module in (m for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)):
+        module.register_forward_hook(lambda module, _inputs, _output: seen.append(module.training))
+    trainer.train_step()
+    assert len(seen) >= 12  # MiniLM: a dropout module after the attention and the FFN of each of its 6 layers
+    assert all(seen)

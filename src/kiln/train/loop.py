@@ -139,6 +139,9 @@ class Trainer:
         # it wraps is in eval mode (after the workload's probe forward, or an evaluation), so checking the wrapper
         # trained every data-parallel run without dropout and with BatchNorm's running statistics
         self._module: nn.Module = accelerator.unwrap_model(self.model)
+        # every module, once: train_step checks only the root's flag, and a Hugging Face encoder comes out of
+        # from_pretrained in eval mode under a new root in train mode (it fine-tuned without dropout)
+        self.model.train()
         self.scheduler = scheduler  # NOTE: not prepared: Accelerate would step it once per process.
         self.sampler = sampler
         self.tensors = tensors

@@ -184,6 +184,11 @@ def load_encoder(path: Path, lora_rank: int) -> Any:
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(str(path), attn_implementation="eager")
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is not None:
+        # NOTE: mean pooling never reads BERT's pooler; trainable, it would get no gradient, and DDP (--nproc)
+        # would stop at the next step waiting for it ("Expected to have finished reduction in the prior iteration")
+        pooler.requires_grad_(False)
     if lora_rank:
         try:
             from peft import LoraConfig, get_peft_model
