@@ -11,7 +11,15 @@ import pytest
 
 from kiln import artifact as artifacts
 from kiln.config import ExportSettings
-from kiln.errors import ExportError, InvalidInput, ModelNotFound, ParityError, UnknownFormat, UnsupportedOpError
+from kiln.errors import (
+    ConfigError,
+    ExportError,
+    InvalidInput,
+    ModelNotFound,
+    ParityError,
+    UnknownFormat,
+    UnsupportedOpError,
+)
 from kiln.export import export
 from kiln.runtime import OrtEngine
 
@@ -257,6 +265,22 @@ def test_dynamo_export_of_a_forward_whose_parameter_is_not_named_input_keeps_a_d
             np.testing.assert_allclose(
                 engine.run({"input": x})["output"], module(torch.from_numpy(x)).numpy(), atol=1e-5
             )
+
+
+@pytest.mark.parametrize(
+    ("exporter", "opset", "named"), [("torchscript", 3, "7..20"), ("torchscript", 21, "7..20"), ("dynamo", 99, "18..")]
+)
+def test_an_opset_the_exporter_cannot_write_is_refused_with_one_it_can(
+    tmp_path: Path, exporter: str, opset: int, named: str
+) -> None:
+    import torch
+
+    settings = ExportSettings(exporter=exporter, opset=opset)
+    with pytest.raises(
+        ConfigError, match=rf"opset {opset} is outside {named}.*the ONNX opsets the {exporter} exporter.*--opset 1[78] "
+    ):
+        export(_mlp(), out=tmp_path, name="mlp", example_inputs=torch.randn(4, 8), settings=settings)
+    assert not (tmp_path / "mlp").exists()
 
 
 def test_float64_example_inputs_of_a_float32_module_are_cast_not_a_torch_crash(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from kiln._utils import import_factory
-from kiln.errors import ExportError, InvalidInput, KilnError
+from kiln.errors import ConfigError, ExportError, InvalidInput, KilnError
 from kiln.types import Feeds
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def export_module(
     """
     import torch
 
+    _check_opset(opset, exporter)
     path = workdir / "model.onnx"
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
     names = list(feeds)
@@ -179,6 +180,29 @@ def export_module(
             exporter=exporter,
         ) from exc
     return path
+
+
+def _check_opset(opset: int, exporter: str) -> None:
+    """Refuse an opset the chosen exporter cannot write, before it fails deep inside with advice that does not fit.
+    The dynamo exporter writes at least opset 18 (a lower one is raised to 18)."""
+    import torch
+
+    try:
+        from torch.onnx import _constants  # NOTE: private, but the only place torch states its range
+
+        low = 18 if exporter == "dynamo" else int(_constants.ONNX_MIN_OPSET)
+        high = int(
+            _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET if exporter == "torchscript" else _constants.ONNX_MAX_OPSET
+        )
+    except (ImportError, AttributeError):  # another torch: its exporter's own error will have to do
+        return
+    if opset > high or (exporter == "torchscript" and opset < low):
+        raise ConfigError(
+            f"opset {opset} is outside {low}..{high}, the ONNX opsets the {exporter} exporter of torch "
+            f"{torch.__version__} writes; pass --opset {min(max(17, low), high)} (17 is the default)",
+            opset=opset,
+            exporter=exporter,
+        )
 
 
 def load_factory(spec: str, weights: Path | None = None) -> Any:
