@@ -283,6 +283,14 @@ def test_an_opset_the_exporter_cannot_write_is_refused_with_one_it_can(
     assert not (tmp_path / "mlp").exists()
 
 
+def test_a_dynamo_export_prints_no_torchvision_warnings(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Without torchvision the exporter warned four times on every export (every `kiln train` of a built-in model)."""
+    import torch
+
+    export(_mlp(), out=tmp_path, name="mlp", example_inputs=torch.randn(4, 8), settings=ExportSettings())
+    assert "torchvision" not in capfd.readouterr().err
+
+
 def test_float64_example_inputs_of_a_float32_module_are_cast_not_a_torch_crash(tmp_path: Path) -> None:
     module = _mlp()
     x64 = np.random.default_rng(0).normal(size=(4, 8))  # NumPy's default float64

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,10 @@ def export_module(
             shapes = tuple(
                 dict.fromkeys(dynamic_axes.get(name, {}), torch.export.Dim.DYNAMIC) or None for name in names
             )
-            with warnings.catch_warnings():
+            # NOTE: the exporter warns once per torchvision op it cannot register when torchvision is absent
+            # (4 lines on every export); Kiln needs none of them
+            registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+            with warnings.catch_warnings(), _level(registration, logging.ERROR):
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
                     module,
@@ -180,6 +184,17 @@ def export_module(
             exporter=exporter,
         ) from exc
     return path
+
+
+@contextmanager
+def _level(logger: logging.Logger, level: int) -> Iterator[None]:
+    """``logger`` at ``level`` inside the block, its own level again after."""
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _check_opset(opset: int, exporter: str) -> None:
