@@ -5,17 +5,22 @@ The parent resolves the settings once and writes them to a JSON file; ``torchrun
 rank sees the same global batch and takes its rows ``rank::nproc``; with the loss divided by the global row
 count and DDP averaging the gradients, a step is the same step one process would take on the whole batch.
 Rank 0 alone writes checkpoints, tracks, exports, and leaves a result file the parent turns into the
-:class:`TrainResult`.
+:class:`TrainResult`. It also writes its steps to its stderr as ``kiln-step {json}`` lines, which the parent reads
+back from torchrun's relay of that stream and hands to ``on_step`` (the CLI's progress bar) instead of printing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +31,7 @@ from kiln.errors import KilnError
 from kiln.train.settings import TrainSettings
 
 _WORKER_LINE = re.compile(r"\[[A-Za-z_]+\d+\]:")  # torchrun's prefix of a worker's line: "[default0]:"
+STEP_LINE = "kiln-step "  # rank 0's progress: one step's figures as JSON after this, a line each
 
 
 def is_worker() -> bool:
@@ -33,8 +39,13 @@ def is_worker() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def launch(settings: TrainSettings, export_settings: ExportSettings | None) -> dict[str, Any]:
-    """Run ``settings`` on ``settings.nproc`` local workers and return rank 0's result record.
+def launch(
+    settings: TrainSettings,
+    export_settings: ExportSettings | None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``settings`` on ``settings.nproc`` local workers and return rank 0's result record; ``on_step`` gets
+    the figures of rank 0's steps (a :class:`~kiln.train.loop.StepStats` as a dict) as they come.
 
     Raises:
         KilnError: the error a worker stopped on (bad data, a refused resume ...), as its own class; or, when a
@@ -69,7 +80,7 @@ def launch(settings: TrainSettings, export_settings: ExportSettings | None) -> d
         with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as process:
             assert process.stderr is not None
             try:
-                launcher = _relay_worker_lines(process.stderr)
+                launcher = _relay_worker_lines(process.stderr, on_step)
             except BaseException:
                 process.kill()
                 raise
@@ -89,11 +100,18 @@ def launch(settings: TrainSettings, export_settings: ExportSettings | None) -> d
     return record
 
 
-def _relay_worker_lines(stream: IO[str]) -> list[str]:
-    """Copy the workers' lines of torchrun's stderr to ours as they come; return torchrun's own lines."""
+def _relay_worker_lines(stream: IO[str], on_step: Callable[[dict[str, Any]], None] | None) -> list[str]:
+    """Copy the workers' lines of torchrun's stderr to ours as they come, handing rank 0's step lines to
+    ``on_step`` instead; return torchrun's own lines."""
     launcher: list[str] = []
     for line in stream:
-        if _WORKER_LINE.match(line):
+        worker = _WORKER_LINE.match(line)
+        if worker:
+            text = line[worker.end() :]
+            if text.startswith(STEP_LINE):
+                if on_step is not None:
+                    on_step(json.loads(text[len(STEP_LINE) :]))
+                continue
             sys.stderr.write(line)
             sys.stderr.flush()
         else:
@@ -149,3 +167,19 @@ def leave_process_group(*, finished: bool) -> None:
     if finished:
         state.wait_for_everyone()
     state.destroy_process_group()
+
+
+def step_reporter(min_interval_s: float = 0.1) -> Callable[[Any], None]:
+    """Rank 0's ``on_step``: a ``kiln-step`` line on stderr for the parent, at most every ``min_interval_s`` (and
+    for the last step), so a fast run does not flood torchrun's relay."""
+    last = -math.inf
+
+    def report(stats: Any) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= min_interval_s or stats.step >= stats.total_steps:
+            last = now
+            sys.stderr.write(STEP_LINE + json.dumps(dataclasses.asdict(stats)) + "\n")
+            sys.stderr.flush()
+
+    return report

@@ -72,8 +72,8 @@ def train(
     """Train the model ``settings`` describe and write it as a Kiln artifact.
 
     ``on_step`` receives a :class:`StepStats` after every optimiser step (loss, lr, samples/s, ETA); with
-    ``nproc`` > 1 the steps run in worker processes and ``on_step`` is not called. ``result_file`` is for those
-    workers: rank 0 writes its result record there.
+    ``nproc`` > 1 the steps run in worker processes, and it receives rank 0's, relayed at most every 0.1 s (and
+    the last). ``result_file`` is for those workers: rank 0 writes its result record there.
 
     Raises:
         ConfigError: a setting is invalid, or a resume changes a setting that shapes the optimisation path.
@@ -88,7 +88,8 @@ def train(
         True
     """
     if settings.nproc > 1 and not is_worker():
-        return _result_from_record(settings, launch(settings, export_settings))
+        relay = (lambda figures: on_step(StepStats(**figures))) if on_step is not None else None
+        return _result_from_record(settings, launch(settings, export_settings, relay))
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
     work = prepare_workload(settings, export_settings)
