@@ -39,6 +39,27 @@ def test_two_processes_equal_one_on_the_same_global_batch(
     assert two.metrics["test_accuracy"] == pytest.approx(one.metrics["test_accuracy"], abs=1 / 450)
 
 
+def test_the_launcher_hands_rank_0s_step_lines_to_on_step_and_relays_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import io
+
+    from kiln.train.distributed import STEP_LINE, _relay_worker_lines
+
+    torchrun_stderr = io.StringIO(
+        "[default0]:a warning from rank 0\n"
+        f"[default0]:{STEP_LINE}" + json.dumps({"step": 3, "loss": 0.5}) + "\n"
+        f"[default0]:{STEP_LINE}" + '{"step": 4, "lo\n'  # a line cut short: skipped, not a failed run
+        "[default1]:a line from rank 1\n"
+        "W1207 torchrun's own line\n"
+    )
+    seen: list[dict[str, Any]] = []
+    launcher = _relay_worker_lines(torchrun_stderr, seen.append)
+    assert seen == [{"step": 3, "loss": 0.5}]
+    assert capsys.readouterr().err == "[default0]:a warning from rank 0\n[default1]:a line from rank 1\n"
+    assert launcher == ["W1207 torchrun's own line\n"]
+
+
 def test_a_two_process_run_resumed_mid_epoch_ends_where_one_run_ends(
     make_settings: Callable[..., TrainSettings], tmp_path: Path
 ) -> None:

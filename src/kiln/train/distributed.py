@@ -109,8 +109,12 @@ def _relay_worker_lines(stream: IO[str], on_step: Callable[[dict[str, Any]], Non
         if worker:
             text = line[worker.end() :]
             if text.startswith(STEP_LINE):
+                try:
+                    figures = json.loads(text[len(STEP_LINE) :])
+                except ValueError:  # a line cut or mixed with other output: progress is not worth a failed run
+                    continue
                 if on_step is not None:
-                    on_step(json.loads(text[len(STEP_LINE) :]))
+                    on_step(figures)
                 continue
             sys.stderr.write(line)
             sys.stderr.flush()
