@@ -73,7 +73,7 @@ def prune_and_finetune(
             on_step(dataclasses.replace(stats, step=stats.step + step_offset, total_steps=total))
 
     trainer.fit(steps, on_step=shifted)
-    tuned: nn.Module = accelerator.unwrap_model(trainer.model).to("cpu").float()
+    tuned: nn.Module = trainer.trained_model()
     return tuned, report, trainer.step
 
 

@@ -438,6 +438,13 @@ class Trainer:
             "rng": capture_rng(),
         }
 
+    def trained_model(self) -> nn.Module:
+        """The model as it is evaluated and exported: without the DDP wrapper and without the autocast Accelerate
+        wraps its forward in for mixed precision (a graph traced through that holds bf16 casts ONNX Runtime
+        cannot run), on the CPU, in float32. For after training: the autocast comes off the trainer's model too."""
+        model: nn.Module = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        return model.to("cpu").float()
+
     def _rng_by_rank(self) -> dict[str, Any]:
         """Under DDP, ``{"rng_by_rank": [each rank's RNG states]}`` for rank 0's checkpoint; ``{}`` in one process.
 

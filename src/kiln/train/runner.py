@@ -163,7 +163,7 @@ def train(
         tracker.finish("KILLED")
         raise
 
-    final_model = accelerator.unwrap_model(trainer.model).to("cpu").float()
+    final_model = trainer.trained_model()
     metrics = work.evaluate(final_model) | work.extra_metrics
     steps, pruning = trainer.step, None
     if fresh_sampler is not None:
