@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ def bundled_dataset(name: str, *, test_fraction: float = 0.25, seed: int = 0) ->
 
 HELDOUT_FILE = "heldout.npz"
 LABELS_KEY = "__labels__"
+TEXTS_KEY = "__texts__"  # held-out texts of a text model trained on a dataset of its own
 TEXT_EVAL_OFFSET = 1000  # evaluation texts start here; calibration texts are taken before it
 CALIBRATION_TEXTS = 128  # calibration uses the texts just before TEXT_EVAL_OFFSET
 
@@ -150,6 +152,11 @@ def heldout_asset(feeds: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
+
+
+def heldout_texts_asset(texts: Sequence[str], labels: np.ndarray[Any, Any] | None) -> bytes:
+    """Serialise held-out texts (and labels) for ``assets/heldout.npz``; a str array, readable without pickle."""
+    return heldout_asset({TEXTS_KEY: np.asarray(list(texts), dtype=str)}, labels)
 
 
 def read_npz(path: Path, what: str, error: type[InvalidInput] = InvalidInput) -> dict[str, np.ndarray[Any, Any]]:
@@ -207,18 +214,24 @@ def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
 def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
     """The held-out data an artifact's manifest points to (``eval_data``); InvalidInput if it has none.
 
-    Text models use the English corpus from ``TEXT_EVAL_OFFSET`` on (never the calibration texts); tabular
-    models use ``assets/heldout.npz`` written at export.
+    Text models use the English corpus from ``TEXT_EVAL_OFFSET`` on (never the calibration texts), or, trained
+    on a dataset of their own (``kind = "text"``), its held-out texts and labels in ``assets/heldout.npz``;
+    tabular models use ``assets/heldout.npz`` written at export.
     """
     spec = artifact.manifest.eval_data
     kind = spec.get("kind")
     if kind == "text_corpus":
         return EvalSet(texts=english_corpus(limit or 512, offset=int(spec.get("offset", TEXT_EVAL_OFFSET))))
-    if kind == "tabular":
+    if kind in ("tabular", "text"):
         with np.load(artifact.assets_dir / spec.get("file", HELDOUT_FILE), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         labels = arrays.pop(LABELS_KEY, None)
-        eval_data = EvalSet(feeds=arrays, labels=labels)
+        texts = arrays.pop(TEXTS_KEY, None)
+        eval_data = (
+            EvalSet(texts=[str(t) for t in texts], labels=labels)
+            if kind == "text" and texts is not None
+            else EvalSet(feeds=arrays, labels=labels)
+        )
         return eval_data.take(slice(0, limit)) if limit is not None else eval_data
     raise InvalidInput(
         f'model "{artifact.name}" v{artifact.version} has no held-out data (eval_data: {spec or "none"}); '

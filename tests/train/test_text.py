@@ -118,6 +118,27 @@ def test_text_classifier_exports_with_its_tokenizer_and_merged_lora(
     accuracy = float((np.concatenate(predicted) == data.y_test).mean())
     assert accuracy == pytest.approx(result.metrics["test_accuracy"], abs=1.5 / len(ids))
 
+    # `kiln optimize` takes it as it is: held-out texts and labels to guard accuracy on, transformer fusions
+    from kiln.config import OptimizeSettings
+    from kiln.data import eval_set
+    from kiln.optimize import optimize
+
+    held_out = eval_set(art)
+    assert held_out.texts == data.texts_test and held_out.labels is not None
+    np.testing.assert_array_equal(held_out.labels, data.y_test)
+    search = optimize(
+        art, settings=OptimizeSettings(recipes=("fused",), batch_sizes=(32,), target_batch_size=32, measure_repeats=2)
+    )
+    (fused,) = search.candidates
+    assert any("Attention x6" in fired for fired in search.fusions())  # the fuser found MiniLM's 6 attention blocks
+    assert search.parent_figures["accuracy"] == pytest.approx(accuracy, abs=1.5 / len(ids))
+    assert fused.figures["accuracy"] == pytest.approx(search.parent_figures["accuracy"], abs=1.5 / len(ids))
+    # and `kiln bench` scores it on those labels too, not by the cosine of its logits
+    from kiln.bench import BenchSettings, bench
+
+    (row,) = bench([art], settings=BenchSettings(batch_sizes=(8,), runs=1, warmup_runs=0)).rows
+    assert row.fidelity["accuracy"] == pytest.approx(accuracy, abs=1.5 / len(ids)) and "mean_cosine" not in row.fidelity
+
 
 def test_text_steps_report_real_tokens_and_tokens_per_second(
     make_settings: Callable[..., TrainSettings], topics_jsonl: Path

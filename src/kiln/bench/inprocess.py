@@ -134,7 +134,8 @@ def _corpus_and_fidelity(
     passes = CORPUS_PASSES if text else 1
     seconds, outputs = corpus_passes(candidates, request, batch_size, passes)
     reference = outputs[candidates[0].name]
-    embedding = text or first.manifest.task == "embedding"
+    # a text classifier trained by Kiln carries its labelled held-out texts: scored on the task, not by cosine
+    embedding = first.manifest.task == "embedding" or (text and data.labels is None)
     task = first.manifest.task
     # A classifier's own label output scores the task where it has one of the labels' kind (classes 1..3, strings)
     outputs_of_first = first.manifest.signature.outputs

@@ -82,7 +82,9 @@ def _already_quantized(artifact: Artifact) -> bool:
 
 
 def is_transformer(artifact: Artifact) -> bool:
-    return bool(artifact.manifest.provenance.get("source", {}).get("framework") == "transformers")
+    """A Hugging Face encoder exported as it is, or a model around one (``kiln train``'s text classifier)."""
+    source = artifact.manifest.provenance.get("source", {})
+    return bool(source.get("framework") == "transformers" or source.get("transformer") is True)
 
 
 def candidates(artifact: Artifact, *, gpu: bool, names: tuple[str, ...] = ()) -> list[Recipe]:

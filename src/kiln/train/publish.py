@@ -13,11 +13,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from kiln import artifact as artifacts
 from kiln.config import ExportSettings, settings_dict
+from kiln.data import HELDOUT_FILE, heldout_texts_asset
 from kiln.export import export
 from kiln.train.data import TrainData
 from kiln.train.settings import TrainSettings
@@ -85,13 +87,30 @@ def export_text(
             settings=chosen,
         )
         preprocessing = {"kind": "text", "tokenizer": "tokenizer/tokenizer.json", "max_length": batcher.max_length}
+        # the held-out texts and labels, so `kiln optimize` and `kiln bench` guard the task's accuracy on them
+        heldout = heldout_texts_asset(data.texts_test, np.asarray(data.y_test))
         return _republish(
             staged,
             settings,
             provenance | {"lora_merged": bool(settings.lora_rank)},
             preprocessing=preprocessing,
-            extra_assets={"tokenizer/tokenizer.json": batcher.tokenizer_file},
+            extra_assets={"tokenizer/tokenizer.json": batcher.tokenizer_file, HELDOUT_FILE: heldout},
+            eval_data={"kind": "text", "file": HELDOUT_FILE, "rows": len(data.texts_test)},
+            source=_encoder_source(model, pruned=bool(settings.prune_ratio)),
         )
+
+
+def _encoder_source(model: nn.Module, *, pruned: bool) -> dict[str, Any]:
+    """What ``kiln optimize`` needs to treat the classifier as the transformer it is: its fuser finds attention by
+    head count and width (0: found from the graph, as after pruning, where the config's count no longer holds)."""
+    encoder: Any = model.encoder
+    config = encoder.config
+    return {
+        "transformer": True,
+        "architecture": type(encoder).__name__,
+        "num_attention_heads": 0 if pruned else int(config.num_attention_heads),
+        "hidden_size": 0 if pruned else int(config.hidden_size),
+    }
 
 
 def export_embedding(
@@ -130,8 +149,14 @@ def _republish(
     *,
     preprocessing: dict[str, Any] | None = None,
     extra_assets: dict[str, Path | bytes] | None = None,
+    eval_data: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> artifacts.Artifact:
     manifest = dataclasses.replace(staged.manifest)
+    if eval_data:
+        manifest.eval_data = eval_data
+    if source:
+        manifest.provenance = {**manifest.provenance, "source": {**manifest.provenance.get("source", {}), **source}}
     manifest.provenance = {**manifest.provenance, "train": provenance}
     manifest.settings = {**manifest.settings, "train": settings_dict(settings)}
     manifest.checks = {**manifest.checks, "train": provenance["metrics"]}
