@@ -367,10 +367,8 @@ class Trainer:
                     tokens = self.last_tokens
                     token_rate = tokens / step_s if not token_rate else 0.9 * token_rate + 0.1 * tokens / step_s
                     periodic = checkpoint_every and self.step % checkpoint_every == 0 and self.step < total_steps
-                    if periodic:
-                        every_rank = self._rng_by_rank()  # a collective: each rank gets here at this very step
-                        if checkpointer:
-                            last = checkpointer.save(self.step, self.state_dict() | every_rank | extra_state())
+                    if checkpointer and periodic:
+                        last = checkpointer.save(self.step, self.state_dict() | extra_state())
                     if on_step is not None:
                         elapsed = time.perf_counter() - started
                         on_step(
@@ -410,9 +408,8 @@ class Trainer:
             if checkpointer:
                 self._save_on_exit(checkpointer, last, extra_state)
             raise
-        every_rank = self._rng_by_rank()
         if checkpointer:
-            last = checkpointer.save(self.step, self.state_dict() | every_rank | extra_state())
+            last = checkpointer.save(self.step, self.state_dict() | extra_state())
         return last
 
     def _save_on_exit(
@@ -445,26 +442,6 @@ class Trainer:
         model: nn.Module = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         return model.to("cpu").float()
 
-    def _rng_by_rank(self) -> dict[str, Any]:
-        """Under DDP, ``{"rng_by_rank": [each rank's RNG states]}`` for rank 0's checkpoint; ``{}`` in one process.
-
-        The ranks draw from their streams in step but not alike (a rank with more rows draws more dropout), so a
-        resume that gave every rank rank 0's states would change the others' draws. A collective: every rank must
-        call it at the same step. A checkpoint written on a stop signal or an error is rank 0's alone and has none.
-        """
-        if self._world == 1:
-            return {}
-        import io
-
-        import torch.distributed as dist
-
-        # NOTE: as bytes: all_gather_object could not unpickle the RNG state's ByteTensor (torch 2.13, gloo)
-        buffer = io.BytesIO()
-        torch.save(capture_rng(), buffer)
-        blobs: list[Any] = [None] * self._world
-        dist.all_gather_object(blobs, buffer.getvalue())
-        return {"rng_by_rank": [torch.load(io.BytesIO(blob), weights_only=False) for blob in blobs]}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a saved state; the lr from here on is this trainer's schedule (lr and warmup may change on resume)."""
         base_lrs = list(self.scheduler.base_lrs)  # this run's lr: the saved state holds the old run's
@@ -488,8 +465,4 @@ class Trainer:
             group["initial_lr"] = base
             if scheduled != saved:  # lr or warmup_steps changed; otherwise the saved lr stands, to the bit
                 group["lr"] = scheduled * self._lr_factor
-        by_rank = state.get("rng_by_rank")
-        if by_rank is not None and len(by_rank) == self._world:
-            restore_rng(by_rank[self.accelerator.process_index])
-        else:  # one process, another number of ranks, or a checkpoint written on a stop: rank 0's streams
-            restore_rng(state["rng"])
+        restore_rng(state["rng"])
