@@ -226,10 +226,9 @@ def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
         with np.load(artifact.assets_dir / spec.get("file", HELDOUT_FILE), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         labels = arrays.pop(LABELS_KEY, None)
-        texts = arrays.pop(TEXTS_KEY, None)
         eval_data = (
-            EvalSet(texts=[str(t) for t in texts], labels=labels)
-            if kind == "text" and texts is not None
+            EvalSet(texts=[str(t) for t in arrays[TEXTS_KEY]], labels=labels)
+            if kind == "text"
             else EvalSet(feeds=arrays, labels=labels)
         )
         return eval_data.take(slice(0, limit)) if limit is not None else eval_data

@@ -182,8 +182,7 @@ class _Pool:
 
     def __init__(self, config: WorkerConfig, loop: asyncio.AbstractEventLoop) -> None:
         url = urlsplit(config.url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"the load generator speaks HTTP to http:// or https:// URLs, not {config.url!r}")
+        assert url.hostname, "V2Target refuses a URL without an http(s) scheme and a host"
         self.loop = loop
         self.clock = self.loop.time
         self.done: Callable[[int, int], None] = _unexpected  # set by each plan's recorder

@@ -22,13 +22,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kiln import artifact as artifacts
 from kiln import errors
 from kiln.config import ExportSettings, settings_dict
 from kiln.errors import KilnError
 from kiln.train.settings import TrainSettings
+
+if TYPE_CHECKING:
+    from kiln.train.loop import StepStats
 
 _WORKER_LINE = re.compile(r"\[[A-Za-z_]+\d+\]:")  # torchrun's prefix of a worker's line: "[default0]:"
 STEP_LINE = "kiln-step "  # rank 0's progress: one step's figures as JSON after this, a line each
@@ -173,12 +176,12 @@ def leave_process_group(*, finished: bool) -> None:
     state.destroy_process_group()
 
 
-def step_reporter(min_interval_s: float = 0.1) -> Callable[[Any], None]:
+def step_reporter(min_interval_s: float = 0.1) -> Callable[[StepStats], None]:
     """Rank 0's ``on_step``: a ``kiln-step`` line on stderr for the parent, at most every ``min_interval_s`` (and
     for the last step), so a fast run does not flood torchrun's relay."""
     last = -math.inf
 
-    def report(stats: Any) -> None:
+    def report(stats: StepStats) -> None:
         nonlocal last
         now = time.monotonic()
         if now - last >= min_interval_s or stats.step >= stats.total_steps:
