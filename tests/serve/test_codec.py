@@ -122,3 +122,26 @@ def test_strict_json_data_still_takes_every_valid_form() -> None:
     # gRPC's typed contents may carry inf and nan themselves: only a finite value that overflows is refused
     values = from_json_data("x", "FP32", (2,), [float("inf"), float("nan")])
     assert np.isinf(values[0]) and np.isnan(values[1])
+
+
+def test_top_classes_are_tritons_value_index_label_strings_highest_first() -> None:
+    from kiln.serve.codec import top_classes
+
+    scores = np.array([[1, 5, 10, 4], [3, 3, 1, 3]], np.int64)  # the example of Triton's extension, and ties
+    assert top_classes(scores, 2, ["a", "b", "c"]).tolist() == [[b"10:2:c", b"5:1:b"], [b"3:0:a", b"3:1:b"]]
+    probabilities = np.array([[0.1, 0.7, 0.2]], np.float32)
+    # more classes than the row has: all of them (Triton clamps); floats print as std::to_string does
+    assert top_classes(probabilities, 5, []).tolist() == [[b"0.700000:1", b"0.200000:2", b"0.100000:0"]]
+    assert top_classes(probabilities[0], 1, ["x", "y"], batched=False).tolist() == [b"0.700000:1:y"]
+    assert top_classes(np.array([3, 1], np.int32), 2, []).tolist() == [[b"3:0"], [b"1:0"]]  # one value a row
+    smallest = np.array([[np.iinfo(np.int64).min, 0]], np.int64)  # no negation that overflows
+    assert top_classes(smallest, 2, []).tolist() == [[b"0:1", f"{np.iinfo(np.int64).min}:0".encode()]]
+
+
+@pytest.mark.parametrize("value", [0, -1, "3", True, 2.0, None, [3]])
+def test_a_class_count_is_a_positive_integer(value: Any) -> None:
+    from kiln.serve.codec import class_count
+
+    assert class_count("probabilities", 3) == 3
+    with pytest.raises(InvalidInput, match=r'"classification" of output "probabilities" is .*a positive integer'):
+        class_count("probabilities", value)

@@ -295,6 +295,35 @@ def test_infer_with_typed_contents(tiny_server: RunningServer, tiny_weights: tup
     assert 'kiln_request_failures_total{model="tiny",reason="invalidinput",version="1"} 1.0' in failures
 
 
+def test_classification_extension_returns_the_top_classes_with_the_artifacts_labels(
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+    tiny_weights: tuple[Array, Array],
+    start_server: StartServer,
+) -> None:
+    labels = ["setosa", "versicolor", "virginica"]
+    artifacts.write(repository, make_manifest(postprocessing={"labels": labels}), tiny_onnx_model)
+    client = client_of(start_server(repository, ServeSettings()))
+    assert "classification" in client.get_server_metadata().extensions
+    x = rows_of(5, seed=3)
+    result = client.infer("tiny", [tensor(x)], outputs=[triton.InferRequestedOutput("probabilities", class_count=2)])
+    assert result.get_output("probabilities").datatype == "BYTES"
+    got = result.as_numpy("probabilities")
+    probabilities = expected_probabilities(x, tiny_weights)
+    assert got.shape == (5, 2)
+    for row, expected_row in zip(got.tolist(), probabilities, strict=True):
+        parsed = [item.decode().split(":") for item in row]
+        assert [int(index) for _, index, _ in parsed] == np.argsort(-expected_row)[:2].tolist()
+        assert [label for _, index, label in parsed] == [labels[int(index)] for _, index, _ in parsed]
+        np.testing.assert_allclose([float(v) for v, _, _ in parsed], np.sort(expected_row)[::-1][:2], atol=2e-6)
+    negative = [triton.InferRequestedOutput("probabilities", class_count=-1)]
+    error = failure(lambda: client.infer("tiny", [tensor(x)], outputs=negative))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert 'parameter "classification" of output "probabilities" is -1' in error.message()
+    client.close()
+
+
 def test_concurrent_uneven_requests_are_batched_and_split_back_exactly(
     per_call_repo: Path, start_server: StartServer
 ) -> None:
@@ -538,7 +567,7 @@ def _duplicate() -> grpc_service_pb2.ModelInferRequest:
 def _classification() -> grpc_service_pb2.ModelInferRequest:
     request = _request()
     request.inputs[0].contents.fp32_contents.extend([0.0] * 4)
-    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 2
+    request.outputs.add(name="probabilities").parameters["classification"].string_param = "2"
     return request
 
 
@@ -557,7 +586,7 @@ def _short_raw() -> grpc_service_pb2.ModelInferRequest:
         (_int8_out_of_range, "out of range for INT8"),
         (_shared_memory, 'shared memory region "region0"'),
         (_duplicate, 'input "input" appears twice'),
-        (_classification, "classification"),
+        (_classification, 'parameter "classification" of output "probabilities" is "2"; it is the number'),
         (_short_raw, "has 15 bytes of binary data but shape [1, 4] of FP32 needs 16"),
         (lambda: _request("FLOAT32"), '"FLOAT32", which is not a KServe V2 datatype'),
         (lambda: _request(shape=(2, 4)), "has 0 elements but shape [2, 4] needs 8"),

@@ -94,6 +94,67 @@ def test_infer_json_and_binary_match_numpy(tiny_server: Any, tiny_weights: tuple
         assert result.get_response()["model_version"] == "1"
 
 
+LABELS = ["setosa", "versicolor", "virginica"]
+
+
+def assert_top_classes(got: Array, probabilities: Array, count: int, labels: list[str]) -> None:
+    """``got`` holds Triton's "<value>:<index>[:<label>]" strings of each row's ``count`` highest probabilities."""
+    assert got.shape == (len(probabilities), count)
+    for row, expected_row in zip(got.tolist(), probabilities, strict=True):
+        parsed = [(item.decode() if isinstance(item, bytes) else item).split(":") for item in row]  # JSON: str
+        assert [int(p[1]) for p in parsed] == np.argsort(-expected_row)[:count].tolist()
+        np.testing.assert_allclose([float(p[0]) for p in parsed], np.sort(expected_row)[::-1][:count], atol=2e-6)
+        assert [p[2:] for p in parsed] == [[labels[int(p[1])]] if labels else [] for p in parsed]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_classification_extension_returns_the_top_classes_with_the_artifacts_labels(
+    start_server: Callable[..., Any],
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+    tiny_weights: tuple[Array, Array],
+    binary: bool,
+) -> None:
+    artifacts.write(repository, make_manifest(postprocessing={"labels": LABELS}), tiny_onnx_model)
+    server = start_server(repository, ServeSettings(), http=True)
+    client = httpclient.InferenceServerClient(server.http_url)
+    assert "classification" in client.get_server_metadata()["extensions"]
+    x = np.random.default_rng(4).normal(size=(6, 4)).astype(np.float32)
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    for count in (1, 2, 3):
+        requested = [httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=count)]
+        result = client.infer("tiny", [tensor], outputs=requested)
+        assert result.get_output("probabilities")["datatype"] == "BYTES"
+        assert_top_classes(result.as_numpy("probabilities"), expected(x, tiny_weights), count, LABELS)
+    # more classes than the model has: all of them, as Triton answers
+    requested = [httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=7)]
+    assert client.infer("tiny", [tensor], outputs=requested).as_numpy("probabilities").shape == (6, 3)
+
+
+def test_classification_without_labels_and_bad_class_counts(
+    tiny_server: Any, tiny_weights: tuple[Array, Array]
+) -> None:
+    x = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4], "data": x}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}],
+    }
+    code, _, payload = post(tiny_server.http_url, "/v2/models/tiny/infer", json.dumps(body).encode())
+    assert code == 200
+    out = payload["outputs"][0]
+    assert (out["datatype"], out["shape"]) == ("BYTES", [2, 2])
+    got = np.array(out["data"], dtype=np.object_).reshape(2, 2)
+    assert_top_classes(got, expected(np.array(x, np.float32), tiny_weights), 2, [])
+    for value in (0, -2, "2", True, 1.5):
+        body["outputs"] = [{"name": "probabilities", "parameters": {"classification": value}}]
+        code, _, payload = post(tiny_server.http_url, "/v2/models/tiny/infer", json.dumps(body).encode())
+        assert (code, set(payload)) == (400, {"error"})
+        assert 'parameter "classification" of output "probabilities" is' in payload["error"]
+        assert "a positive integer" in payload["error"]
+
+
 def test_concurrent_uneven_requests_are_each_answered_exactly(
     tiny_server: Any, tiny_weights: tuple[Array, Array]
 ) -> None:

@@ -15,7 +15,7 @@ from kiln import artifact as artifacts
 from kiln.config import ServeSettings
 from kiln.errors import InvalidInput
 from kiln.serve.model import TEXT_INPUT, ServedModel
-from kiln.serve.protocol import InferRequest
+from kiln.serve.protocol import InferRequest, RequestedOutput
 
 
 def token_request(model: ServedModel, ids: np.ndarray[Any, Any], **overrides: np.ndarray[Any, Any]) -> InferRequest:
@@ -123,6 +123,19 @@ def test_strings_reach_a_non_text_model_as_the_text_that_was_sent(
     bad = InferRequest(inputs={"s": np.array([b"\xff\xfe"], dtype=np.object_)}, datatypes={"s": "BYTES"})
     with pytest.raises(InvalidInput, match='input "s": element 0 is not valid UTF-8'):
         model.prepare(bad, max_rows=8)
+
+
+def test_classification_of_a_string_output_is_refused_before_the_queue(
+    echo_repo: Path, start_server: Callable[..., Any]
+) -> None:
+    model = start_server(echo_repo, ServeSettings(), http=True).plane.repository.get("echo", None).model
+    request = InferRequest(
+        inputs={"s": np.array([b"ok"], dtype=np.object_)},
+        outputs=[RequestedOutput("s_out", classification=1)],
+        datatypes={"s": "BYTES"},
+    )
+    with pytest.raises(InvalidInput, match='output "s_out" is BYTES, and "classification" ranks numbers'):
+        model.prepare(request, max_rows=8)
 
 
 def test_a_request_its_client_cancelled_counts_as_a_failure(slow_repo: Path, start_server: Callable[..., Any]) -> None:

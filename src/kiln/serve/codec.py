@@ -312,6 +312,37 @@ def to_json_data(array: Array) -> list[Any]:
     return flat
 
 
+def class_count(output: str, value: Any) -> int:
+    """The ``classification`` parameter of a requested output: how many top classes to return, a positive integer."""
+    if type(value) is not int or value < 1:
+        raise InvalidInput(
+            f'parameter "classification" of output "{output}" is {json_text(value)}; it is the number of top '
+            'classes to return, a positive integer (e.g. {"classification": 3}), or leave it out for the tensor',
+            output=output,
+        )
+    return value
+
+
+def top_classes(array: Array, count: int, labels: Sequence[str], *, batched: bool = True) -> Array:
+    """Triton's classification extension: each row's ``count`` highest values (fewer if a row has fewer) as BYTES
+    ``"<value>:<index>[:<label>]"``, highest first, ties by index; shape ``[rows, count]`` (``[count]`` unbatched).
+
+    ``<index>`` counts the row's elements in row-major order; ``<label>`` is ``labels[index]`` where there is one.
+    Values print as C's ``std::to_string`` does, as Triton's do: 6 decimals for floats.
+    """
+    rows = array.reshape(len(array), -1) if batched and array.ndim else array.reshape(1, -1)
+    width = rows.shape[1]
+    # descending, ties by index: a stable ascending sort of each row reversed, read backwards, indices mapped back
+    order = width - 1 - np.argsort(rows[:, ::-1], axis=1, kind="stable")[:, ::-1][:, : min(count, width)]
+    show = (lambda v: f"{v:f}") if rows.dtype.kind == "f" else str
+    out = np.empty(order.shape, dtype=np.object_)
+    for r, (row, picked) in enumerate(zip(rows, order, strict=True)):
+        for c, index in enumerate(picked.tolist()):
+            label = f":{labels[index]}" if index < len(labels) else ""
+            out[r, c] = f"{show(row[index].item())}:{index}{label}".encode()
+    return out if batched and array.ndim else out.reshape(-1)
+
+
 def decode_texts(name: str, array: Array) -> list[str]:
     """UTF-8 strings of a BYTES tensor, or a clear error naming the first element that is not UTF-8."""
     texts: list[str] = []

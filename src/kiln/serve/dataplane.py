@@ -30,7 +30,14 @@ from kiln.serve.repository import LoadedVersion, ModelRepository
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "kiln"
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository", "schedule_policy")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "statistics",
+    "model_repository",
+    "schedule_policy",
+)
 
 
 class DataPlane:

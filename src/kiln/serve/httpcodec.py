@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from kiln.errors import InvalidInput
-from kiln.serve.codec import check_shape, from_bytes, from_json_data, json_text, numpy_dtype
+from kiln.serve.codec import check_shape, class_count, from_bytes, from_json_data, json_text, numpy_dtype
 from kiln.serve.protocol import InferRequest, RequestedOutput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -99,9 +99,17 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
     for out in requested:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise InvalidInput('each entry of "outputs" must be an object with a "name"')
-        as_bytes = json_object(out.get("parameters"), f'"parameters" of output "{out["name"]}"').get("binary_data")
+        out_parameters = json_object(out.get("parameters"), f'"parameters" of output "{out["name"]}"')
+        as_bytes = out_parameters.get("binary_data")
         what = f'parameter "binary_data" of output "{out["name"]}"'
-        outputs.append(RequestedOutput(out["name"], None if as_bytes is None else _boolean(as_bytes, what)))
+        classes = out_parameters.get("classification")
+        outputs.append(
+            RequestedOutput(
+                out["name"],
+                None if as_bytes is None else _boolean(as_bytes, what),
+                0 if classes is None else class_count(out["name"], classes),
+            )
+        )
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput(f'"id" is {json_text(request_id)}; an id is a JSON string (e.g. "req-1"), or leave it out')

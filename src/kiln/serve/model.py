@@ -18,7 +18,7 @@ import numpy as np
 from kiln.artifact import Artifact
 from kiln.errors import InvalidInput, did_you_mean
 from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads, preferred_providers, tokenizer_for
-from kiln.serve.codec import decode_texts
+from kiln.serve.codec import decode_texts, top_classes
 from kiln.serve.costmodel import BatchCostModel
 from kiln.serve.protocol import Array, InferRequest
 from kiln.types import Feeds, TensorSpec
@@ -40,7 +40,8 @@ class Work:
     """A validated request, ready to be stacked with others of the same ``key``.
 
     ``token_ids`` holds one list of ids per row for text requests; ``feeds`` the tensors otherwise.
-    ``length`` is the padded length the request needs (its longest row; 1 for plain tensors).
+    ``length`` is the padded length the request needs (its longest row; 1 for plain tensors). ``classes`` names the
+    outputs to return as their top classes, and how many (the classification extension).
     """
 
     rows: int
@@ -49,6 +50,7 @@ class Work:
     outputs: list[str]
     token_ids: list[list[int]] | None = None
     feeds: Feeds = field(default_factory=dict)
+    classes: dict[str, int] = field(default_factory=dict)
 
 
 class ServedModel:
@@ -94,6 +96,7 @@ class ServedModel:
         self.outputs = list(engine.outputs)
         self.output_names = [spec.name for spec in self.outputs]
         self.tokenizer = tokenizer_for(artifact)
+        self.labels = [str(label) for label in artifact.manifest.postprocessing.get("labels") or ()]
         self.batchable = all(s.shape and s.shape[0] == -1 for s in [*engine.inputs, *engine.outputs])
         self.cost = BatchCostModel()
         self.settings = {"instances": instances, "sessions": sessions, "intra_op_threads": threads, **engine.settings}
@@ -113,7 +116,11 @@ class ServedModel:
     # -- validation ---------------------------------------------------------------------------------------------
     def prepare(self, request: InferRequest, *, max_rows: int) -> Work:
         """Check a request against the signature and the limits; tokenize text. Raises ``InvalidInput``."""
-        outputs = self._requested_outputs(request)
+        work = self._prepare(request, self._requested_outputs(request), max_rows)
+        work.classes = {out.name: out.classification for out in request.outputs if out.classification}
+        return work
+
+    def _prepare(self, request: InferRequest, outputs: list[str], max_rows: int) -> Work:
         if self.tokenizer is not None and TEXT_INPUT in request.inputs:
             extra = [k for k in request.inputs if k != TEXT_INPUT]
             if extra:
@@ -264,6 +271,14 @@ class ServedModel:
                     f"; its outputs are {', '.join(self.output_names)}",
                     output=name,
                 )
+        for out in request.outputs:
+            dtype = next(spec.dtype for spec in self.outputs if spec.name == out.name)
+            if out.classification and dtype in ("BYTES", "BOOL"):
+                raise InvalidInput(
+                    f'output "{out.name}" is {dtype}, and "classification" ranks numbers; ask for the top classes '
+                    "of a numeric output (scores, probabilities), or drop the parameter",
+                    output=out.name,
+                )
         return names
 
     def _check_rows(self, name: str, rows: int, max_rows: int) -> None:
@@ -304,10 +319,10 @@ class ServedModel:
         offset = 0
         for work in works:
             end = offset + work.rows
-            if self.batchable:
-                results.append({name: outputs[name][offset:end] for name in work.outputs})
-            else:
-                results.append({name: outputs[name] for name in work.outputs})
+            result = {name: outputs[name][offset:end] if self.batchable else outputs[name] for name in work.outputs}
+            for name, count in work.classes.items():
+                result[name] = top_classes(result[name], count, self.labels, batched=self.batchable)
+            results.append(result)
             offset = end
         return results
 

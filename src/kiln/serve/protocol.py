@@ -17,10 +17,15 @@ Array = np.ndarray[Any, Any]
 @dataclass(frozen=True)
 class RequestedOutput:
     """An output the client asked for, and whether it wants it as raw bytes (binary extension; ``None``: it did not
-    say, and the request's ``binary_data_output`` decides)."""
+    say, and the request's ``binary_data_output`` decides).
+
+    ``classification`` > 0 asks for the output's top classes instead of the tensor (Triton's classification
+    extension): BYTES ``"<value>:<index>[:<label>]"``, shape ``[rows, classification]``.
+    """
 
     name: str
     binary: bool | None = None
+    classification: int = 0
 
 
 @dataclass

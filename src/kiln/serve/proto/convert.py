@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from kiln.errors import InvalidInput
-from kiln.serve.codec import check_shape, from_bytes, from_json_data, numpy_dtype, to_bytes, v2_datatype
+from kiln.serve.codec import check_shape, class_count, from_bytes, from_json_data, numpy_dtype, to_bytes, v2_datatype
 from kiln.serve.proto import grpc_service_pb2 as pb
 from kiln.serve.protocol import Array, InferRequest, InferResponse, RequestedOutput
 
@@ -120,19 +120,19 @@ def _from_contents(name: str, datatype: str, shape: tuple[int, ...], contents: p
 
 
 def _requested_output(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
-    if "classification" in output.parameters:
-        raise InvalidInput(
-            f'output "{output.name}" asks for "classification"; this server returns the model\'s outputs as they '
-            "are: drop class_count and take the top classes on the client",
-            output=output.name,
-        )
     if _SHARED_MEMORY in output.parameters:
         raise InvalidInput(
             f'output "{output.name}" asks for shared memory; this server does not support the shared-memory '
             "extension: request the output without it",
             output=output.name,
         )
-    return RequestedOutput(output.name)  # gRPC outputs are always raw bytes: no binary flag
+    classes = 0
+    if "classification" in output.parameters:
+        parameter = output.parameters["classification"]
+        kind = parameter.WhichOneof("parameter_choice")
+        value = getattr(parameter, kind) if kind else None
+        classes = class_count(output.name, value)  # tritonclient sends int64_param; a string or a bool is refused
+    return RequestedOutput(output.name, classification=classes)  # gRPC outputs are always raw bytes
 
 
 def _timeout_s(parameter: Any, deadline_s: float | None) -> float | None:
