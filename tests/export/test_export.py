@@ -291,6 +291,37 @@ def test_a_dynamo_export_prints_no_torchvision_warnings(tmp_path: Path, capfd: p
     assert "torchvision" not in capfd.readouterr().err
 
 
+def test_a_torchscript_export_of_arange_indexing_prints_no_negative_index_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """MiniLM's attention mask indexes with aranges, and every `kiln export minilm` and text `kiln train` warned
+    that negative indices would export wrongly; the parity gate's two shapes check what that warning guesses at."""
+    import torch
+
+    class Grid(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            rows, cols = torch.arange(x.shape[0]), torch.arange(x.shape[1])
+            return x[rows[:, None], cols[None, :]] * 2
+
+    settings = ExportSettings(exporter="torchscript")
+    export(Grid(), out=tmp_path, name="grid", example_inputs=torch.randn(4, 8), settings=settings)
+    assert "aten::index" not in capfd.readouterr().err
+
+
+def test_loading_a_hugging_face_encoder_draws_no_progress_bar_and_leaves_the_setting_as_it_was(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from kiln.export import bundled_minilm_path, load_hf_encoder
+
+    assert hf_logging.is_progress_bar_enabled()
+    encoder = load_hf_encoder(bundled_minilm_path())
+    assert encoder.config.hidden_size == 384 and encoder.config._attn_implementation == "eager"
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_float64_example_inputs_of_a_float32_module_are_cast_not_a_torch_crash(tmp_path: Path) -> None:
     module = _mlp()
     x64 = np.random.default_rng(0).normal(size=(4, 8))  # NumPy's default float64

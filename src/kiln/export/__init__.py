@@ -24,7 +24,7 @@ from kiln.errors import InvalidInput, ModelNotFound, UnknownFormat
 from kiln.export import hf, onnx_file, sklearn
 from kiln.export import torch as torch_export
 from kiln.export.checks import check_parity, check_structure, signature_of
-from kiln.export.hf import bundled_minilm_path
+from kiln.export.hf import bundled_minilm_path, load_hf_encoder
 from kiln.export.pipeline import check_destination, finalize
 from kiln.runtime import Engine, TorchEngine
 
@@ -34,6 +34,7 @@ __all__ = [
     "check_parity",
     "check_structure",
     "export",
+    "load_hf_encoder",
     "signature_of",
     "source_engine",
 ]

@@ -49,7 +49,6 @@ def max_length_of(path: Path) -> int:
 def build_module(path: Path) -> Any:
     """The encoder wrapped with mean pooling + normalisation, eager attention (what ORT's fuser recognises)."""
     import torch
-    from transformers import AutoModel
 
     class SentenceEmbedding(torch.nn.Module):
         def __init__(self, encoder: Any) -> None:
@@ -68,8 +67,23 @@ def build_module(path: Path) -> Any:
             "config.json and the weights",
             path=str(path),
         )
-    encoder = AutoModel.from_pretrained(str(path), attn_implementation="eager")
-    return SentenceEmbedding(encoder).eval()
+    return SentenceEmbedding(load_hf_encoder(path)).eval()
+
+
+def load_hf_encoder(path: Path) -> Any:
+    """``AutoModel.from_pretrained`` with eager attention (the graph ONNX Runtime's transformer optimizer fuses),
+    without transformers' weight-loading bar: a local load takes milliseconds, and the bar was one more line of
+    every `kiln export` and text `kiln train`."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        return AutoModel.from_pretrained(str(path), attn_implementation="eager")
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def sample_feeds(path: Path, max_length: int) -> list[Feeds]:

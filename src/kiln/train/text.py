@@ -181,9 +181,9 @@ class SentenceEncoder(nn.Module):
 
 def load_encoder(path: Path, lora_rank: int) -> Any:
     """The encoder at ``path`` (eager attention: the graph ORT fuses), wrapped with LoRA adapters when asked."""
-    from transformers import AutoModel
+    from kiln.export import load_hf_encoder
 
-    encoder = AutoModel.from_pretrained(str(path), attn_implementation="eager")
+    encoder = load_hf_encoder(path)
     pooler = getattr(encoder, "pooler", None)
     if pooler is not None:
         # NOTE: mean pooling never reads BERT's pooler; trainable, it would get no gradient, and DDP (--nproc)
