@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,3 +32,24 @@ def three_class_head() -> nn.Module:
 
 def not_a_module() -> object:
     return {"weights": [1, 2, 3]}
+
+
+class RankProbe(nn.Module):
+    """Writes the first 8 draws of the first training forward to ``$KILN_TEST_PROBE_DIR/rank-$RANK.txt``: what
+    dropout would draw on that rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.written:
+            self.written = True
+            draws = torch.rand(8).tolist()
+            probe = Path(os.environ["KILN_TEST_PROBE_DIR"]) / f"rank-{os.environ.get('RANK', '0')}.txt"
+            probe.write_text(" ".join(f"{d:.8f}" for d in draws), encoding="utf-8")
+        return x
+
+
+def probed_digits_mlp() -> nn.Module:
+    return nn.Sequential(RankProbe(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))

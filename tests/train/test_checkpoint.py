@@ -25,6 +25,27 @@ def _state(value: float) -> dict[str, object]:
     return {"model": {"w": torch.full((3,), value)}, "settings": {"seed": 0}}
 
 
+def test_a_ranks_rng_states_round_trip_beside_the_checkpoint_and_are_pruned_as_it_is(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+    draws = {}
+    for step in (5, 10, 15):
+        torch.manual_seed(step)
+        ckpt.save_rank_rng(step, rank=1)
+        draws[step] = torch.rand(4)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.rng")) == [
+        "step-00000010.rank-1.rng",
+        "step-00000015.rank-1.rng",
+    ]
+    state = Checkpointer.load_rank_rng(tmp_path / "ckpt" / "step-00000010.pt", 10, rank=1)
+    assert state is not None
+    restore_rng(state)
+    assert torch.equal(torch.rand(4), draws[10])
+    assert Checkpointer.load_rank_rng(tmp_path / "ckpt" / "step-00000010.pt", 10, rank=2) is None  # never written
+    (tmp_path / "ckpt" / "step-00000015.rank-1.rng").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match=r"rank 1's RNG states at step 15\) cannot be read .*delete it"):
+        Checkpointer.load_rank_rng(tmp_path / "ckpt" / "step-00000015.pt", 15, rank=1)
+
+
 def test_save_load_round_trip_and_pruning(tmp_path: Path) -> None:
     ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
     for step in (5, 10, 15):

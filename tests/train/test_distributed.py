@@ -76,6 +76,54 @@ def test_a_two_process_run_resumed_mid_epoch_ends_where_one_run_ends(
         torch.testing.assert_close(two_goes["model"][key], value, rtol=0, atol=0)
 
 
+def on_workers_path(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``kiln_train_test_models`` for this process and for torchrun's workers."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_each_rank_draws_its_own_dropout_masks_and_rank_0_those_of_one_process(
+    make_settings: Callable[..., TrainSettings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    factories_on_path: Path,
+) -> None:
+    """Seeded alike, the ranks drew alike: at equal shares two rows of a global batch got one dropout mask."""
+    on_workers_path(monkeypatch, factories_on_path)
+    monkeypatch.setenv("KILN_TEST_PROBE_DIR", str(tmp_path))
+    common = {"dataset": "digits", "model": "kiln_train_test_models:probed_digits_mlp", "max_steps": 2}
+    train(make_settings(nproc=2, batch_size=64, checkpoint_dir=str(tmp_path / "two"), **common))
+    ranks = [(tmp_path / f"rank-{r}.txt").read_text(encoding="utf-8") for r in (0, 1)]
+    train(make_settings(nproc=1, batch_size=64, checkpoint_dir=str(tmp_path / "one"), **common))
+    assert ranks[0] != ranks[1]
+    assert (tmp_path / "rank-0.txt").read_text(encoding="utf-8") == ranks[0]  # one process: rank 0's streams
+
+
+def test_a_two_process_run_with_dropout_and_uneven_shares_resumes_bitwise(
+    make_settings: Callable[..., TrainSettings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    factories_on_path: Path,
+) -> None:
+    """63-row batches (32 and 31 rows a rank) with dropout: each rank's RNG states are saved beside rank 0's
+    checkpoint and restored on resume. With rank 0's on every rank, the weights parted from the unbroken run's."""
+    on_workers_path(monkeypatch, factories_on_path)
+    common = {
+        "dataset": "digits", "model": "kiln_train_test_models:slow_digits_mlp", "batch_size": 63, "nproc": 2,
+        "cpu_threads": 1, "checkpoint_every": 0,
+    }  # fmt: skip
+    train(make_settings(max_steps=8, checkpoint_dir=str(tmp_path / "one-go"), **common))
+    train(make_settings(max_steps=4, checkpoint_dir=str(tmp_path / "two-goes"), **common))
+    resumed = train(make_settings(max_steps=8, checkpoint_dir=str(tmp_path / "two-goes"), resume="latest", **common))
+    assert resumed.resumed_from_step == 4 and resumed.steps == 8
+    one_go, two_goes = Checkpointer(tmp_path / "one-go").load(), Checkpointer(tmp_path / "two-goes").load()
+    for key, value in one_go["model"].items():
+        torch.testing.assert_close(two_goes["model"][key], value, rtol=0, atol=0)
+    assert sorted(p.name for p in (tmp_path / "two-goes").glob("*.rng")) == [
+        "step-00000004.rank-1.rng",
+        "step-00000008.rank-1.rng",
+    ]
+
+
 def test_two_processes_fine_tune_text_as_one_does(
     make_settings: Callable[..., TrainSettings], topics_jsonl: Path, tmp_path: Path
 ) -> None:

@@ -2,13 +2,15 @@
 
 Layout of a checkpoint directory::
 
-    step-00000120.pt   # model, optimizer, scheduler, sampler position, RNG states, resolved settings
+    step-00000120.pt          # model, optimizer, scheduler, sampler position, RNG states, resolved settings
     step-00000160.pt
-    latest.json        # {"step": 160, "file": "step-00000160.pt", "sha256": "..."}
+    step-00000160.rank-1.rng  # with --nproc: the RNG states of each other rank at that step
+    latest.json               # {"step": 160, "file": "step-00000160.pt", "sha256": "..."}
 
 Each ``.pt`` file is written to a temp file, fsynced and renamed, then ``latest.json`` is replaced the same way;
 a crash at any instant leaves ``latest.json`` pointing at a complete file. Older files beyond ``keep`` are
-removed only after the new pointer is in place.
+removed only after the new pointer is in place. Each rank but 0 writes its own ``.rng`` files (no collective:
+a gather of them through the process group deadlocked gloo's teardown) and prunes its own.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+def rank_rng_name(step: int, rank: int) -> str:
+    return f"step-{step:08d}.rank-{rank}.rng"
+
+
 class Checkpointer:
     """Writes and reads the checkpoints of one run directory.
 
@@ -93,6 +99,37 @@ class Checkpointer:
         self._prune(keep_name=path.name)
         logger.info("checkpoint step %d -> %s (%d bytes)", step, path, len(data))
         return SavedCheckpoint(step, path)
+
+    def save_rank_rng(self, step: int, rank: int) -> SavedCheckpoint:
+        """Rank ``rank``'s RNG states at ``step``, beside rank 0's checkpoint of that step (the ranks draw apart)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, "step": step, "rank": rank, "rng": capture_rng()}, buffer)
+        path = self.directory / rank_rng_name(step, rank)
+        atomic_write_bytes(path, buffer.getvalue())
+        own = sorted(self.directory.glob(f"step-*.rank-{rank}.rng"))
+        for old in own[: max(0, len(own) - self.keep)]:
+            if old != path:
+                old.unlink(missing_ok=True)
+        return SavedCheckpoint(step, path)
+
+    @staticmethod
+    def load_rank_rng(checkpoint: Path, step: int, rank: int) -> dict[str, Any] | None:
+        """The RNG states rank ``rank`` saved beside ``checkpoint`` at ``step``; ``None`` if it wrote none (the run
+        stopped between rank 0's write and this rank's)."""
+        path = checkpoint.parent / rank_rng_name(step, rank)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise CheckpointError(
+                f'"{path}" (rank {rank}\'s RNG states at step {step}) cannot be read ({type(exc).__name__}); delete '
+                "it to resume with rank 0's RNG states on that rank (the run then draws other dropout masks than "
+                "an unbroken one)",
+                path=str(path),
+            ) from exc
+        return saved["rng"] if isinstance(saved, dict) and saved.get("step") == step else None
 
     def _prune(self, keep_name: str) -> None:
         files = sorted(self.directory.glob("step-*.pt"))

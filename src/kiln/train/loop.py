@@ -368,7 +368,7 @@ class Trainer:
                     token_rate = tokens / step_s if not token_rate else 0.9 * token_rate + 0.1 * tokens / step_s
                     periodic = checkpoint_every and self.step % checkpoint_every == 0 and self.step < total_steps
                     if checkpointer and periodic:
-                        last = checkpointer.save(self.step, self.state_dict() | extra_state())
+                        last = self._save(checkpointer, extra_state)
                     if on_step is not None:
                         elapsed = time.perf_counter() - started
                         on_step(
@@ -409,19 +409,28 @@ class Trainer:
                 self._save_on_exit(checkpointer, last, extra_state)
             raise
         if checkpointer:
-            last = checkpointer.save(self.step, self.state_dict() | extra_state())
+            last = self._save(checkpointer, extra_state)
         return last
 
     def _save_on_exit(
         self, checkpointer: Checkpointer, last: SavedCheckpoint | None, extra_state: Callable[[], dict[str, Any]]
     ) -> None:
         if self._mid_step:
-            logger.warning("stopped inside step %d; the last checkpoint (%s) stands", self.step + 1, last)
+            if self.accelerator.is_main_process:
+                logger.warning("stopped inside step %d; the last checkpoint (%s) stands", self.step + 1, last)
             return
         if self.step == 0 or (last is not None and last.step >= self.step):
             return  # nothing newer than what is on disk
-        saved = checkpointer.save(self.step, self.state_dict() | extra_state())
-        logger.warning("stopped at step %d; checkpoint written to %s", self.step, saved.path)
+        saved = self._save(checkpointer, extra_state)
+        if self.accelerator.is_main_process:
+            logger.warning("stopped at step %d; checkpoint written to %s", self.step, saved.path)
+
+    def _save(self, checkpointer: Checkpointer, extra_state: Callable[[], dict[str, Any]]) -> SavedCheckpoint:
+        """Rank 0 writes the checkpoint; every other rank its own RNG states at the same step beside it."""
+        rank = self.accelerator.process_index
+        if rank:
+            return checkpointer.save_rank_rng(self.step, rank)
+        return checkpointer.save(self.step, self.state_dict() | extra_state())
 
     def state_dict(self) -> dict[str, Any]:
         return {

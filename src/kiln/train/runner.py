@@ -15,7 +15,7 @@ import torch
 from kiln import artifact as artifacts
 from kiln.config import ExportSettings, settings_dict
 from kiln.errors import CheckpointError, ConfigError, TrainingDiverged
-from kiln.train.checkpoint import Checkpointer, SavedCheckpoint
+from kiln.train.checkpoint import Checkpointer, SavedCheckpoint, restore_rng
 from kiln.train.distributed import is_worker, launch, load_artifact, write_result
 from kiln.train.finetune import prune_and_finetune
 from kiln.train.goodput import GoodputSizer
@@ -23,7 +23,7 @@ from kiln.train.loop import StepStats, Trainer, make_accelerator
 from kiln.train.optim import lr_schedule, make_optimizer
 from kiln.train.settings import TrainSettings, changed_identity, check_schedule_length
 from kiln.train.tracking import make_tracker
-from kiln.train.workload import prepare_workload
+from kiln.train.workload import prepare_workload, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,12 @@ def train(
     total_steps = settings.max_steps or sampler.optimizer_steps(settings.epochs, settings.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total_steps))
     accelerator = make_accelerator(settings.device, settings.mixed_precision)
+    if accelerator.process_index:
+        # NOTE: every rank built the model from the same seed (DDP starts from rank 0's weights anyway); from here
+        # each draws its own dropout masks, as one process draws a mask a row. Alike, two rows of a global batch
+        # at the same place in each rank's share got the same mask. Rank 0 keeps the seed's streams, so a
+        # one-process run is unchanged.
+        seed_everything(settings.seed + accelerator.process_index)
     sizer = (
         GoodputSizer(base_batch=settings.batch_size, max_batch=settings.max_batch_size or 16 * settings.batch_size)
         if settings.adaptive_batch
@@ -149,7 +155,7 @@ def train(
     try:
         saved = trainer.fit(
             total_steps,
-            checkpointer=checkpointer if main else None,
+            checkpointer=checkpointer,  # rank 0 writes the checkpoint, the others their RNG states beside it
             checkpoint_every=settings.checkpoint_every,
             extra_state=lambda: {"settings": settings_dict(settings), "tracking_run_id": tracker.run_id},
             on_step=report,
@@ -277,7 +283,19 @@ def _resume(
             changed=changed,
         )
     check_schedule_length(state.get("settings", {}), settings_dict(settings))
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(state)  # rank 0's RNG states, on every rank
+    rank = trainer.accelerator.process_index
+    if rank:
+        own = checkpointer.load_rank_rng(path, trainer.step, rank)
+        if own is not None:
+            restore_rng(own)
+        else:
+            logger.warning(
+                "rank %d saved no RNG states at step %d (the run stopped between rank 0's write and its own): it "
+                "goes on with rank 0's, so its dropout masks differ from an unbroken run's",
+                rank,
+                trainer.step,
+            )
     logger.info("resumed from step %d (%s)", trainer.step, path)
     run_id = state.get("tracking_run_id") if settings.track else None
     return SavedCheckpoint(trainer.step, path), run_id
