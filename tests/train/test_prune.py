@@ -148,6 +148,11 @@ def test_pruned_digits_cnn_fine_tunes_and_exports_a_smaller_model(
     test = bundled_dataset("digits", test_fraction=0.25, seed=0)
     logits = OrtEngine(pruned.artifact.model_path).run({"input": test.x_test})["logits"]
     assert float((np.argmax(logits, axis=1) == test.y_test).mean()) == pytest.approx(metrics["test_accuracy"])
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    console.print(pruned.table())
+    assert f"{int(metrics['params']):,}" in console.export_text()  # a count, not 3818.0000
 
 
 def test_tabular_steps_report_no_tokens(make_settings: Callable[..., TrainSettings]) -> None:
@@ -160,7 +165,7 @@ def test_tabular_steps_report_no_tokens(make_settings: Callable[..., TrainSettin
 
 @pytest.mark.slow
 def test_pruned_minilm_loses_heads_and_ffn_width_and_still_classifies(
-    make_settings: Callable[..., TrainSettings], topics_jsonl: Path
+    make_settings: Callable[..., TrainSettings], topics_jsonl: Path, tmp_path: Path
 ) -> None:
     settings = make_settings(
         dataset=str(topics_jsonl), model="minilm", max_length=64, max_tokens=1024, epochs=1, lr=5e-5, export=True
@@ -172,3 +177,22 @@ def test_pruned_minilm_loses_heads_and_ffn_width_and_still_classifies(
     shapes = [list(i.dims) for i in onnx.load(str(result.artifact.model_path)).graph.initializer]
     assert [1536, 384] not in shapes and [384, 1536] not in shapes  # no full-width (1,536) FFN weight is left
     assert [384, 768] in shapes or [768, 384] in shapes
+    # the fuser of `kiln optimize` finds attention by the heads every layer kept and their width: with the config's
+    # 12 heads (or 0, "find them") it fused no Attention node of a pruned encoder
+    source = result.artifact.manifest.provenance["source"]
+    assert (source["num_attention_heads"], source["hidden_size"]) == (6, 192)
+    from kiln.optimize.passes import fuse_transformer
+
+    heads, width = source["num_attention_heads"], source["hidden_size"]
+    fused = fuse_transformer(result.artifact.model_path, tmp_path / "fused.onnx", num_heads=heads, hidden_size=width)
+    assert fused["fusions"].get("Attention") == 6
+    from kiln.runtime import OrtEngine
+
+    ids = np.random.default_rng(0).integers(1000, 20000, (3, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    plain, fused_out = (
+        OrtEngine(p).run(feeds)["logits"] for p in (result.artifact.model_path, tmp_path / "fused.onnx")
+    )
+    np.testing.assert_allclose(fused_out, plain, atol=1e-4)

@@ -231,14 +231,15 @@ class ModelRepository:
         metrics = self.metrics.for_model(name, version)
         batcher = Batcher(model, self.policy, metrics)
         load_s = time.perf_counter() - started
-        fixed, per_token, _ = model.cost.coefficients
+        fixed, per_unit, _ = model.cost.coefficients
         logger.info(
-            "loaded %s version %d in %.2f s (warm-up included); batch cost: %.2f ms + %.3f ms/token",
+            "loaded %s version %d in %.2f s (warm-up included); batch cost: %.2f ms + %.3f ms/%s",
             name,
             version,
             load_s,
             fixed * 1e3,
-            per_token * 1e3,
+            per_unit * 1e3,
+            "token" if model.is_text else "row",  # a tensor model's rows have length 1
         )
         return LoadedVersion(model, batcher, metrics, load_s)
 

@@ -102,15 +102,29 @@ def export_text(
 
 def _encoder_source(model: nn.Module, *, pruned: bool) -> dict[str, Any]:
     """What ``kiln optimize`` needs to treat the classifier as the transformer it is: its fuser finds attention by
-    head count and width (0: found from the graph, as after pruning, where the config's count no longer holds)."""
+    head count and attention width. After pruning those are the heads every layer kept (pruning keeps as many in
+    each) and their width; 0 (found from the graph, which fails for a width below the hidden size) only where the
+    layers differ."""
     encoder: Any = model.encoder
     config = encoder.config
+    heads, width = int(config.num_attention_heads), int(config.hidden_size)
+    if pruned:
+        kept = {
+            (int(layer.attention.self.num_attention_heads), int(layer.attention.self.query.out_features))
+            for layer in _bert_layers(encoder)
+        }
+        heads, width = kept.pop() if len(kept) == 1 else (0, 0)
     return {
         "transformer": True,
         "architecture": type(encoder).__name__,
-        "num_attention_heads": 0 if pruned else int(config.num_attention_heads),
-        "hidden_size": 0 if pruned else int(config.hidden_size),
+        "num_attention_heads": heads,
+        "hidden_size": width,
     }
+
+
+def _bert_layers(encoder: Any) -> list[Any]:
+    base = encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
+    return list(base.encoder.layer)
 
 
 def export_embedding(

@@ -50,7 +50,10 @@ class TrainResult:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in self.metrics.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            if key.startswith("params"):  # counts, kept as floats among the metrics: 17,397,506 not 17397506.0000
+                table.add_row(key, f"{value:,.0f}")
+            else:
+                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         table.add_row(
             "steps", str(self.steps) + (f" (resumed at {self.resumed_from_step})" if self.resumed_from_step else "")
         )
