@@ -199,6 +199,13 @@ def test_concurrent_uneven_requests_are_each_answered_exactly(
             400,
             r'"parameters" of output "probabilities" is \'b\'; it must be a JSON object',
         ),
+        (
+            with_fields(
+                outputs=[{"name": "probabilities"}, {"name": "probabilities", "parameters": {"classification": 1}}]
+            ),
+            400,
+            r'output "probabilities" is requested twice; list each output once',
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_json_error_that_names_the_value(

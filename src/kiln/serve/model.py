@@ -264,7 +264,9 @@ class ServedModel:
         if not request.outputs:
             return list(self.output_names)
         names = [out.name for out in request.outputs]
-        for name in names:
+        for i, name in enumerate(names):
+            if name in names[:i]:  # one answer a name: which of the two asks (a tensor, top classes) would it be?
+                raise InvalidInput(f'output "{name}" is requested twice; list each output once', output=name)
             if name not in self.output_names:
                 raise InvalidInput(
                     f'output "{name}" is not an output of model "{self.name}"{did_you_mean(name, self.output_names)}'
