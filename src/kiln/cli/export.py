@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from kiln._utils import human_bytes
 from kiln.cli._console import console, parse_ints
 from kiln.errors import InvalidInput
 
@@ -109,6 +110,6 @@ def export(
     worst = max((o["max_abs_error"] for o in parity.get("outputs", {}).values()), default=0.0)
     console.print(
         f"[green]exported[/] {escape(f'{artifact.name} v{artifact.version} -> {artifact.path}')} "
-        f"({artifact.manifest.model['size_bytes'] / 1e6:.1f} MB, parity max |diff| {worst:.2e})"
+        f"({human_bytes(artifact.manifest.model['size_bytes'])}, parity max |diff| {worst:.2e})"
     )
     console.print(f"next: kiln optimize {artifact.path.parent}", markup=False)

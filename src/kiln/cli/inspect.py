@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from kiln._utils import human_bytes
 from kiln.cli._console import console
 
 
@@ -37,7 +38,7 @@ def inspect(
         table.add_row(Text(name), Text(value))
 
     add_row("task", artifact.manifest.task)
-    add_row("model", f"{data['model']['file']}  {data['model']['size_bytes'] / 1e6:.2f} MB")
+    add_row("model", f"{data['model']['file']}  {human_bytes(data['model']['size_bytes'])}")
     table.add_row("sha256", Text.assemble(data["model"]["sha256"], "  ", ("(verified)", "green")))
     add_row("created", data["created_at"])
     add_row("inputs", _tensors(data["signature"]["inputs"]))

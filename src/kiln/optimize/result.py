@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln._utils import human_bytes
 from kiln.artifact import Artifact
 from kiln.optimize.recipes import Recipe
 
@@ -108,7 +109,7 @@ class OptimizeResult:
                 fidelity,
                 rows,
                 f"{c.speedup:.2f}x" if c.speedup else "-",
-                f"{c.size_bytes / 1e6:.1f} MB" if c.size_bytes else "-",
+                human_bytes(c.size_bytes) if c.size_bytes else "-",
                 "*" if c.pareto else "",
                 verdict,
             )
