@@ -9,6 +9,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def kiln(
@@ -43,3 +46,14 @@ def serving(command: list[str], url: str) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def assert_top_classes(got: Any, scores: Any, count: int, labels: list[str]) -> None:
+    """``got`` holds Triton's classification strings ``"<value>:<index>[:<label>]"`` of each row's ``count``
+    highest ``scores`` (bytes from the binary and gRPC forms, str from JSON)."""
+    assert got.shape == (len(scores), count)
+    for row, expected_row in zip(got.tolist(), scores, strict=True):
+        parsed = [(item.decode() if isinstance(item, bytes) else item).split(":") for item in row]
+        assert [int(p[1]) for p in parsed] == np.argsort(-expected_row, kind="stable")[:count].tolist()
+        np.testing.assert_allclose([float(p[0]) for p in parsed], np.sort(expected_row)[::-1][:count], atol=2e-6)
+        assert [p[2:] for p in parsed] == [[labels[int(p[1])]] if labels else [] for p in parsed]

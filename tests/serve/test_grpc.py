@@ -30,6 +30,7 @@ from kiln.errors import ConfigError, Forbidden, InvalidInput, KilnError, ModelNo
 from kiln.serve.grpc import STATUS, start_grpc, status_of
 from kiln.serve.proto import grpc_service_pb2, model_config_pb2
 from kiln.serve.proto.convert import decode_infer
+from tests.helpers import assert_top_classes
 
 if TYPE_CHECKING:
     from conftest import RunningServer  # tests/serve/conftest.py (pytest's importlib mode: no package)
@@ -309,14 +310,7 @@ def test_classification_extension_returns_the_top_classes_with_the_artifacts_lab
     x = rows_of(5, seed=3)
     result = client.infer("tiny", [tensor(x)], outputs=[triton.InferRequestedOutput("probabilities", class_count=2)])
     assert result.get_output("probabilities").datatype == "BYTES"
-    got = result.as_numpy("probabilities")
-    probabilities = expected_probabilities(x, tiny_weights)
-    assert got.shape == (5, 2)
-    for row, expected_row in zip(got.tolist(), probabilities, strict=True):
-        parsed = [item.decode().split(":") for item in row]
-        assert [int(index) for _, index, _ in parsed] == np.argsort(-expected_row)[:2].tolist()
-        assert [label for _, index, label in parsed] == [labels[int(index)] for _, index, _ in parsed]
-        np.testing.assert_allclose([float(v) for v, _, _ in parsed], np.sort(expected_row)[::-1][:2], atol=2e-6)
+    assert_top_classes(result.as_numpy("probabilities"), expected_probabilities(x, tiny_weights), 2, labels)
     negative = [triton.InferRequestedOutput("probabilities", class_count=-1)]
     error = failure(lambda: client.infer("tiny", [tensor(x)], outputs=negative))
     assert error.status() == "StatusCode.INVALID_ARGUMENT"

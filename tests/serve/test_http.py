@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from kiln import artifact as artifacts
 from kiln.config import ServeSettings
 from kiln.errors import ConfigError
+from tests.helpers import assert_top_classes
 
 Array = np.ndarray[Any, Any]
 
@@ -95,16 +96,6 @@ def test_infer_json_and_binary_match_numpy(tiny_server: Any, tiny_weights: tuple
 
 
 LABELS = ["setosa", "versicolor", "virginica"]
-
-
-def assert_top_classes(got: Array, probabilities: Array, count: int, labels: list[str]) -> None:
-    """``got`` holds Triton's "<value>:<index>[:<label>]" strings of each row's ``count`` highest probabilities."""
-    assert got.shape == (len(probabilities), count)
-    for row, expected_row in zip(got.tolist(), probabilities, strict=True):
-        parsed = [(item.decode() if isinstance(item, bytes) else item).split(":") for item in row]  # JSON: str
-        assert [int(p[1]) for p in parsed] == np.argsort(-expected_row)[:count].tolist()
-        np.testing.assert_allclose([float(p[0]) for p in parsed], np.sort(expected_row)[::-1][:count], atol=2e-6)
-        assert [p[2:] for p in parsed] == [[labels[int(p[1])]] if labels else [] for p in parsed]
 
 
 @pytest.mark.parametrize("binary", [False, True])
