@@ -74,6 +74,6 @@ def serve(
     settings = resolve(ServeSettings, overrides, config_file=config)
     logging.getLogger("kiln.serve").setLevel(min(logging.getLogger("kiln").getEffectiveLevel(), logging.INFO))
     err_console.print(
-        f"[bold]kiln serve[/] {repository} on http://{settings.host}:{settings.http_port}", highlight=False
+        f"[bold]kiln serve[/] {repository}: starting on http://{settings.host}:{settings.http_port}", highlight=False
     )
     run_server(repository, settings)
