@@ -85,6 +85,7 @@ class Options:
     grid: tuple[float, ...]
     confirm: int = 2
     refine_steps: int = 5
+    confirm_refine_steps: int = 2
 
 
 @dataclass
@@ -231,6 +232,7 @@ def find_max(client: LoadClient, start_rps: float, options: Options, label: str)
         duration_s=options.step_s,
         max_outstanding=options.concurrency,
         confirm=options.confirm,
+        confirm_refine_steps=options.confirm_refine_steps,
         progress=show,
     )
 
@@ -342,6 +344,12 @@ def main() -> None:
         default=5,
         help="Bisections of the bracket where the rate search passes, then fails (x1.3): 5 leave 0.8%%, 3 left 3.3%%.",
     )
+    parser.add_argument(
+        "--confirm-refine-steps",
+        type=int,
+        default=2,
+        help="Bisections between the confirmed rate and the lowest failed one above it, each confirmed likewise.",
+    )
     parser.add_argument("--max-error-rate", type=float, default=0.01)
     parser.add_argument("--concurrency", type=int, default=64, help="Cap on requests in flight.")
     parser.add_argument("--binary", action="store_true", help="Binary tensor extension instead of JSON.")
@@ -361,6 +369,7 @@ def main() -> None:
         (0.25, 0.5, 0.75, 0.9),
         args.confirm,
         args.refine_steps,
+        args.confirm_refine_steps,
     )
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kiln-serve-bench-") as tmp:
@@ -494,6 +503,7 @@ def summarize(
             "step_s": options.step_s,
             "confirm": options.confirm,
             "refine_steps": options.refine_steps,
+            "confirm_refine_steps": options.confirm_refine_steps,
         },
         "in_process": inproc,
         "max_rate_rps": {

@@ -455,6 +455,20 @@ def test_confirming_steps_reject_a_rate_that_passed_by_luck() -> None:
     assert len(found.steps) == len(server.rates)
 
 
+def test_confirmed_bisection_narrows_the_gap_a_failed_confirmation_leaves() -> None:
+    """80 req/s passes once by luck and fails its re-runs; the fallback is 40, a step of the growth phase, though
+    the server holds 75. Bisecting between 40 and 80, each midpoint held to a majority of 3 steps, finds it."""
+    coarse = search_max_rate(LuckyServer(75.0), start_rps=20.0, growth=2.0, refine_steps=2, cooldown_s=0.0, confirm=2)
+    assert coarse.rate_rps == 40.0
+    server = LuckyServer(75.0)
+    found = search_max_rate(
+        server, start_rps=20.0, growth=2.0, refine_steps=2, cooldown_s=0.0, confirm=2, confirm_refine_steps=4
+    )
+    assert found.rate_rps is not None and 70.0 <= found.rate_rps <= 75.0  # 40 * 2 ** (1 - 1/16) ~ 76.6 failed
+    assert found.best is not None and found.best.rate_rps == found.rate_rps
+    assert sum(rate == found.rate_rps for rate in server.rates) == 2  # two wins decide a majority of 3: no third
+
+
 def test_load_html_has_both_plots_and_round_trips_its_json(tmp_path: Path) -> None:
     reports = [synthetic_report(), synthetic_report("fastapi baseline")]
     path = write_load_html(reports, tmp_path / "out", title="MiniLM under load")

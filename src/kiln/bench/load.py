@@ -248,6 +248,7 @@ def search_max_rate(
     min_rps: float = 0.5,
     max_rps: float = 100_000.0,
     confirm: int = 0,
+    confirm_refine_steps: int = 0,
     progress: Callable[[LoadStep], None] | None = None,
 ) -> RateSearch:
     """Find the highest Poisson rate with P99 <= ``p99_ms`` and fewer than ``max_error_rate`` errors.
@@ -259,7 +260,10 @@ def search_max_rate(
 
     Near saturation one short step's P99 swings a lot, so a lucky step can name a rate the server does not hold.
     With ``confirm`` = k, the best passing rate is run k more times and must pass a majority of its k + 1 steps;
-    if it does not, the next lower passing rate is tried the same way.
+    if it does not, the next lower passing rate is tried the same way. That fallback can land far below the rate
+    that failed (a step of the growth phase): ``confirm_refine_steps`` more bisections then narrow the gap between
+    the confirmed rate and the lowest one above it that failed, each midpoint held to the same majority of k + 1
+    steps.
     """
     if growth <= 1.0 or start_rps <= 0:
         raise ConfigError(f"growth {growth:g} must be > 1 and start_rps {start_rps:g} > 0")
@@ -313,5 +317,33 @@ def search_max_rate(
     for candidate in passed:
         wins = 1 + sum(passes(candidate.rate_rps) for _ in range(confirm))
         if 2 * wins > confirm + 1:
-            return RateSearch(candidate.rate_rps, candidate, steps)
+            return _refine_confirmed(candidate, steps, passes, p99_ms, max_error_rate, confirm, confirm_refine_steps)
     return RateSearch(None, None, steps)
+
+
+def _refine_confirmed(
+    best: LoadStep,
+    steps: list[LoadStep],
+    passes: Callable[[float], bool],
+    p99_ms: float,
+    max_error_rate: float,
+    confirm: int,
+    refine_steps: int,
+) -> RateSearch:
+    """Bisect between the confirmed ``best`` rate and the lowest rate above it that failed a step, each midpoint
+    confirmed by a majority of ``confirm`` + 1 steps (stopping as soon as the majority is decided)."""
+    needed = confirm // 2 + 1  # a majority of confirm + 1 steps
+    for _ in range(refine_steps):
+        above = [s.rate_rps for s in steps if s.rate_rps > best.rate_rps and not s.meets(p99_ms, max_error_rate)]
+        if not above:
+            break
+        middle = math.sqrt(best.rate_rps * min(above))
+        wins = losses = 0
+        while wins < needed and losses < needed:
+            if passes(middle):
+                wins += 1
+            else:
+                losses += 1
+        if wins >= needed:
+            best = next(s for s in reversed(steps) if s.rate_rps == middle and s.meets(p99_ms, max_error_rate))
+    return RateSearch(best.rate_rps, best, steps)
