@@ -264,7 +264,8 @@ class ServedModel:
         if not request.outputs:
             return list(self.output_names)
         names = [out.name for out in request.outputs]
-        for i, name in enumerate(names):
+        for i, out in enumerate(request.outputs):
+            name = out.name
             if name in names[:i]:  # one answer a name: which of the two asks (a tensor, top classes) would it be?
                 raise InvalidInput(f'output "{name}" is requested twice; list each output once', output=name)
             if name not in self.output_names:
@@ -273,13 +274,12 @@ class ServedModel:
                     f"; its outputs are {', '.join(self.output_names)}",
                     output=name,
                 )
-        for out in request.outputs:
-            dtype = next(spec.dtype for spec in self.outputs if spec.name == out.name)
+            dtype = self.outputs[self.output_names.index(name)].dtype
             if out.classification and dtype in ("BYTES", "BOOL"):
                 raise InvalidInput(
-                    f'output "{out.name}" is {dtype}, and "classification" ranks numbers; ask for the top classes '
+                    f'output "{name}" is {dtype}, and "classification" ranks numbers; ask for the top classes '
                     "of a numeric output (scores, probabilities), or drop the parameter",
-                    output=out.name,
+                    output=name,
                 )
         return names
 

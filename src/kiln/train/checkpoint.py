@@ -69,7 +69,7 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def rank_rng_name(step: int, rank: int) -> str:
+def _rank_rng_name(step: int, rank: int) -> str:
     return f"step-{step:08d}.rank-{rank}.rng"
 
 
@@ -96,7 +96,7 @@ class Checkpointer:
         atomic_write_bytes(path, data)
         pointer = {"step": step, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         atomic_write_text(self.directory / POINTER, json.dumps(pointer, indent=2) + "\n")
-        self._prune(keep_name=path.name)
+        self._prune("step-*.pt", keep_name=path.name)
         logger.info("checkpoint step %d -> %s (%d bytes)", step, path, len(data))
         return SavedCheckpoint(step, path)
 
@@ -105,19 +105,16 @@ class Checkpointer:
         self.directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save({"format": FORMAT, "step": step, "rank": rank, "rng": capture_rng()}, buffer)
-        path = self.directory / rank_rng_name(step, rank)
+        path = self.directory / _rank_rng_name(step, rank)
         atomic_write_bytes(path, buffer.getvalue())
-        own = sorted(self.directory.glob(f"step-*.rank-{rank}.rng"))
-        for old in own[: max(0, len(own) - self.keep)]:
-            if old != path:
-                old.unlink(missing_ok=True)
+        self._prune(f"step-*.rank-{rank}.rng", keep_name=path.name)
         return SavedCheckpoint(step, path)
 
     @staticmethod
     def load_rank_rng(checkpoint: Path, step: int, rank: int) -> dict[str, Any] | None:
         """The RNG states rank ``rank`` saved beside ``checkpoint`` at ``step``; ``None`` if it wrote none (the run
         stopped between rank 0's write and this rank's)."""
-        path = checkpoint.parent / rank_rng_name(step, rank)
+        path = checkpoint.parent / _rank_rng_name(step, rank)
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
@@ -131,8 +128,9 @@ class Checkpointer:
             ) from exc
         return saved["rng"] if isinstance(saved, dict) and saved.get("step") == step else None
 
-    def _prune(self, keep_name: str) -> None:
-        files = sorted(self.directory.glob("step-*.pt"))
+    def _prune(self, pattern: str, keep_name: str) -> None:
+        """Remove the oldest files matching ``pattern`` beyond ``keep``, never ``keep_name`` (the one just written)."""
+        files = sorted(self.directory.glob(pattern))
         for old in files[: max(0, len(files) - self.keep)]:
             if old.name != keep_name:
                 old.unlink(missing_ok=True)

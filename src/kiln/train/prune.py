@@ -110,10 +110,16 @@ def prune_model(
     return PruneReport(ratio, importance, before, count_params(model), units)
 
 
+def bert_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The layers of the BERT-style encoder a Kiln text model holds (``model.encoder.encoder.layer``), or ``None``."""
+    layers = getattr(getattr(getattr(model, "encoder", None), "encoder", None), "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) and layers and hasattr(layers[0], "attention") else None
+
+
 def unit_groups(model: nn.Module) -> list[UnitGroup]:
     """The prunable unit groups of ``model``; a clear error when its structure is not one pruning knows."""
-    layers = getattr(getattr(getattr(model, "encoder", None), "encoder", None), "layer", None)
-    if isinstance(layers, nn.ModuleList) and layers and hasattr(layers[0], "attention"):
+    layers = bert_layers(model)
+    if layers is not None:
         return [g for i, block in enumerate(layers) for g in _bert_groups(f"layer.{i}", block)]
     if isinstance(model, nn.Sequential):
         groups = _sequential_groups(model)

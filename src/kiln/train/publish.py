@@ -22,6 +22,7 @@ from kiln.config import ExportSettings, settings_dict
 from kiln.data import HELDOUT_FILE, heldout_texts_asset
 from kiln.export import export
 from kiln.train.data import TrainData
+from kiln.train.prune import bert_layers
 from kiln.train.settings import TrainSettings
 from kiln.train.text import SentenceEncoder, TextBatcher, TextClassifier, TextData, merge_lora
 
@@ -108,11 +109,10 @@ def _encoder_source(model: nn.Module, *, pruned: bool) -> dict[str, Any]:
     encoder: Any = model.encoder
     config = encoder.config
     heads, width = int(config.num_attention_heads), int(config.hidden_size)
-    if pruned:
-        kept = {
-            (int(layer.attention.self.num_attention_heads), int(layer.attention.self.query.out_features))
-            for layer in _bert_layers(encoder)
-        }
+    if pruned:  # what pruning left each layer (apply_heads sets both)
+        layers: list[Any] = list(bert_layers(model) or ())
+        attentions = [layer.attention.self for layer in layers]
+        kept = {(int(a.num_attention_heads), int(a.all_head_size)) for a in attentions}
         heads, width = kept.pop() if len(kept) == 1 else (0, 0)
     return {
         "transformer": True,
@@ -120,11 +120,6 @@ def _encoder_source(model: nn.Module, *, pruned: bool) -> dict[str, Any]:
         "num_attention_heads": heads,
         "hidden_size": width,
     }
-
-
-def _bert_layers(encoder: Any) -> list[Any]:
-    base = encoder.get_base_model() if hasattr(encoder, "get_base_model") else encoder
-    return list(base.encoder.layer)
 
 
 def export_embedding(
