@@ -93,3 +93,13 @@ def test_r2_of_a_multi_output_regressor_is_the_mean_over_outputs() -> None:
     assert task_score(predicted, labels, "regression")["r2"] == pytest.approx(r2_score(labels, predicted))
     with pytest.raises(InvalidInput, match=r"labels have shape \[4, 1\] but the model predicts \[4, 2\] values"):
         task_score(predicted, labels[:, 0], "regression")
+
+
+def test_class_names_against_class_ids_are_refused_not_scored_zero() -> None:
+    # a scikit-learn model fitted on names, scored against a bundled dataset's ids, read accuracy 0.0: a blind guard
+    names = np.array(["barolo", "barbera", "barolo"], dtype=object)
+    with pytest.raises(InvalidInput, match=r"predicts class names \('barolo', 'barbera', 'barolo' ...\).*int64 values"):
+        task_score(names, np.array([0, 1, 0], dtype=np.int64), "classification")
+    assert task_score(names, np.array(["barolo", "barolo", "barolo"]), "classification") == {
+        "accuracy": pytest.approx(2 / 3)
+    }

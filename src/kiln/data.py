@@ -147,8 +147,8 @@ def heldout_asset(feeds: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any
     import io
 
     arrays = dict(feeds)
-    if labels is not None:
-        arrays[LABELS_KEY] = labels
+    if labels is not None:  # class names in an object array (a pandas column's) would need pickle to load
+        arrays[LABELS_KEY] = labels.astype(str) if labels.dtype.kind == "O" else labels
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()

@@ -123,6 +123,12 @@ def task_score(output: Array, labels: Array, task: str) -> dict[str, float]:
     if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):  # 0.0/1.0 targets of BCE: class ids as floats
         labels = labels.astype(np.int64)
     if pred.dtype.kind not in "iub":
+        if (pred.dtype.kind in "OSU") != (labels.dtype.kind in "OSU"):
+            raise InvalidInput(
+                f"the model predicts class names ({', '.join(map(repr, pred[:3].tolist()))} ...) but the held-out "
+                f"labels are {labels.dtype} values ({', '.join(map(repr, labels[:3].tolist()))} ...), which never "
+                "equal them; store the labels as the model's class names"
+            )
         return {"accuracy": float(np.mean(pred == labels))}
     if labels.dtype.kind not in "iub":
         raise InvalidInput(

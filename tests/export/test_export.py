@@ -351,6 +351,52 @@ def test_classifier_without_predict_proba_is_exported_as_a_classifier(tmp_path: 
         np.testing.assert_allclose(out["probabilities"], clf.decision_function(x[150 : 150 + rows]), atol=1e-4)
 
 
+def test_a_classifier_fitted_on_class_names_is_named_and_scored_by_them(tmp_path: Path) -> None:
+    # its labels were the dataset's target names in column order ("class_0" for "barbera"), and its accuracy on the
+    # dataset's class ids read 0.0, which lets the accuracy guard pass any variant
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+
+    from kiln.data import eval_set
+    from kiln.fidelity import label_output, task_score
+
+    x, y = load_wine(return_X_y=True)
+    x, names = x.astype(np.float32), np.array(["barolo", "grignolino", "barbera"], dtype=object)[y]
+    clf = LogisticRegression(max_iter=5000).fit(x[:150], names[:150])
+    art = export(clf, out=tmp_path, name="wine", eval_data=(x[150:], names[150:]))  # object labels, as pandas gives
+    assert art.manifest.postprocessing["labels"] == ["barbera", "barolo", "grignolino"] == list(clf.classes_)
+    held_out = eval_set(art)  # loads without pickle
+    outputs = art.manifest.signature.outputs
+    scored = label_output(outputs, held_out.labels, "classification", scored="probabilities")
+    assert scored == "label"
+    predicted = OrtEngine(art.model_path).run(held_out.feeds)[scored]
+    assert task_score(predicted, held_out.labels, "classification")["accuracy"] == clf.score(x[150:], names[150:])
+
+    with pytest.raises(
+        InvalidInput,
+        match=r"held-out labels hold 0, 1, which LogisticRegression never predicts.*"
+        r"'barbera', 'barolo', 'grignolino'",
+    ):
+        export(clf, out=tmp_path, name="wine", eval_data=(x[50:70], y[50:70]), labels=["class_0", "class_1", "class_2"])
+    with pytest.raises(InvalidInput, match=r"3 labels \('a', 'b', 'c' ...\) name class ids 0..2.*name themselves"):
+        export(clf, out=tmp_path, name="wine", example_inputs=x[:8], labels=["a", "b", "c"])
+    assert artifacts.versions(tmp_path / "wine") == [1]
+
+
+def test_a_classifier_fitted_on_some_class_ids_gets_their_names() -> None:
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+
+    from kiln.export.sklearn import class_names
+
+    x, y = load_wine(return_X_y=True)
+    some = y != 1
+    clf = LogisticRegression(max_iter=5000).fit(x[some], y[some])  # classes 0 and 2: columns 0 and 1
+    assert class_names(clf, ["class_0", "class_1", "class_2"], y[some]) == ["class_0", "class_2"]
+    assert class_names(clf, None, None) == ["0", "2"]
+    assert class_names(LogisticRegression(max_iter=5000).fit(x, y), None, y) is None  # ids 0..K-1: their positions
+
+
 # --- found by using the tools: each failed before its fix -------------------------------------------------------------
 
 

@@ -216,6 +216,7 @@ def _export_sklearn(
 
     x = np.asarray(example_inputs, dtype=np.float32)
     task = sklearn.task_of(model)
+    labels = sklearn.class_names(model, labels, None if eval_data is None else eval_data[1])
     with torch_export.temp_workdir() as tmp:
         path, outputs = sklearn.convert(model, x, settings.opset, Path(tmp))
         rows = x[: settings.parity_samples]

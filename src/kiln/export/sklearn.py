@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,44 @@ def task_of(model: Any) -> str:
     from sklearn.base import is_classifier
 
     return "classification" if is_classifier(final_estimator(model)) else "regression"
+
+
+def class_names(model: Any, labels: Sequence[str] | None, heldout: np.ndarray[Any, Any] | None) -> list[str] | None:
+    """The names of a classifier's classes in the order of its ``probabilities`` columns, or None.
+
+    The columns follow ``classes_``. ``labels`` (a bundled dataset's target names, say) name class ids: a model
+    fitted on ids 0..K-1, or a subset of them, gets ``labels[id]`` for each. A model fitted on class names
+    (strings) names its classes itself. Without ``labels``, classes other than 0..K-1 are named by their values.
+
+    Raises:
+        InvalidInput: ``labels`` for a model whose classes they do not name, or held-out labels the model never
+            predicts (its accuracy on them would read 0, and the accuracy guard would pass any variant).
+    """
+    classes = getattr(final_estimator(model), "classes_", None)
+    if task_of(model) != "classification" or classes is None or np.ndim(classes) != 1:
+        return list(labels) if labels else None
+    values = np.asarray(classes).tolist()
+    shown = ", ".join(map(repr, values[:6])) + (" ..." if len(values) > 6 else "")
+    if heldout is not None:
+        known = set(values)
+        unseen = [v for v in np.unique(np.asarray(heldout)).tolist() if v not in known]
+        if unseen:
+            raise InvalidInput(
+                f"the held-out labels hold {', '.join(map(repr, unseen[:3]))}{' ...' if len(unseen) > 3 else ''}, "
+                f"which {type(model).__name__} never predicts: it was fitted on the classes {shown}; pass held-out "
+                "labels of those classes (or leave out the held-out data: --dataset, eval_data)",
+                classes=values[:20],
+            )
+    ids = all(isinstance(v, int) for v in values)
+    if labels:
+        if ids and all(0 <= v < len(labels) for v in values):
+            return [str(labels[v]) for v in values]
+        raise InvalidInput(
+            f"{len(labels)} labels ({', '.join(map(repr, list(labels)[:3]))} ...) name class ids 0..{len(labels) - 1}, "
+            f"but {type(model).__name__} was fitted on the classes {shown}, which name themselves; leave labels out",
+            classes=values[:20],
+        )
+    return None if ids and values == list(range(len(values))) else [str(v) for v in values]
 
 
 def _converter_options(model: Any) -> dict[int, dict[str, Any]] | None:
