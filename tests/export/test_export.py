@@ -411,7 +411,7 @@ def test_a_linear_pipeline_has_one_opset_per_domain_so_the_quantizer_reads_it(tm
 
     from kiln.data import bundled_dataset
     from kiln.errors import KilnError
-    from kiln.optimize.passes import quantize_dynamic
+    from kiln.optimize.passes import quantize_dynamic, quantize_static
 
     data = bundled_dataset("diabetes")
     model = make_pipeline(StandardScaler(), Ridge()).fit(data.x_train, data.y_train)
@@ -421,6 +421,14 @@ def test_a_linear_pipeline_has_one_opset_per_domain_so_the_quantizer_reads_it(tm
     assert sorted(domains) == sorted(set(domains))
     with pytest.raises(KilnError, match=r"no node was quantized.*LinearRegressor, Scaler"):
         quantize_dynamic(art.model_path, tmp_path / "int8.onnx", per_channel=True)
+    calibration = [{"input": data.x_train[:16]}]
+    for method in (
+        "minmax",
+        "entropy",
+        "percentile",
+    ):  # the histogram calibrators said "Histogram has not been collected"
+        with pytest.raises(KilnError, match=r"no node was quantized.*LinearRegressor, Scaler"):
+            quantize_static(art.model_path, tmp_path / "int8.onnx", calibration, art.manifest.signature, method=method)
 
 
 @pytest.fixture

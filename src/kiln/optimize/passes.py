@@ -12,7 +12,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kiln.errors import CalibrationError, KilnError
 from kiln.types import Feeds, Signature
@@ -176,6 +176,10 @@ def quantize_static(
     }
     if method not in methods:
         raise KilnError(f'calibration method "{method}" is unknown; use one of {", ".join(methods)}')
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    if not set(op_types or QDQRegistry) & set(op_histogram(src)):  # ORT's histogram calibrators crash on such a graph
+        _nothing_quantized(src)
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):  # ORT's calibrators print() progress; keep it off the user's stdout
         ort_quantize_static(
@@ -222,9 +226,13 @@ def _require_quantized(src: Path, dst: Path) -> int:
     """
     quantized = _count_quantized(dst)
     if quantized == 0:
-        ops = ", ".join(sorted(op_histogram(src)))
-        raise KilnError(f"no node was quantized: the graph has no operator the INT8 pass quantizes (its ops: {ops})")
+        _nothing_quantized(src)
     return quantized
+
+
+def _nothing_quantized(src: Path) -> NoReturn:
+    ops = ", ".join(sorted(op_histogram(src)))
+    raise KilnError(f"no node was quantized: the graph has no operator the INT8 pass quantizes (its ops: {ops})")
 
 
 def load_calibration(path: Path, batch_rows: int = 16) -> list[Feeds]:
