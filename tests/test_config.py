@@ -226,6 +226,16 @@ def test_a_quoted_number_bool_or_list_in_the_config_file_is_refused_with_the_tom
         resolve(cls, config_file=config_file, section=section, environ={})
 
 
+def test_a_list_where_one_string_goes_is_refused_without_the_quotes_hint(tmp_path: Path) -> None:
+    # `target = ["a", "b"]` was told that lists are written without quotes, which they were not
+    from kiln.train.settings import TrainSettings
+
+    config_file = write_toml(tmp_path, '[train]\ntarget = ["alcohol", "malic_acid"]\n')
+    with pytest.raises(ConfigError, match=r"type str; write one quoted value such as \"name\", not a list; fix") as err:
+        resolve(TrainSettings, config_file=config_file, section="train", environ={})
+    assert "without quotes" not in str(err.value)
+
+
 def test_a_string_in_the_config_file_is_still_a_list_of_one_for_a_list_of_strings(tmp_path: Path) -> None:
     config_file = write_toml(tmp_path, '[serve]\nmodels = "minilm"\napi_keys = ["k1", "k2"]\n')
     settings = resolve(ServeSettings, config_file=config_file, environ={})

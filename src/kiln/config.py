@@ -228,7 +228,10 @@ def _coerce(name: str, raw: Any, annotation: Any, source: str, *, parse_text: bo
         return _scalar(raw, kind, parse_text=parse_text)
     except ValueError as exc:
         hint = ""
-        if not parse_text and any(isinstance(item, str) for item in (raw if isinstance(raw, list) else [raw])):
+        quoted = any(isinstance(item, str) for item in (raw if isinstance(raw, list) else [raw]))
+        if kind is str and isinstance(raw, list | tuple):  # `target = ["a", "b"]`: quotes are not the mistake
+            hint = '; write one quoted value such as "name", not a list'
+        elif not parse_text and quoted:
             hint = "; in TOML, numbers, true/false and lists such as [64, 32] are written without quotes"
         elif _is_nan(raw):
             hint = "; NaN is not a value any setting takes"
