@@ -167,6 +167,20 @@ def per_call_repo(tmp_path: Path) -> Path:
     return _slow_repo(tmp_path, per_call_layers=8)
 
 
+@pytest.fixture
+def per_call_int8_repo(per_call_repo: Path, tmp_path: Path) -> Path:
+    """``per_call_repo``'s model through ONNX Runtime's INT8 dynamic quantization (``kiln optimize``'s
+    int8-dynamic recipes): each batch's activations get one scale, so a row's output depends on its batch-mates."""
+    from kiln import artifact as artifacts
+    from kiln.optimize.passes import quantize_dynamic
+
+    parent = artifacts.load(per_call_repo / "slow", 1)
+    quantize_dynamic(parent.model_path, tmp_path / "int8.onnx", per_channel=True)
+    repo = tmp_path / "int8-repo"
+    artifacts.write(repo, artifacts.Manifest(name="slow", signature=parent.manifest.signature), tmp_path / "int8.onnx")
+    return repo
+
+
 def _slow_repo(tmp_path: Path, per_call_layers: int) -> Path:
     import numpy as np
     import onnx

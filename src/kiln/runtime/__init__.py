@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kiln.runtime.engine import Engine
 from kiln.runtime.hardware import default_intra_op_threads, preferred_providers, probe
-from kiln.runtime.onnx import OrtEngine
+from kiln.runtime.onnx import OrtEngine, batch_coupled_ops
 from kiln.runtime.text import TextEncoder, TextTokenizer, sorted_batches, text_encoder_for, tokenizer_for
 from kiln.runtime.torch import TorchEngine, spec_of
 
@@ -14,6 +14,7 @@ __all__ = [
     "TextEncoder",
     "TextTokenizer",
     "TorchEngine",
+    "batch_coupled_ops",
     "default_intra_op_threads",
     "preferred_providers",
     "probe",

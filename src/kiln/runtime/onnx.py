@@ -35,6 +35,20 @@ _ORT_CORRUPT = ("InvalidProtobuf", "NoModel", "NoSuchFile")
 _ORT_UNRUNNABLE = ("InvalidGraph", "NotImplemented", "Fail", "InvalidArgument", "ModelRequiresCompilation")
 
 
+# Operators whose output for one row depends on the other rows of its batch: ONNX Runtime's INT8 dynamic
+# quantization picks one scale and zero point for a whole activation tensor, padding included.
+BATCH_COUPLED_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def batch_coupled_ops(path: Path) -> list[str]:
+    """The operators of the graph at ``path`` that couple the rows of a batch (``BATCH_COUPLED_OPS``), sorted."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [*model.graph.node, *(node for function in model.functions for node in function.node)]
+    return sorted({node.op_type for node in nodes} & BATCH_COUPLED_OPS)
+
+
 def _spec(node: Any) -> TensorSpec:
     dtype = _ORT_TYPE_TO_V2.get(node.type, "BYTES" if "seq" in node.type or "map" in node.type else node.type)
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or []))

@@ -219,7 +219,7 @@ class Batcher:
                 await self._arrived.wait()
                 continue
             await self._free.acquire()
-            if self.policy.batching and self._waiting_pays():
+            if self.policy.batching and self.model.merges_requests and self._waiting_pays():
                 await self._gather_batch_mates()
             taken = self._take()
             if not taken:
@@ -286,7 +286,7 @@ class Batcher:
         limit = min(limit, max(1, -(-self._queued_rows // max(1, len(self._free_instances)))))
         first = self._queue.popleft()
         candidates, rows = [first], first.work.rows
-        if self.model.batchable and limit > 1:
+        if self.model.merges_requests and limit > 1:
             kept: deque[_Pending] = deque()
             may_share, work = self.model.cost.may_share_batch, first.work
             scanned = 0

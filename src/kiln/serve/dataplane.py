@@ -159,7 +159,7 @@ class DataPlane:
                 "kiln_batch_cost": {"string_value": str(model.cost.coefficients)},
             },
         }
-        if batched and self.policy.batching:
+        if batched and self.policy.batching and model.merges_requests:
             config["dynamic_batching"] = {
                 "max_queue_delay_microseconds": int(self.policy.max_queue_delay_s * 1e6),
                 "preferred_batch_size": [self.policy.max_batch_size],

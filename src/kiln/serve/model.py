@@ -17,7 +17,14 @@ import numpy as np
 
 from kiln.artifact import Artifact
 from kiln.errors import InvalidInput, did_you_mean
-from kiln.runtime import OrtEngine, TextTokenizer, default_intra_op_threads, preferred_providers, tokenizer_for
+from kiln.runtime import (
+    OrtEngine,
+    TextTokenizer,
+    batch_coupled_ops,
+    default_intra_op_threads,
+    preferred_providers,
+    tokenizer_for,
+)
 from kiln.serve.codec import decode_texts, top_classes
 from kiln.serve.costmodel import BatchCostModel
 from kiln.serve.protocol import Array, InferRequest
@@ -98,6 +105,10 @@ class ServedModel:
         self.tokenizer = tokenizer_for(artifact)
         self.labels = [str(label) for label in artifact.manifest.postprocessing.get("labels") or ()]
         self.batchable = all(s.shape and s.shape[0] == -1 for s in [*engine.inputs, *engine.outputs])
+        # rows of one request run together, as the client sent them; other clients' rows join them only where a
+        # row's output does not depend on its batch-mates (an INT8 dynamic graph's does: its scales are per batch)
+        self.coupled_ops = batch_coupled_ops(artifact.model_path) if self.batchable else []
+        self.merges_requests = self.batchable and not self.coupled_ops
         self.cost = BatchCostModel()
         self.settings = {"instances": instances, "sessions": sessions, "intra_op_threads": threads, **engine.settings}
 

@@ -241,6 +241,14 @@ class ModelRepository:
             per_unit * 1e3,
             "token" if model.is_text else "row",  # a tensor model's rows have length 1
         )
+        if model.coupled_ops:
+            logger.info(
+                "%s version %d: its operators %s make a row's output depend on its batch-mates, so requests run "
+                "one by one, never merged",
+                name,
+                version,
+                ", ".join(model.coupled_ops),
+            )
         return LoadedVersion(model, batcher, metrics, load_s)
 
 
