@@ -236,6 +236,13 @@ def load(path: Path | str, version: int | None = None, *, verify: bool = True) -
             )
         path = path / str(version)
     manifest = _read_manifest(path / MANIFEST_FILE)
+    if version is not None and manifest.version != version and not is_version:  # a version copied by hand, say
+        raise ArtifactError(
+            f'"{path}" holds a {MANIFEST_FILE} of version {manifest.version}, not of version {version}, its '
+            f'directory (copied from another version?); set "version": {version} in it, or remove the directory',
+            path=str(path),
+            version=version,
+        )
     if version is not None and manifest.version != version:
         raise ModelNotFound(
             f'"{path}" holds version {manifest.version}, not version {version}; pass the model directory instead',

@@ -101,6 +101,27 @@ def test_a_broken_new_version_is_a_409_naming_the_file_and_the_old_version_keeps
     assert entry["version"] == "2" and entry["reason"] == payload["error"]
 
 
+def test_a_version_copied_by_hand_whose_manifest_names_another_version_is_a_409(
+    start_server: Callable[..., Any], tiny_artifact: artifacts.Artifact
+) -> None:
+    # `cp -r tiny/1 tiny/2`: the load answered 404 ("pass the model directory instead", a CLI hint) for a model the
+    # index lists, where every other broken version is a 409
+    import shutil
+
+    server = start_server(tiny_artifact.repository, ADMIN_SETTINGS, http=True)
+    copy = shutil.copytree(tiny_artifact.path, tiny_artifact.path.parent / "2")
+
+    code, payload = post(server.http_url, "/v2/repository/models/tiny/load")
+
+    assert code == 409, payload
+    assert payload["error"] == (
+        f'"{copy}" holds a kiln.json of version 1, not of version 2, its directory (copied from another version?); '
+        'set "version": 2 in it, or remove the directory'
+    )
+    assert served_version(server.http_url) == "1"
+    assert index_entry(server.http_url)["reason"] == payload["error"]
+
+
 def test_the_index_shows_why_the_latest_attempt_failed_not_an_older_reason(
     start_server: Callable[..., Any],
     tiny_artifact: artifacts.Artifact,
