@@ -81,13 +81,13 @@ def test_a_deadline_is_judged_by_the_predicted_cost_of_the_queue_ahead(tiny_arti
         feeds = {"input": np.zeros((rows, 4), dtype=np.float32)}
         return Work(rows=rows, key=(("input", (4,)),), length=1, outputs=["probabilities"], feeds=feeds)
 
-    async def outcome(timeout_s: float) -> str:
+    async def outcome(timeout_s: float, ahead: int = 8) -> str:
         batcher = Batcher(model, BatchPolicy(max_batch_size=32), ServerMetrics().for_model("tiny", 1))
-        queued = [asyncio.create_task(batcher.submit(work(8), timeout_s=None)) for _ in range(8)]
+        queued = [asyncio.create_task(batcher.submit(work(8), timeout_s=None)) for _ in range(ahead)]
         await asyncio.sleep(0)  # they join the queue
         late = asyncio.create_task(batcher.submit(work(8), timeout_s=timeout_s))
         await asyncio.sleep(0)
-        result = "queued" if not late.done() else type(late.exception()).__name__
+        result = "queued" if not late.done() else f"{type(late.exception()).__name__}: {late.exception()}"
         for task in [*queued, late]:
             task.cancel()
         await asyncio.gather(*queued, late, return_exceptions=True)
@@ -95,7 +95,14 @@ def test_a_deadline_is_judged_by_the_predicted_cost_of_the_queue_ahead(tiny_arti
 
     # a 30 ms deadline can be met (16.2 ms predicted); a 10 ms one cannot
     assert asyncio.run(outcome(0.030)) == "queued"
-    assert asyncio.run(outcome(0.010)) == "Overloaded"
+    assert asyncio.run(outcome(0.010)) == (
+        "Overloaded: request timeout is 10 ms but the queue ahead of it needs about 14.4 ms and its own compute about "
+        "1.8 ms; retry later or allow a longer timeout"
+    )
+    # with nothing ahead the message blamed "the queue ahead", and 0.1 ms read "0 ms"
+    assert asyncio.run(outcome(0.0001, ahead=0)) == (
+        "Overloaded: request timeout is 0.1 ms but its own compute about 1.8 ms; retry later or allow a longer timeout"
+    )
 
 
 def test_drain_ends_when_the_last_queued_request_was_cancelled(tiny_artifact: artifacts.Artifact) -> None:

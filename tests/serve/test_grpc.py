@@ -481,22 +481,48 @@ def test_limits_rows_and_message_size(
     client.close()
 
 
-def test_overload_is_unavailable_with_retry_advice(
-    tiny_artifact: artifacts.Artifact, repository: Path, start_server: StartServer
-) -> None:
-    server = start_server(repository, ServeSettings(max_queue_rows=4))
-    request = triton_pb2.ModelInferRequest(model_name="tiny")
-    request.inputs.add(name="input", datatype="FP32", shape=[5, 4])
-    request.raw_input_contents.append(rows_of(5).tobytes())
+def test_overload_is_unavailable_with_retry_advice(slow_repo: Path, start_server: StartServer) -> None:
+    import concurrent.futures
+
+    server = start_server(slow_repo, ServeSettings(max_queue_rows=128, max_batch_size=64))
+    request = triton_pb2.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="input", datatype="FP32", shape=[64, 4])
+    request.raw_input_contents.append(rows_of(64).tobytes())
     with grpc.insecure_channel(server.grpc_url) as channel:
         stub = triton_pb2_grpc.GRPCInferenceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(request, timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "accepts at most 4" in info.value.details()
-    trailing = dict(info.value.trailing_metadata())
-    assert trailing["retry-after"] == "1"
-    assert trailing["grpc-retry-pushback-ms"] == "1000"
+
+        def call(_: int) -> grpc.RpcError | None:
+            try:
+                stub.ModelInfer(request, timeout=30)
+            except grpc.RpcError as error:
+                return error
+            return None
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            outcomes = list(pool.map(call, range(24)))
+    refused = [error for error in outcomes if error is not None]
+    assert refused and len(refused) < len(outcomes)
+    for error in refused:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "accepts at most 128" in error.details()
+        trailing = dict(error.trailing_metadata())
+        assert trailing["retry-after"] == "1"
+        assert trailing["grpc-retry-pushback-ms"] == "1000"
+
+
+def test_a_request_larger_than_the_whole_queue_is_told_to_split_not_to_retry(
+    tiny_artifact: artifacts.Artifact, repository: Path, start_server: StartServer
+) -> None:
+    # it was UNAVAILABLE with a retry pushback, so a client retried a request that could never be queued
+    server = start_server(repository, ServeSettings(max_queue_rows=4))
+    client = client_of(server)
+    error = failure(lambda: client.infer("tiny", [tensor(rows_of(5))]))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert (
+        'input "input" has 5 rows; this server accepts at most 4 rows per request; split the request' in error.message()
+    )
+    assert client.infer("tiny", [tensor(rows_of(4))]).as_numpy("probabilities").shape == (4, 3)
+    client.close()
 
 
 def test_timeout_parameter_reaches_the_batcher(

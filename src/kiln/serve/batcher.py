@@ -161,11 +161,12 @@ class Batcher:
         cost_s = self.model.cost.predict(work.rows, work.length)
         if timeout_s is not None:
             deadline = now + timeout_s
-            expected = self._expected_wait_s(now) + cost_s
-            if expected > timeout_s:
+            wait_s = self._expected_wait_s(now)
+            if wait_s + cost_s > timeout_s:
+                ahead = f"the queue ahead of it needs about {wait_s * 1000:.3g} ms and " if wait_s > 0 else ""
                 raise Overloaded(
-                    f"request timeout is {timeout_s * 1000:.0f} ms but the queue ahead of it needs about "
-                    f"{expected * 1000:.0f} ms; retry later or allow a longer timeout",
+                    f"request timeout is {timeout_s * 1000:.3g} ms but {ahead}its own compute about "
+                    f"{cost_s * 1000:.3g} ms; retry later or allow a longer timeout",
                     model=self.model.name,
                     retry_after_s=1,
                     reason="deadline",

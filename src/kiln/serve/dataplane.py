@@ -243,7 +243,8 @@ class DataPlane:
         self._inflight += 1
         metrics.inflight.inc()
         try:
-            max_rows = self.settings.max_rows_per_request
+            # a request larger than the whole queue could never be queued: refused as too large, not "retry later"
+            max_rows = min(self.settings.max_rows_per_request, self.settings.max_queue_rows)
             if loaded.model.slow_to_prepare(request, max_rows=max_rows):  # long texts: tokenize off the event loop
                 work = await asyncio.to_thread(loaded.model.prepare, request, max_rows=max_rows)
             else:
