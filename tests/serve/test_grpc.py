@@ -533,7 +533,7 @@ def test_timeout_parameter_reaches_the_batcher(
     client = client_of(server)
     error = failure(lambda: client.infer("tiny", [tensor(rows_of(2))], timeout=1))
     assert error.status() == "StatusCode.UNAVAILABLE"
-    assert "timeout is 0 ms" in error.message()
+    assert "timeout is 0.001 ms" in error.message()
     assert client.infer("tiny", [tensor(rows_of(2))], timeout=10_000_000).as_numpy("probabilities").shape == (2, 3)
     client.close()
 
