@@ -68,6 +68,10 @@ def test_an_unknown_input_of_a_text_model_is_told_the_token_tensors_it_also_take
     typo = InferRequest(inputs={"input_id": ids}, datatypes={"input_id": "INT64"})
     with pytest.raises(InvalidInput, match='did you mean "input_ids"'):
         minilm.prepare(typo, max_rows=8)
+    # a gRPC request without inputs (HTTP's codec refuses an empty list first) was told input_ids was missing, an
+    # input the model's metadata never lists
+    with pytest.raises(InvalidInput, match=r'^the request has no inputs; model "minilm" needs text$'):
+        minilm.prepare(InferRequest(inputs={}, datatypes={}), max_rows=8)
 
 
 @pytest.mark.slow

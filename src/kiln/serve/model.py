@@ -132,6 +132,10 @@ class ServedModel:
         return work
 
     def _prepare(self, request: InferRequest, outputs: list[str], max_rows: int) -> Work:
+        if not request.inputs:  # the public inputs, not a text model's token tensors, which its metadata never lists
+            raise InvalidInput(
+                f'the request has no inputs; model "{self.name}" needs {", ".join(s.name for s in self.inputs)}'
+            )
         if self.tokenizer is not None and TEXT_INPUT in request.inputs:
             extra = [k for k in request.inputs if k != TEXT_INPUT]
             if extra:
