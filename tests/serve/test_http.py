@@ -95,6 +95,47 @@ def test_infer_json_and_binary_match_numpy(tiny_server: Any, tiny_weights: tuple
         assert result.get_response()["model_version"] == "1"
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_responses_through_tritonclient(
+    tiny_server: Any, tiny_weights: tuple[Array, Array], algorithm: str
+) -> None:
+    client = httpclient.InferenceServerClient(tiny_server.http_url)
+    x = np.random.default_rng(2).normal(size=(7, 4)).astype(np.float32)
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    result = client.infer(
+        "tiny", [tensor], request_compression_algorithm=algorithm, response_compression_algorithm=algorithm
+    )
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected(x, tiny_weights), rtol=1e-5)
+
+
+def test_a_compressed_body_cut_short_or_followed_by_other_bytes_is_a_400(
+    start_server: Callable[..., Any], tiny_artifact: Any
+) -> None:
+    # zlib's stream decoder took both: a gzip body without its checksum, or with bytes after its end, was answered
+    import gzip
+    import zlib
+
+    server = start_server(tiny_artifact.repository, ServeSettings(max_request_bytes=4096), http=True)
+    body = with_fields()
+    packed = gzip.compress(body)
+
+    def send(data: bytes, encoding: str = "gzip") -> tuple[int, Any]:
+        code, _, payload = post(server.http_url, "/v2/models/tiny/infer", data, {"Content-Encoding": encoding})
+        return code, payload
+
+    assert send(packed)[0] == 200
+    assert send(gzip.compress(body[:20]) + gzip.compress(body[20:]))[0] == 200  # two members, as RFC 1952 allows
+    code, payload = send(packed[:-8])  # the CRC-32 and size trailer cut off
+    assert code == 400 and "it ends before the end of its compressed stream" in payload["error"]
+    code, payload = send(packed + b"junk")
+    assert code == 400 and "4 bytes follow the end of its compressed stream" in payload["error"]
+    code, payload = send(zlib.compress(body) + b"\x1f\x8b", "deflate")
+    assert code == 400 and "2 bytes follow" in payload["error"]
+    code, payload = send(gzip.compress(b" " * 100_000))  # 100 kB of JSON whitespace from 130 bytes on the wire
+    assert code == 413 and "decompressed request body exceeds 4096 bytes" in payload["error"]
+
+
 LABELS = ["setosa", "versicolor", "virginica"]
 
 

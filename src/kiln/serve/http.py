@@ -117,16 +117,43 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "").lower()
     if encoding in ("gzip", "deflate"):
-        try:
-            inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-            body = inflater.decompress(body, limit + 1)
-        except zlib.error as exc:
-            raise InvalidInput(f"request body is not valid {encoding} data ({exc}); send it uncompressed") from None
-        if len(body) > limit:
-            raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes; split the request", limit=limit)
+        body = _inflate(body, encoding, limit)
     elif encoding not in ("", "identity"):
         raise InvalidInput(f'Content-Encoding "{encoding}" is not supported; use gzip, deflate or none')
     return body
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip (one or more members, as RFC 1952 allows) or zlib-wrapped deflate body, whole and checked.
+
+    zlib's stream decoder takes a body cut short before its checksum, and ignores bytes after its end; both are
+    refused, since the JSON that remains may parse and be answered as if it were what the client sent.
+    """
+    out: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidInput(f"request body is not valid {encoding} data ({exc}); send it uncompressed") from None
+        out.append(part)
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes; split the request", limit=limit)
+        if not inflater.eof:
+            raise InvalidInput(
+                f"request body is not valid {encoding} data (it ends before the end of its compressed stream); "
+                "send the whole body, or send it uncompressed"
+            )
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(out)
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            raise InvalidInput(
+                f"request body is not valid {encoding} data ({len(rest)} bytes follow the end of its compressed "
+                "stream); send only the compressed body, or send it uncompressed"
+            )
 
 
 async def _repository_parameters(request: Request, settings: ServeSettings) -> list[str]:
