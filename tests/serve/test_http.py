@@ -274,6 +274,12 @@ def test_unknown_model_version_and_route_are_404s_with_suggestions(tiny_server: 
     assert code == 404 and "no loaded version 9" in payload["error"]
     code, _, payload = post(tiny_server.http_url, "/v2/modles/tiny/infer", body)
     assert code == 404 and "no route" in payload["error"]
+    # a trailing slash was a 307 with an empty body, to a Location built from the client's Host header
+    code, headers, payload = post(tiny_server.http_url, "/v2/models/tiny/infer/", body, {"Host": "elsewhere.example"})
+    assert code == 404 and "location" not in {k.lower() for k in headers}
+    assert (
+        payload["error"] == "no route for POST /v2/models/tiny/infer/; drop the trailing slash (/v2/models/tiny/infer)"
+    )
 
 
 def test_binary_header_errors_and_oversized_bodies(start_server: Callable[..., Any], tiny_artifact: Any) -> None:

@@ -369,21 +369,25 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
         Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={KilnError: kiln_error, Exception: internal_error, 404: _not_found, 405: _bad_method},
     )
+    # a trailing slash got a 307 with an empty body to a Location built from the client's Host header; a 404
+    # that says what to drop serves an API client better, and the server never sends a client elsewhere
+    app.router.redirect_slashes = False
+    return app
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return _json(
-        {
-            "error": f"no route for {request.method} {request.url.path}; see the KServe V2 protocol (e.g. POST "
-            "/v2/models/{model}/infer)"
-        },
-        404,
+    path = request.url.path
+    fix = (
+        f"drop the trailing slash ({path.rstrip('/')})"
+        if len(path) > 1 and path.endswith("/")
+        else ("see the KServe V2 protocol (e.g. POST /v2/models/{model}/infer)")
     )
+    return _json({"error": f"no route for {request.method} {path}; {fix}"}, 404)
 
 
 async def _bad_method(request: Request, exc: Exception) -> Response:
