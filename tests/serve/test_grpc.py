@@ -231,6 +231,30 @@ def test_model_config_is_the_data_planes_in_tritons_message(tiny_server: Running
     client.close()
 
 
+def test_a_tensor_of_the_batch_axis_alone_is_dims_1_reshaped_to_nothing_as_triton_writes_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    # a scikit-learn classifier's label output is [-1]: the config said dims [1] alone, which Triton reads as
+    # [-1, 1], against the metadata's [-1]
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from kiln.export import export
+
+    x, y = load_iris(return_X_y=True)
+    export(LogisticRegression(max_iter=500).fit(x, y), out=tmp_path, name="iris", example_inputs=x[:8])
+    client = client_of(start_server(tmp_path, ServeSettings()))
+    assert [(o.name, o.shape) for o in client.get_model_metadata("iris").outputs] == [
+        ("label", [-1]),
+        ("probabilities", [-1, 3]),
+    ]
+    outputs = {o.name: o for o in client.get_model_config("iris").config.output}
+    assert list(outputs["label"].dims) == [1] and outputs["label"].HasField("reshape")
+    assert list(outputs["label"].reshape.shape) == []
+    assert list(outputs["probabilities"].dims) == [3] and not outputs["probabilities"].HasField("reshape")
+    client.close()
+
+
 def test_statistics_count_rows_and_batches(tiny_server: RunningServer) -> None:
     client = client_of(tiny_server)
     before = client.get_inference_statistics("tiny").model_stats[0]

@@ -26,6 +26,7 @@ from kiln.serve.batcher import BatchPolicy
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.protocol import InferRequest, InferResponse
 from kiln.serve.repository import LoadedVersion, ModelRepository
+from kiln.types import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,11 @@ class DataPlane:
         model = loaded.model
         batched = model.batchable and self.policy.max_batch_size > 0
 
-        def dims(shape: tuple[int, ...]) -> list[int]:
-            return list(shape[1:] if batched else shape) or [1]
+        def tensor(spec: TensorSpec) -> dict[str, Any]:
+            shape = spec.shape[1:] if batched else spec.shape
+            entry: dict[str, Any] = {"name": spec.name, "data_type": artifacts.V2_TO_TRITON[spec.dtype]}
+            # Triton's form for a tensor of the batch axis alone: dims [1] reshaped to [], so [-1] and not [-1, 1]
+            return entry | ({"dims": list(shape)} if shape else {"dims": [1], "reshape": {"shape": []}})
 
         config: dict[str, Any] = {
             "name": name,
@@ -145,14 +149,8 @@ class DataPlane:
             "backend": "onnxruntime",
             "version_policy": {"latest": {"num_versions": self.repository.latest_versions}},
             "max_batch_size": self.policy.max_batch_size if batched else 0,
-            "input": [
-                {"name": s.name, "data_type": artifacts.V2_TO_TRITON[s.dtype], "dims": dims(s.shape)}
-                for s in model.inputs
-            ],
-            "output": [
-                {"name": s.name, "data_type": artifacts.V2_TO_TRITON[s.dtype], "dims": dims(s.shape)}
-                for s in model.outputs
-            ],
+            "input": [tensor(s) for s in model.inputs],
+            "output": [tensor(s) for s in model.outputs],
             "instance_group": [{"name": name, "kind": "KIND_CPU", "count": len(model.engines)}],
             "parameters": {
                 "kiln_settings": {"string_value": orjson.dumps(_public_settings(self.settings)).decode()},
