@@ -78,7 +78,8 @@ def class_names(model: Any, labels: Sequence[str] | None, heldout: np.ndarray[An
             return [str(labels[v]) for v in values]
         raise InvalidInput(
             f"{len(labels)} labels ({', '.join(map(repr, list(labels)[:3]))} ...) name class ids 0..{len(labels) - 1}, "
-            f"but {type(model).__name__} was fitted on the classes {shown}, which name themselves; leave labels out",
+            f"but {type(model).__name__} was fitted on the classes {shown}, "
+            f"{'which they do not all index' if ids else 'which name themselves'}; leave labels out",
             classes=values[:20],
         )
     return None if ids and values == list(range(len(values))) else [str(v) for v in values]
