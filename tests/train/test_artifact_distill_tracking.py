@@ -149,6 +149,31 @@ def test_a_scikit_learn_teacher_artifact_gives_log_probabilities(tmp_path: Path)
     np.testing.assert_allclose(torch.softmax(logits, dim=1).numpy(), expected, atol=1e-4)
 
 
+def test_a_teacher_is_matched_to_the_students_classes_by_name(tmp_path: Path) -> None:
+    # only the width was checked: a teacher of classes "-1", "7" taught a student of "0", "1" its class 0 as 1
+    from sklearn.linear_model import LogisticRegression
+
+    from kiln.data import bundled_dataset
+    from kiln.errors import InvalidInput
+    from kiln.export import export
+
+    data = bundled_dataset("iris")
+    names = np.array(["setosa", "versicolor", "virginica"])
+    clf = LogisticRegression(max_iter=500).fit(data.x_train, names[data.y_train])
+    art = export(clf, out=tmp_path, name="iris-lr", example_inputs=data.x_test)
+    assert art.manifest.postprocessing["labels"] == ["setosa", "versicolor", "virginica"]
+    expected = clf.predict_proba(data.x_test)
+    student = ["virginica", "setosa", "versicolor"]  # the same classes in another order: columns follow the student
+    logits = teacher_logits(str(art.path), data.x_test, 3, student)
+    np.testing.assert_allclose(torch.softmax(logits, dim=1).numpy(), expected[:, [2, 0, 1]], atol=1e-4)
+    with pytest.raises(
+        InvalidInput,
+        match=r"classifies 'setosa', 'versicolor', 'virginica', but the student's data "
+        r"holds the classes '0', '1', '2'; the teacher must classify the same classes, by name",
+    ):
+        teacher_logits(str(art.path), data.x_test, 3, ["0", "1", "2"])
+
+
 def test_a_teacher_that_takes_other_features_is_refused_with_both_shapes(tmp_path: Path) -> None:
     """An iris teacher (4 features) for a wine student (13 features, also 3 classes), as an artifact and in torch.
 

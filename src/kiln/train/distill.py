@@ -7,6 +7,7 @@ then costs no teacher forward pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ _PROBABILITY_TOLERANCE = 1e-3
 _BATCH_ROWS = 512
 
 
-def teacher_logits(teacher: str | nn.Module, x: np.ndarray[Any, Any], num_classes: int) -> torch.Tensor:
-    """The teacher's logits ``[N, num_classes]`` for features ``x``.
+def teacher_logits(
+    teacher: str | nn.Module, x: np.ndarray[Any, Any], num_classes: int, labels: Sequence[str] = ()
+) -> torch.Tensor:
+    """The teacher's logits ``[N, num_classes]`` for features ``x``, in the order of the student's ``labels``.
 
     ``teacher`` is a torch module, a Kiln artifact directory (model or version directory), or a
     ``package.module:factory``. An artifact that outputs probabilities (e.g. a scikit-learn classifier) gives
-    their logarithm, which is a valid logit vector (softmax of log-probabilities is the probabilities).
+    their logarithm, which is a valid logit vector (softmax of log-probabilities is the probabilities). An
+    artifact that names its classes must name the student's: in another order, its columns are reordered.
     """
     if isinstance(teacher, nn.Module):
         return _torch_logits(teacher, x, num_classes, type(teacher).__name__)
@@ -53,7 +57,25 @@ def teacher_logits(teacher: str | nn.Module, x: np.ndarray[Any, Any], num_classe
     values = torch.from_numpy(np.concatenate(parts).astype(np.float32))
     if _looks_like_probabilities(values):
         values = values.clamp_min(1e-12).log()
-    return values
+    order = _student_order(str(teacher), art.manifest.postprocessing.get("labels") or [], labels)
+    return values if order is None else values[:, order]
+
+
+def _student_order(teacher: str, names: Sequence[Any], labels: Sequence[str]) -> list[int] | None:
+    """The teacher's column for each of the student's classes, matched by name; None: as they are (where either
+    has no names, or they agree)."""
+    theirs, ours = [str(n) for n in names], [str(label) for label in labels]
+    if not theirs or not ours or theirs == ours:
+        return None
+    if sorted(theirs) != sorted(ours):
+        shown = ", ".join(map(repr, theirs[:6])), ", ".join(map(repr, ours[:6]))
+        raise InvalidInput(
+            f'teacher "{teacher}" classifies {shown[0]}{" ..." if len(theirs) > 6 else ""}, but the student\'s data '
+            f"holds the classes {shown[1]}{' ...' if len(ours) > 6 else ''}; the teacher must classify the same "
+            "classes, by name: train it on this data's labels",
+            teacher=teacher,
+        )
+    return [theirs.index(label) for label in ours]
 
 
 def _check_teacher_input(teacher: str, engine: OrtEngine, features: int) -> None:

@@ -89,8 +89,8 @@ def _tabular(settings: TrainSettings, export_settings: ExportSettings | None) ->
     if settings.teacher:
         if data.task != "classification":
             raise ConfigError(f'distillation needs a classification task; "{data.name}" is {data.task}')
-        tensors["teacher"] = teacher_logits(settings.teacher, data.x_train, data.num_outputs)
-        test_logits = teacher_logits(settings.teacher, data.x_test, data.num_outputs)
+        tensors["teacher"] = teacher_logits(settings.teacher, data.x_train, data.num_outputs, data.labels)
+        test_logits = teacher_logits(settings.teacher, data.x_test, data.num_outputs, data.labels)
         extra["teacher_test_accuracy"] = float((test_logits.argmax(1).numpy() == data.y_test).mean())
     return Workload(
         model=model,
