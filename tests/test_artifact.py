@@ -228,6 +228,23 @@ def test_config_pbtxt_parses_as_triton_model_config(repository: Path, tiny_artif
     assert [list(o.dims) for o in config.output] == [[3]]
 
 
+def test_a_tensor_of_the_batch_axis_alone_is_reshaped_to_nothing_so_triton_loads_the_config() -> None:
+    # a classifier's label [-1] was written as dims [ 1 ] alone, which Triton reads as [-1, 1] and refuses
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    signature = Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 3))),
+    )
+    text = artifacts.triton_config(artifacts.Manifest(name="iris", signature=signature), max_batch_size=64)
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    label, probabilities = config.output
+    assert (list(label.dims), label.HasField("reshape"), list(label.reshape.shape)) == ([1], True, [])
+    assert (list(probabilities.dims), probabilities.HasField("reshape")) == ([3], False)
+    assert not config.input[0].HasField("reshape")
+
+
 def _triton_model_config_subset() -> type:
     """The part of Triton's ``ModelConfig`` proto that Kiln writes (field names and types as in
     ``model_config.proto``), so the text-format check runs even where tritonclient is not installed."""

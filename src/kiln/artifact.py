@@ -387,6 +387,16 @@ def write(
     return load(final)
 
 
+def triton_dims(shape: tuple[int, ...], batched: bool) -> dict[str, Any]:
+    """A tensor's ``dims`` in a Triton model config, without the batch axis when ``batched``.
+
+    A tensor of the batch axis alone (a classifier's label, a text input) is ``dims: [1]`` reshaped to ``[]``, as
+    Triton writes it: ``dims: [1]`` alone reads as ``[-1, 1]``, and Triton refuses the model for the mismatch.
+    """
+    dims = list(shape[1:] if batched else shape)
+    return {"dims": dims} if dims else {"dims": [1], "reshape": {"shape": []}}
+
+
 def triton_config(manifest: Manifest, max_batch_size: int) -> str:
     """A Triton ``config.pbtxt`` for the ONNX Runtime backend.
 
@@ -401,10 +411,11 @@ def triton_config(manifest: Manifest, max_batch_size: int) -> str:
         lines = [f"{kind} ["]
         entries = []
         for spec in specs:
-            dims = list(spec.shape[1:] if batched else spec.shape) or [1]
+            dims = triton_dims(spec.shape, batched)
+            reshape = "\n    reshape: { shape: [ ] }" if "reshape" in dims else ""
             entries.append(
                 f'  {{\n    name: "{spec.name}"\n    data_type: {V2_TO_TRITON[spec.dtype]}\n'
-                f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
+                f"    dims: [ {', '.join(str(d) for d in dims['dims'])} ]{reshape}\n  }}"
             )
         lines.append(",\n".join(entries))
         lines.append("]")

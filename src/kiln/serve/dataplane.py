@@ -138,10 +138,8 @@ class DataPlane:
         batched = model.batchable and self.policy.max_batch_size > 0
 
         def tensor(spec: TensorSpec) -> dict[str, Any]:
-            shape = spec.shape[1:] if batched else spec.shape
-            entry: dict[str, Any] = {"name": spec.name, "data_type": artifacts.V2_TO_TRITON[spec.dtype]}
-            # Triton's form for a tensor of the batch axis alone: dims [1] reshaped to [], so [-1] and not [-1, 1]
-            return entry | ({"dims": list(shape)} if shape else {"dims": [1], "reshape": {"shape": []}})
+            entry = {"name": spec.name, "data_type": artifacts.V2_TO_TRITON[spec.dtype]}
+            return entry | artifacts.triton_dims(spec.shape, batched)
 
         config: dict[str, Any] = {
             "name": name,
