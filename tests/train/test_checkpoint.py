@@ -115,6 +115,18 @@ def test_resume_refuses_settings_that_change_the_run(make_settings: Callable[...
         train(make_settings(max_steps=4, weight_decay=0.01, resume="latest"))
 
 
+def test_resuming_a_finished_run_with_no_steps_left_writes_nothing(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    # it exported a new version whose kiln.json held final_loss NaN, which is not JSON
+    train(make_settings(export=True))
+    for epochs in (2, 1):
+        with pytest.raises(ConfigError, match=r"already trained 8 steps, and epochs = \d leaves none to train; raise"):
+            train(make_settings(export=True, epochs=epochs, resume="latest"))
+    assert sorted(p.name for p in (tmp_path / "repo" / "iris").iterdir()) == ["1", "config.pbtxt"]
+    assert train(make_settings(export=True, epochs=3, schedule="constant", resume="latest")).steps == 12
+
+
 def test_resume_in_process_continues_exactly(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
     """Stop at step 7 (mid-epoch), resume to 12: the same weights as 12 steps in one go (dropout on)."""
     common = {"dataset": "digits", "batch_size": 64, "dropout": 0.3, "checkpoint_every": 0}

@@ -172,6 +172,15 @@ def train(
         tracker.finish("KILLED")
         raise
 
+    if resumed_from is not None and trainer.step == resumed_step and fresh_sampler is None:
+        tracker.finish("FINISHED")  # it was: the run ended before this resume
+        raise ConfigError(
+            f'the run in "{settings.checkpoint_path}" already trained {resumed_step} steps, and epochs = '
+            f"{settings.epochs}{f' (max_steps = {settings.max_steps})' if settings.max_steps else ''} leaves none "
+            "to train; raise epochs or max_steps to train it further, or set prune_ratio to prune it (nothing was "
+            "written)",
+            step=resumed_step,
+        )
     final_model = trainer.trained_model()
     metrics = work.evaluate(final_model) | work.extra_metrics
     steps, pruning = trainer.step, None
