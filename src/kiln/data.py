@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import InvalidInput, did_you_mean
+from kiln.errors import ConfigError, InvalidInput, did_you_mean
 
 _MIN_PARAGRAPH_CHARS = 20
 
@@ -88,10 +88,36 @@ _BUNDLED = {
 }
 
 
+def split_rows(
+    rows: int, test_fraction: float, seed: int, stratify: np.ndarray[Any, Any] | None = None, *, least: int = 1
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Train and held-out row indices: scikit-learn's ``train_test_split`` of ``range(rows)``, stratified by the
+    class ids ``stratify``, with at least ``least`` rows on each side (and a row of each class held out).
+
+    Raises:
+        ConfigError: ``test_fraction`` leaves a side too small; scikit-learn's own errors came through as crashes.
+    """
+    from sklearn.model_selection import train_test_split
+
+    held_out = int(np.ceil(test_fraction * rows))  # as train_test_split rounds a fraction
+    classes = 0 if stratify is None else len(np.unique(stratify))
+    if min(held_out, rows - held_out) < least or held_out < classes:
+        need = f"at least {least} row{'s' if least > 1 else ''} on each side" + (
+            f" and one of each of the {classes} classes held out" if classes else ""
+        )
+        raise ConfigError(
+            f"test_fraction {test_fraction:g} of {rows} rows holds out {held_out} and trains on {rows - held_out}; "
+            f"the split needs {need}: change test_fraction (e.g. 0.25) or add rows",
+            setting="test_fraction",
+            value=test_fraction,
+        )
+    train, test = train_test_split(np.arange(rows), test_size=test_fraction, random_state=seed, stratify=stratify)
+    return train, test
+
+
 def bundled_dataset(name: str, *, test_fraction: float = 0.25, seed: int = 0) -> TabularData:
     """Load a dataset that scikit-learn ships, as float32 features, with a stratified held-out split."""
     import sklearn.datasets
-    from sklearn.model_selection import train_test_split
 
     if name not in _BUNDLED:
         raise InvalidInput(
@@ -103,9 +129,8 @@ def bundled_dataset(name: str, *, test_fraction: float = 0.25, seed: int = 0) ->
     x = np.asarray(bunch.data, dtype=np.float32)
     y = np.asarray(bunch.target)
     y = y.astype(np.int64) if task == "classification" else y.astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y if task == "classification" else None
-    )
+    train, test = split_rows(len(x), test_fraction, seed, y if task == "classification" else None)
+    x_train, x_test, y_train, y_test = x[train], x[test], y[train], y[test]
     names = tuple(str(n) for n in getattr(bunch, "target_names", ())) if task == "classification" else ()
     return TabularData(name, x_train, y_train, x_test, y_test, task, names)
 

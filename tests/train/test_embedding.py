@@ -79,7 +79,7 @@ def test_too_few_pairs_are_refused(make_settings: Callable[..., TrainSettings], 
 
 def test_a_held_out_split_of_one_pair_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "p.jsonl", [{"anchor": f"a{i}", "positive": f"p{i}"} for i in range(MIN_PAIRS)])
-    with pytest.raises(InvalidInput, match=r"leaves 7 to train on and 1 held out; each needs at least 2"):
+    with pytest.raises(ConfigError, match=r"of 8 rows holds out 1 and trains on 7; the split needs at least 2 rows on"):
         load_pairs(str(path), "anchor", "positive", 0.1, 0)
 
 

@@ -167,6 +167,24 @@ def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..
         train(make_settings(dataset="digit"))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [  # each passed validation, then crashed as an internal error (scikit-learn's, NumPy's or torch's)
+        ({"test_fraction": 0.999}, r"test_fraction 0.999 of 150 rows holds out 150 and trains on 0; the split needs"),
+        ({"test_fraction": 0.001}, r"holds out 1 and trains on 149; .* and one of each of the 3 classes held out"),
+        ({"weight_decay": -1.0}, r"weight_decay is -1; it must be >= 0"),
+        ({"optimizer": "sgd", "momentum": -1.0}, r"momentum is -1; it must be in \[0, 1\)"),
+        ({"seed": -1}, r"seed is -1; it must be in 0..4294967295"),
+        ({"seed": 2**32}, r"seed is 4294967296; it must be in 0..4294967295"),
+    ],
+)
+def test_settings_out_of_range_are_config_errors_not_crashes(
+    make_settings: Callable[..., TrainSettings], overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train(make_settings(**overrides))
+
+
 def test_a_feature_constant_in_training_keeps_unit_scale_on_new_rows() -> None:
     # digits: pixel 24 is 0 in every training image and 1 in some test ones; divided by a floored std of 1e-6 it
     # became 1e6 (the float model got those rows wrong, static INT8's ranges blew up to chance accuracy)

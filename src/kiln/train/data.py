@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.data import bundled_dataset
+from kiln.data import bundled_dataset, split_rows
 from kiln.errors import InvalidInput, did_you_mean
 
 Array = np.ndarray[Any, Any]
@@ -213,12 +213,9 @@ def _from_rows(
             path=str(path),
             column=target,
         )
-    from sklearn.model_selection import train_test_split
-
     stratify = y if task == "classification" and np.bincount(y).min() >= 2 else None
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=stratify
-    )
+    train, test = split_rows(len(x), test_fraction, seed, stratify)
+    x_train, x_test, y_train, y_test = x[train], x[test], y[train], y[test]
     return TrainData(path.stem, task, x_train, y_train, x_test, y_test, tuple(chosen), labels)
 
 

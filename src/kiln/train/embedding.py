@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.data import split_rows
 from kiln.errors import InvalidInput
 from kiln.train.accumulate import Batch
 from kiln.train.settings import PAIR_DATASETS
@@ -116,14 +116,7 @@ def load_pairs(dataset: str, anchor_column: str, positive_column: str, test_frac
                 repeated,
                 column,
             )
-    from sklearn.model_selection import train_test_split
-
-    index_train, index_test = train_test_split(np.arange(len(pairs)), test_size=test_fraction, random_state=seed)
-    if len(index_test) < 2 or len(index_train) < 2:
-        raise InvalidInput(
-            f"test_fraction {test_fraction:g} of {len(pairs)} pairs leaves {len(index_train)} to train on and "
-            f"{len(index_test)} held out; each needs at least 2: change test_fraction or add pairs"
-        )
+    index_train, index_test = split_rows(len(pairs), test_fraction, seed, least=2)  # a pair's negatives: the others
     return PairData(
         name,
         [pairs[i][0] for i in index_train],

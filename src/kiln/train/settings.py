@@ -196,6 +196,12 @@ class TrainSettings:
             raise ConfigError("epochs and max_steps are both 0; set epochs (e.g. 5) or max_steps (e.g. 500)")
         if self.lr <= 0:
             raise ConfigError(f"lr is {self.lr:g}; it must be > 0, e.g. 1e-3", setting="lr", value=self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay is {self.weight_decay:g}; it must be >= 0, e.g. 0.01")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum is {self.momentum:g}; it must be in [0, 1), e.g. 0.9")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed is {self.seed}; it must be in 0..{2**32 - 1} (NumPy's and scikit-learn's range)")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test_fraction is {self.test_fraction:g}; it must be in (0, 1), e.g. 0.25")
         if not 0.0 <= self.dropout < 1.0:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln.data import split_rows
 from kiln.errors import InvalidInput, KilnError, ModelNotFound, did_you_mean
 from kiln.train.accumulate import Batch
 from kiln.train.data import read_utf8
@@ -111,12 +112,8 @@ def load_jsonl(path: Path, text_column: str, target: str, test_fraction: float, 
             key=target,
         )
     y = np.asarray([labels.index(v) for v in raw_labels], dtype=np.int64)
-    from sklearn.model_selection import train_test_split
-
     stratify = y if np.bincount(y).min() >= 2 else None
-    index_train, index_test = train_test_split(
-        np.arange(len(texts)), test_size=test_fraction, random_state=seed, stratify=stratify
-    )
+    index_train, index_test = split_rows(len(texts), test_fraction, seed, stratify)
     return TextData(
         path.stem,
         [texts[i] for i in index_train],
