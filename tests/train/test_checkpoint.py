@@ -189,6 +189,27 @@ def test_resume_from_a_file_when_the_pointer_is_corrupt(
     assert Checkpointer(tmp_path / "ckpt").load()["step"] == 6
 
 
+def test_a_branch_from_an_earlier_checkpoint_with_another_lr_does_not_overwrite_the_later_ones(
+    make_settings: Callable[..., TrainSettings], tmp_path: Path
+) -> None:
+    # the branch's step 4 replaced the run's own step-00000004.pt, without a word
+    from kiln._utils import sha256_file
+
+    train(make_settings(max_steps=4, checkpoint_every=2))
+    later = tmp_path / "ckpt" / "step-00000004.pt"
+    before = sha256_file(later)
+    earlier = str(tmp_path / "ckpt" / "step-00000002.pt")
+    with pytest.raises(
+        CheckpointError,
+        match=r"after step 2, the one resumed \(step-00000004.pt\), and a resume with "
+        r"another lr would overwrite them .* another checkpoint_dir, or move them aside",
+    ):
+        train(make_settings(max_steps=4, checkpoint_every=2, lr=1e-4, resume=earlier))
+    branch = train(make_settings(max_steps=4, lr=1e-4, resume=earlier, checkpoint_dir=str(tmp_path / "branch")))
+    assert branch.resumed_from_step == 2 and sha256_file(later) == before
+    assert Checkpointer(tmp_path / "branch").load()["step"] == 4
+
+
 def test_a_stop_after_resuming_an_earlier_checkpoint_writes_its_steps(
     make_settings: Callable[..., TrainSettings], tmp_path: Path
 ) -> None:

@@ -135,6 +135,15 @@ class Checkpointer:
             if old.name != keep_name:
                 old.unlink(missing_ok=True)
 
+    def later_than(self, step: int) -> list[Path]:
+        """The checkpoints of this directory after ``step``, oldest first."""
+        found = []
+        for path in sorted(self.directory.glob("step-*.pt")):
+            number = path.stem.removeprefix("step-")
+            if number.isdigit() and int(number) > step:
+                found.append(path)
+        return found
+
     def latest(self) -> SavedCheckpoint | None:
         """The checkpoint ``latest.json`` points at, or ``None`` when the directory holds none."""
         pointer_path = self.directory / POINTER

@@ -295,6 +295,17 @@ def _resume(
             changed=changed,
         )
     check_schedule_length(state.get("settings", {}), settings_dict(settings))
+    saved, current = state.get("settings", {}), settings_dict(settings)
+    branched = [k for k in ("lr", "warmup_steps") if k in saved and saved[k] != current[k]]
+    later = checkpointer.later_than(int(state.get("step", 0))) if branched else []
+    if later:  # same names, other weights: an exact resume rewrites them as they were, a branch would lose them
+        raise CheckpointError(
+            f'"{checkpointer.directory}" holds checkpoints after step {state.get("step")}, the one resumed '
+            f"({', '.join(p.name for p in later)}), and a resume with another {' and '.join(branched)} would "
+            "overwrite them with a different run; write it into another checkpoint_dir, or move them aside "
+            "(nothing was overwritten)",
+            path=str(checkpointer.directory),
+        )
     trainer.load_state_dict(state)  # rank 0's RNG states, on every rank
     rank = trainer.accelerator.process_index
     if rank:
