@@ -171,6 +171,13 @@ def test_held_out_data_with_a_scalar_array_is_invalid_input(tmp_path: Path) -> N
         data.load_eval_npz(tmp_path / "labels.npz", ["input"])
 
 
+def test_held_out_data_with_nan_rows_is_invalid_input(tmp_path: Path) -> None:
+    # the accuracy guard scored NaN and told the user to loosen --max-accuracy-drop
+    np.savez(tmp_path / "nan.npz", input=np.full((3, 2), np.nan, np.float32))
+    with pytest.raises(InvalidInput, match=r'array "input" holds NaN or infinite values; hold out real, finite rows'):
+        data.load_eval_npz(tmp_path / "nan.npz", ["input"])
+
+
 def test_topic_paragraphs_are_real_text_labelled_by_their_group() -> None:
     from kiln.data import topic_paragraphs
 

@@ -233,6 +233,13 @@ def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
             "same number of rows, at least one",
             path=str(path),
         )
+    unfinite = sorted(k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
+    if unfinite:  # the guard would score NaN and blame the accuracy budget
+        raise InvalidInput(
+            f'held-out data file "{path}", array "{unfinite[0]}" holds NaN or infinite values; hold out real, finite '
+            "rows (drop or fill those)",
+            path=str(path),
+        )
     return EvalSet(feeds=arrays, labels=labels)
 
 

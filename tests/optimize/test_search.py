@@ -162,6 +162,20 @@ def test_calibration_of_another_dtype_kind_names_the_input_and_both_dtypes(digit
         optimize(digits_mlp, settings=settings, calibration=wrong)
 
 
+def test_calibration_with_an_array_the_model_does_not_take_or_nan_rows_is_a_calibration_error(
+    digits_mlp: artifacts.Artifact,
+) -> None:
+    # both were read as "does not apply to this graph" (ORT's "Invalid input name" and "scale issue")
+    settings = OptimizeSettings(recipes=("int8-static-minmax",), **QUICK)  # type: ignore[arg-type]
+    rows = np.zeros((4, 64), dtype=np.float32)
+    with pytest.raises(
+        CalibrationError, match=r'has an array "other", which is not an input of the model \(its inputs'
+    ):
+        optimize(digits_mlp, settings=settings, calibration=[{"input": rows, "other": rows}])
+    with pytest.raises(CalibrationError, match=r'"input" holds NaN or infinite values; calibrate on real, finite'):
+        optimize(digits_mlp, settings=settings, calibration=[{"input": np.full((4, 64), np.nan, np.float32)}])
+
+
 def _unlabelled_mlp(tmp_path: Path, rows: int) -> artifacts.Artifact:
     """A torch MLP exported with ``rows`` held-out rows and no labels (the guard compares outputs, not accuracy)."""
     import torch

@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
+
 from kiln.errors import CalibrationError, KilnError
 from kiln.types import Feeds, Signature
 
@@ -114,6 +116,14 @@ def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> list
     conformed: list[Feeds] = []
     for number, feeds in enumerate(batches):
         batch = dict(feeds)
+        extra = [name for name in feeds if name not in signature.input_names]
+        if extra:  # ONNX Runtime's calibrator fails on it as "Invalid input name", read as "does not apply"
+            raise CalibrationError(
+                f'calibration batch {number} has an array "{extra[0]}", which is not an input of the model (its '
+                f"inputs: {', '.join(signature.input_names)}); name one array after each input, and nothing else",
+                batch=number,
+                input=extra[0],
+            )
         for spec in signature.inputs:
             if spec.name not in feeds:
                 raise CalibrationError(
@@ -133,6 +143,13 @@ def validate_calibration(batches: Sequence[Feeds], signature: Signature) -> list
                     actual=list(array.shape),
                 )
             batch[spec.name] = _as_input_dtype(array, spec.numpy_dtype, number, spec.name)
+            if batch[spec.name].dtype.kind == "f" and not np.isfinite(batch[spec.name]).all():
+                raise CalibrationError(  # the activation ranges would be NaN: ORT says "scale issue"
+                    f'calibration batch {number}, input "{spec.name}" holds NaN or infinite values; calibrate on '
+                    "real, finite inputs (drop or fill those rows)",
+                    batch=number,
+                    input=spec.name,
+                )
         conformed.append(batch)
     return conformed
 
