@@ -28,7 +28,7 @@ from kiln.types import Signature, TensorSpec
 from tests.helpers import kiln, serving
 
 FAST = LoadSettings(rates=(20.0,), duration_s=0.3, max_requests=4, warmup_requests=1, cooldown_s=0.0)
-MAX_ROWS, MAX_QUEUE_ROWS = 8, 4  # a request of 5-8 rows is over the queue's bound (503), of 9 over the rows' (400)
+MAX_ROWS = 8  # a request of 9 rows is over the server's bound (400)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def kiln_serve(repo: Path, *extra: str) -> Iterator[Served]:
     http_port, grpc_port = free_ports(2)
     command = [
         sys.executable, "-m", "kiln", "serve", str(repo), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--instances", "1", "--max-rows-per-request", str(MAX_ROWS), "--max-queue-rows", str(MAX_QUEUE_ROWS), *extra,
+        "--instances", "1", "--max-rows-per-request", str(MAX_ROWS), *extra,
     ]  # fmt: skip
     url = f"http://127.0.0.1:{http_port}"
     with serving(command, url):
@@ -113,10 +113,19 @@ def test_too_many_rows_names_the_flag_to_lower(served: Served) -> None:
     assert "disagree)" in str(info.value)  # the other cause is named as a possibility only
 
 
-def test_a_first_request_the_server_fails_is_not_called_a_client_mistake(served: Served) -> None:
-    settings = LoadSettings(rates=(20.0,), duration_s=0.3, rows_per_request=MAX_QUEUE_ROWS + 1, warmup_requests=0)
-    with pytest.raises(KilnError, match=r"answered 503 to the first request.*overloaded, not ready or failing") as info:
-        load_test(served.url, "tiny", settings=settings)
+def test_a_first_request_the_server_fails_is_not_called_a_client_mistake(tmp_path: Path) -> None:
+    # a server whose every deadline is 1 µs answers 503 to every request (it was a request over the queue's bound,
+    # which is now a 400 that says to split it)
+    repo = tmp_path / "repo"
+    write_repository(repo)
+    config = tmp_path / "serve.toml"
+    config.write_text("[serve]\ndefault_timeout_ms = 0.001\n", encoding="utf-8")
+    settings = LoadSettings(rates=(20.0,), duration_s=0.3, warmup_requests=0)
+    with (
+        kiln_serve(repo, "--config", str(config)) as server,
+        pytest.raises(KilnError, match=r"answered 503 to the first request.*overloaded, not ready or failing") as info,
+    ):
+        load_test(server.url, "tiny", settings=settings)
     assert not isinstance(info.value, InvalidInput)
     assert "metadata disagree" not in str(info.value)
 
