@@ -119,6 +119,19 @@ def test_a_step_ends_at_its_request_bound_before_its_duration(tiny_client: LoadC
     assert step.offered_rps == pytest.approx(25 / last_arrival)
 
 
+def test_a_burst_offered_at_an_absurd_rate_does_not_hold_that_rate(tiny_client: LoadClient) -> None:
+    # 50 requests "at 10^9/s" were answered within the P99 bar, and the summary named 10^9 requests/s as held
+    import dataclasses
+
+    step = tiny_client.open_loop(1e9, duration_s=10.0, max_requests=50)
+    assert step.ok == 50 and step.p99_ms is not None and step.p99_ms < 200
+    assert step.achieved_rps < 1e-3 * step.offered_rps
+    assert not step.meets(p99_ms=200, max_error_rate=0.01)
+    kept_up = dataclasses.replace(step, achieved_rps=0.8 * step.offered_rps)
+    assert kept_up.meets(p99_ms=200, max_error_rate=0.01)
+    assert not dataclasses.replace(kept_up, achieved_rps=0.79 * step.offered_rps).meets(200, 0.01)
+
+
 def test_latency_is_measured_from_the_scheduled_send_time(tiny_client: LoadClient) -> None:
     step = tiny_client.run_schedule([0.0] * 32, max_outstanding=32)
     samples = step.samples
