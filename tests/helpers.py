@@ -57,3 +57,12 @@ def assert_top_classes(got: Any, scores: Any, count: int, labels: list[str]) -> 
         assert [int(p[1]) for p in parsed] == np.argsort(-expected_row, kind="stable")[:count].tolist()
         np.testing.assert_allclose([float(p[0]) for p in parsed], np.sort(expected_row)[::-1][:count], atol=2e-6)
         assert [p[2:] for p in parsed] == [[labels[int(p[1])]] if labels else [] for p in parsed]
+
+
+def write_csv(path: Path, rows: list[list[object]]) -> Path:
+    """``rows`` (the header first) as a UTF-8 CSV at ``path``."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    return path

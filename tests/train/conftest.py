@@ -94,3 +94,17 @@ def pairs_jsonl(tmp_path: Path) -> Path:
     from kiln.train.embedding import write_pydoc_pairs
 
     return write_pydoc_pairs(tmp_path / "pairs.jsonl", 40)
+
+
+@pytest.fixture
+def wine_csv(tmp_path: Path) -> Path:
+    """The bundled wine data written as a CSV with named columns and string class labels."""
+    from kiln.data import bundled_dataset
+    from tests.helpers import write_csv
+
+    data = bundled_dataset("wine", test_fraction=0.5)
+    x = [*data.x_train, *data.x_test]
+    y = [*data.y_train, *data.y_test]
+    header = [f"chem_{i}" for i in range(x[0].shape[0])] + ["cultivar"]
+    names = ["barolo", "grignolino", "barbera"]
+    return write_csv(tmp_path / "wine.csv", [header] + [[*map(float, r), names[c]] for r, c in zip(x, y, strict=True)])

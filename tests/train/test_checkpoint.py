@@ -127,6 +127,24 @@ def test_resuming_a_finished_run_with_no_steps_left_writes_nothing(
     assert train(make_settings(export=True, epochs=3, schedule="constant", resume="latest")).steps == 12
 
 
+def test_resume_refuses_a_dataset_file_that_changed_since_the_checkpoint(
+    make_settings: Callable[..., TrainSettings], wine_csv: Path
+) -> None:
+    # rows appended: the run resumed silently on another split; a column added: an internal "size mismatch" crash
+    common = {"dataset": str(wine_csv), "target": "cultivar", "max_steps": 2}
+    train(make_settings(**common))
+    original = wine_csv.read_bytes()
+    lines = original.decode().splitlines()
+    wine_csv.write_bytes(original + ("\n".join(lines[1:4]) + "\n").encode())
+    with pytest.raises(ConfigError, match=r'the dataset file ".*" changed since the checkpoint was written'):
+        train(make_settings(**(common | {"max_steps": 4}), resume="latest"))
+    wine_csv.write_text("\n".join(f"{line},1" for line in lines) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"changed since the checkpoint was written"):
+        train(make_settings(**(common | {"max_steps": 4}), resume="latest"))
+    wine_csv.write_bytes(original)
+    assert train(make_settings(**(common | {"max_steps": 4}), resume="latest")).resumed_from_step == 2
+
+
 def test_resume_in_process_continues_exactly(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
     """Stop at step 7 (mid-epoch), resume to 12: the same weights as 12 steps in one go (dropout on)."""
     common = {"dataset": "digits", "batch_size": 64, "dropout": 0.3, "checkpoint_every": 0}

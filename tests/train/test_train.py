@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -19,6 +18,7 @@ from kiln.data import bundled_dataset
 from kiln.errors import ConfigError, InvalidInput
 from kiln.train import Checkpointer, StepStats, TrainingDiverged, TrainSettings, load_train_settings, train
 from kiln.train.settings import PAIR_DATASETS
+from tests.helpers import write_csv
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "src" / "kiln" / "train" / "examples"
 
@@ -92,23 +92,6 @@ def test_diabetes_regression_predicts_in_target_units(make_settings: Callable[..
     assert 40 < result.metrics["test_rmse"] < 70  # the target spans 25..346; a mean predictor scores ~77
 
 
-def _write_csv(path: Path, rows: list[list[object]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows(rows)
-    return path
-
-
-@pytest.fixture
-def wine_csv(tmp_path: Path) -> Path:
-    """The bundled wine data written as a CSV with named columns and string class labels."""
-    data = bundled_dataset("wine", test_fraction=0.5)
-    x = [*data.x_train, *data.x_test]
-    y = [*data.y_train, *data.y_test]
-    header = [f"chem_{i}" for i in range(x[0].shape[0])] + ["cultivar"]
-    names = ["barolo", "grignolino", "barbera"]
-    return _write_csv(tmp_path / "wine.csv", [header] + [[*map(float, r), names[c]] for r, c in zip(x, y, strict=True)])
-
-
 def test_csv_with_string_labels_trains(make_settings: Callable[..., TrainSettings], wine_csv: Path) -> None:
     result = train(make_settings(dataset=str(wine_csv), target="cultivar", epochs=20, lr=1e-2))
     assert result.metrics["test_accuracy"] >= 0.85
@@ -122,7 +105,7 @@ def test_csv_unknown_column_suggests_the_closest(make_settings: Callable[..., Tr
 def test_csv_non_numeric_feature_names_line_and_column(
     make_settings: Callable[..., TrainSettings], tmp_path: Path
 ) -> None:
-    path = _write_csv(tmp_path / "bad.csv", [["a", "b", "y"], [1, 2, 0], [3, "n/a", 1], [5, 6, 0]])
+    path = write_csv(tmp_path / "bad.csv", [["a", "b", "y"], [1, 2, 0], [3, "n/a", 1], [5, 6, 0]])
     with pytest.raises(InvalidInput, match=r'line 3, column "b" holds \'n/a\', not a number'):
         train(make_settings(dataset=str(path), target="y"))
 
@@ -135,13 +118,13 @@ def test_csv_empty_target_cell_is_refused_not_made_a_class(
     data = bundled_dataset("diabetes")
     rows: list[list[object]] = [[*map(float, x), float(y)] for x, y in zip(data.x_train, data.y_train, strict=True)]
     rows[6][-1] = ""
-    path = _write_csv(tmp_path / "diabetes.csv", [[f"f{i}" for i in range(10)] + ["progression"], *rows])
+    path = write_csv(tmp_path / "diabetes.csv", [[f"f{i}" for i in range(10)] + ["progression"], *rows])
     with pytest.raises(InvalidInput, match=r'line 8 has no value in target column "progression" \(1 such row\)'):
         train(make_settings(dataset=str(path), target="progression"))
 
 
 def test_a_target_with_one_class_is_refused(make_settings: Callable[..., TrainSettings], tmp_path: Path) -> None:
-    path = _write_csv(tmp_path / "one.csv", [["a", "b", "y"], *([i, i * 2, "spam"] for i in range(20))])
+    path = write_csv(tmp_path / "one.csv", [["a", "b", "y"], *([i, i * 2, "spam"] for i in range(20))])
     with pytest.raises(InvalidInput, match=r"target column \"y\" of .* holds one class only \('spam'\)"):
         train(make_settings(dataset=str(path), target="y"))
 

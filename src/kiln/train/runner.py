@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kiln import artifact as artifacts
+from kiln._utils import sha256_file
 from kiln.config import ExportSettings, settings_dict
 from kiln.errors import CheckpointError, ConfigError, TrainingDiverged
 from kiln.train.checkpoint import Checkpointer, SavedCheckpoint, restore_rng
@@ -130,7 +131,8 @@ def train(
     )
 
     checkpointer = Checkpointer(settings.checkpoint_path, keep=settings.keep_checkpoints)
-    resumed_from, run_id = _resume(trainer, checkpointer, settings)
+    data_sha256 = _data_sha256(settings.dataset)
+    resumed_from, run_id = _resume(trainer, checkpointer, settings, data_sha256)
     resumed_step = resumed_from.step if resumed_from else 0
     main = bool(accelerator.is_main_process)  # rank 0 alone checkpoints, tracks and exports
     accelerator.wait_for_everyone()  # no rank may see rank 0's first checkpoint as "an existing run"
@@ -160,7 +162,11 @@ def train(
             total_steps,
             checkpointer=checkpointer,  # rank 0 writes the checkpoint, the others their RNG states beside it
             checkpoint_every=settings.checkpoint_every,
-            extra_state=lambda: {"settings": settings_dict(settings), "tracking_run_id": tracker.run_id},
+            extra_state=lambda: {
+                "settings": settings_dict(settings),
+                "tracking_run_id": tracker.run_id,
+                "data_sha256": data_sha256,
+            },
             on_step=report,
             stop_at_epoch=settings.epochs if settings.adaptive_batch and not settings.max_steps else None,
             resumed_from=resumed_from,
@@ -266,8 +272,14 @@ def _result_from_record(settings: TrainSettings, record: dict[str, Any]) -> Trai
     )
 
 
+def _data_sha256(dataset: str) -> str | None:
+    """The dataset file's sha256 (None for a bundled dataset, which cannot change under a run)."""
+    path = Path(dataset)
+    return sha256_file(path) if path.is_file() else None
+
+
 def _resume(
-    trainer: Trainer, checkpointer: Checkpointer, settings: TrainSettings
+    trainer: Trainer, checkpointer: Checkpointer, settings: TrainSettings, data_sha256: str | None
 ) -> tuple[SavedCheckpoint | None, str | None]:
     """Load the checkpoint ``settings.resume`` names (``"latest"`` or a path): ``(that checkpoint, its run id)``."""
     if not settings.resume:
@@ -295,6 +307,13 @@ def _resume(
             changed=changed,
         )
     check_schedule_length(state.get("settings", {}), settings_dict(settings))
+    if state.get("data_sha256") not in (None, data_sha256):  # rows added or changed: another split, other batches
+        raise ConfigError(
+            f'cannot resume: the dataset file "{settings.dataset}" changed since the checkpoint was written (its '
+            "sha256 differs), so the run would not continue on the data it trained on; restore the file, or start a "
+            "new run in another checkpoint_dir",
+            path=settings.dataset,
+        )
     saved, current = state.get("settings", {}), settings_dict(settings)
     branched = [k for k in ("lr", "warmup_steps") if k in saved and saved[k] != current[k]]
     later = checkpointer.later_than(int(state.get("step", 0))) if branched else []
