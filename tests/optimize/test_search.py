@@ -310,6 +310,14 @@ def test_an_int8_recipe_that_quantizes_no_node_does_not_compete(tmp_path: Path) 
     assert result.chosen is None and candidate.status == "rejected"
     assert "no node was quantized" in candidate.reason and "Relu, Softmax" in candidate.reason
     assert artifacts.versions(parent.path.parent) == [1]
+    # nor a graph optimization that changed no node: a copy, larger by ORT's metadata, chosen once by timer noise
+    settings = OptimizeSettings(recipes=("ort-extended",), objective="size", **QUICK)  # type: ignore[arg-type]
+    (candidate,) = optimize(parent, settings=settings).candidates
+    assert candidate.status == "rejected" and candidate.reason == (
+        "does not apply to this graph: ONNX Runtime's extended graph optimizations changed no node of this graph "
+        "(Relu x1, Softmax x1)"
+    )
+    assert artifacts.versions(parent.path.parent) == [1]
 
 
 def test_a_calibration_file_without_arrays_or_with_a_scalar_is_a_calibration_error(tmp_path: Path) -> None:
