@@ -92,7 +92,7 @@ def split_rows(
     rows: int, test_fraction: float, seed: int, stratify: np.ndarray[Any, Any] | None = None, *, least: int = 1
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Train and held-out row indices: scikit-learn's ``train_test_split`` of ``range(rows)``, stratified by the
-    class ids ``stratify``, with at least ``least`` rows on each side (and a row of each class held out).
+    class ids ``stratify``, with at least ``least`` rows on each side (and a row of each class on each side).
 
     Raises:
         ConfigError: ``test_fraction`` leaves a side too small; scikit-learn's own errors came through as crashes.
@@ -101,9 +101,9 @@ def split_rows(
 
     held_out = int(np.ceil(test_fraction * rows))  # as train_test_split rounds a fraction
     classes = 0 if stratify is None else len(np.unique(stratify))
-    if min(held_out, rows - held_out) < least or held_out < classes:
+    if min(held_out, rows - held_out) < max(least, classes):
         need = f"at least {least} row{'s' if least > 1 else ''} on each side" + (
-            f" and one of each of the {classes} classes held out" if classes else ""
+            f" and one of each of the {classes} classes on each side" if classes else ""
         )
         raise ConfigError(
             f"test_fraction {test_fraction:g} of {rows} rows holds out {held_out} and trains on {rows - held_out}; "

@@ -154,7 +154,8 @@ def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..
     ("overrides", "message"),
     [  # each passed validation, then crashed as an internal error (scikit-learn's, NumPy's or torch's)
         ({"test_fraction": 0.999}, r"test_fraction 0.999 of 150 rows holds out 150 and trains on 0; the split needs"),
-        ({"test_fraction": 0.001}, r"holds out 1 and trains on 149; .* and one of each of the 3 classes held out"),
+        ({"test_fraction": 0.99}, r"test_fraction 0.99 of 150 rows holds out 149 and trains on 1; the split needs"),
+        ({"test_fraction": 0.001}, r"holds out 1 and trains on 149; .* and one of each of the 3 classes on each side"),
         ({"weight_decay": -1.0}, r"weight_decay is -1; it must be >= 0"),
         ({"optimizer": "sgd", "momentum": -1.0}, r"momentum is -1; it must be in \[0, 1\)"),
         ({"seed": -1}, r"seed is -1; it must be in 0..4294967295"),
