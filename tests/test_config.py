@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.config import BenchSettings, OptimizeSettings, ServeSettings, resolve, settings_dict
+from kiln.config import BenchSettings, ExportSettings, OptimizeSettings, ServeSettings, resolve, settings_dict
 from kiln.errors import ConfigError
 
 
@@ -276,3 +276,16 @@ def test_optimize_budget_and_speedup_outside_their_rules_are_refused(changes: di
     # a budget of -5 s skipped every recipe as "spent"; a min_speedup below 1 kept variants slower than their parent
     with pytest.raises(ConfigError, match=named):
         OptimizeSettings(**changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("parity_atol", -1.0, r"parity_atol is -1; it must be >= 0"),  # accepted, then every export failed its gate
+        ("parity_rtol", float("nan"), r"parity_rtol is nan; it must be >= 0"),
+        ("parity_samples", 0, r"parity_samples is 0; it must be >= 1"),
+    ],
+)
+def test_export_tolerances_out_of_range_are_refused(field: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ExportSettings(**{field: value})  # type: ignore[arg-type]

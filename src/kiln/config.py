@@ -32,6 +32,14 @@ class ExportSettings:
     parity_samples: int = 8
     exporter: str = "dynamo"
 
+    def __post_init__(self) -> None:
+        for name in ("parity_atol", "parity_rtol"):
+            value = getattr(self, name)
+            if not value >= 0:  # a negative tolerance fails every export; NaN passes no comparison at all
+                raise ConfigError(f"{name} is {value:g}; it must be >= 0, e.g. 1e-4", setting=name, value=value)
+        if self.parity_samples < 1:
+            raise ConfigError(f"parity_samples is {self.parity_samples}; it must be >= 1, e.g. 8")
+
 
 @dataclass(frozen=True)
 class OptimizeSettings:
