@@ -26,13 +26,20 @@ S = TypeVar("S")
 class ExportSettings:
     """How ``kiln export`` converts and checks a model."""
 
-    opset: int = 17
+    opset: int | None = None  # None: the exporter's own default (opset_for)
     parity_atol: float = 1e-4
     parity_rtol: float = 1e-3
     parity_samples: int = 8
     exporter: str = "dynamo"
 
+    def opset_for(self, exporter: str) -> int:
+        """The opset an export writes: the one set, or the exporter's default (PyTorch's dynamo exporter writes
+        18 and up; TorchScript, skl2onnx and the Hugging Face path 17)."""
+        return self.opset if self.opset is not None else (18 if exporter == "dynamo" else 17)
+
     def __post_init__(self) -> None:
+        if self.opset is not None and self.opset < 1:
+            raise ConfigError(f"opset is {self.opset}; it must be >= 1, e.g. 17", setting="opset", value=self.opset)
         for name in ("parity_atol", "parity_rtol"):
             value = getattr(self, name)
             if not value >= 0:  # a negative tolerance fails every export; NaN passes no comparison at all

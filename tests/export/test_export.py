@@ -268,19 +268,33 @@ def test_dynamo_export_of_a_forward_whose_parameter_is_not_named_input_keeps_a_d
 
 
 @pytest.mark.parametrize(
-    ("exporter", "opset", "named"), [("torchscript", 3, "7..20"), ("torchscript", 21, "7..20"), ("dynamo", 99, "18..")]
+    ("exporter", "opset", "advice"),
+    [
+        ("torchscript", 3, r"outside 7..20, .*; pass --opset 7 \(or leave --opset out: 17 is the default\)"),
+        ("torchscript", 21, r"outside 7..20, .*; pass --opset 20 \("),
+        ("dynamo", 99, r"outside 18..\d+, .*; pass --opset \d+ \(or leave --opset out: 18 is the default\)"),
+        # was raised to 18 without a word, and the manifest recorded 17
+        ("dynamo", 17, r"outside 18..\d+, .*; pass --opset 18 or --exporter torchscript \(or leave --opset out"),
+    ],
 )
 def test_an_opset_the_exporter_cannot_write_is_refused_with_one_it_can(
-    tmp_path: Path, exporter: str, opset: int, named: str
+    tmp_path: Path, exporter: str, opset: int, advice: str
 ) -> None:
     import torch
 
     settings = ExportSettings(exporter=exporter, opset=opset)
-    with pytest.raises(
-        ConfigError, match=rf"opset {opset} is outside {named}.*the ONNX opsets the {exporter} exporter.*--opset 1[78] "
-    ):
+    with pytest.raises(ConfigError, match=rf"opset {opset} is {advice}"):
         export(_mlp(), out=tmp_path, name="mlp", example_inputs=torch.randn(4, 8), settings=settings)
     assert not (tmp_path / "mlp").exists()
+
+
+@pytest.mark.parametrize(("exporter", "written"), [("dynamo", 18), ("torchscript", 17)])
+def test_the_manifest_records_the_opset_the_exporter_wrote(tmp_path: Path, exporter: str, written: int) -> None:
+    import torch
+
+    settings = ExportSettings(exporter=exporter)
+    art = export(_mlp(), out=tmp_path, name="mlp", example_inputs=torch.randn(4, 8), settings=settings)
+    assert art.manifest.settings["export"]["opset"] == art.manifest.provenance["opsets"]["ai.onnx"] == written
 
 
 def test_a_dynamo_export_prints_no_torchvision_warnings(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

@@ -36,7 +36,7 @@ def export(
     ),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading a pickle (it runs code)."),
     exporter: str = typer.Option(None, "--exporter", help="PyTorch exporter: dynamo (default) or torchscript."),
-    opset: int = typer.Option(None, "--opset", help="ONNX opset (default 17)."),
+    opset: int = typer.Option(None, "--opset", help="ONNX opset (default: 18 with the dynamo exporter, 17 otherwise)."),
     parity_atol: float = typer.Option(None, "--parity-atol", help="Absolute tolerance of the parity gate."),
     parity_rtol: float = typer.Option(None, "--parity-rtol", help="Relative tolerance of the parity gate."),
     config: Path = typer.Option(None, "--config", help="TOML config file (\\[export] table)."),

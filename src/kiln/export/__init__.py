@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,11 +215,12 @@ def _export_sklearn(
         )
     import sklearn as sk
 
+    settings = dataclasses.replace(settings, opset=settings.opset_for("skl2onnx"))  # recorded as written
     x = np.asarray(example_inputs, dtype=np.float32)
     task = sklearn.task_of(model)
     labels = sklearn.class_names(model, labels, None if eval_data is None else eval_data[1])
     with torch_export.temp_workdir() as tmp:
-        path, outputs = sklearn.convert(model, x, settings.opset, Path(tmp))
+        path, outputs = sklearn.convert(model, x, settings.opset_for("skl2onnx"), Path(tmp))
         rows = x[: settings.parity_samples]
         eval_entry, assets = _eval_entry(
             (np.asarray(eval_data[0], dtype=np.float32), eval_data[1]) if eval_data else None, sklearn.INPUT_NAME
@@ -259,6 +261,7 @@ def _export_torch(
 
     if example_inputs is None:
         raise InvalidInput("a PyTorch model needs example_inputs (a batch of real inputs) to be exported")
+    settings = dataclasses.replace(settings, opset=settings.opset_for(settings.exporter))  # recorded as written
     module = module.eval()
     feeds = torch_export.match_module_dtype(module, torch_export.as_feeds(example_inputs, input_names))
     n_out = torch_export.count_outputs(module, feeds)
@@ -268,7 +271,13 @@ def _export_torch(
     axes = dynamic_axes or {n: {0: "batch"} for n in [*feeds, *outputs]}
     with torch_export.temp_workdir() as tmp:
         path = torch_export.export_module(
-            module, feeds, outputs, axes, opset=settings.opset, exporter=settings.exporter, workdir=Path(tmp)
+            module,
+            feeds,
+            outputs,
+            axes,
+            opset=settings.opset_for(settings.exporter),
+            exporter=settings.exporter,
+            workdir=Path(tmp),
         )
         eval_entry, assets = _eval_entry(eval_data, next(iter(feeds)))
         source: dict[str, Any] = {
@@ -297,6 +306,7 @@ def _export_torch(
 def _export_hf(path: Path, *, out: Path, name: str, settings: ExportSettings) -> Artifact:
     import transformers
 
+    settings = dataclasses.replace(settings, opset=settings.opset_for("torchscript"))  # recorded as written
     max_length = hf.max_length_of(path)
     module = hf.build_module(path)
     samples = hf.sample_feeds(path, max_length)
@@ -307,7 +317,13 @@ def _export_hf(path: Path, *, out: Path, name: str, settings: ExportSettings) ->
     }
     with torch_export.temp_workdir() as tmp:
         onnx_path = torch_export.export_module(
-            module, samples[0], [hf.OUTPUT_NAME], axes, opset=settings.opset, exporter="torchscript", workdir=Path(tmp)
+            module,
+            samples[0],
+            [hf.OUTPUT_NAME],
+            axes,
+            opset=settings.opset_for("torchscript"),
+            exporter="torchscript",
+            workdir=Path(tmp),
         )
         return finalize(
             onnx_path,

@@ -171,7 +171,7 @@ def export_module(
                     input_names=names,
                     output_names=list(output_names),
                     dynamic_shapes=shapes,
-                    opset_version=max(opset, 18),
+                    opset_version=opset,
                     dynamo=True,
                     verbose=False,
                 )
@@ -203,7 +203,7 @@ def _level(logger: logging.Logger, level: int) -> Iterator[None]:
 
 def _check_opset(opset: int, exporter: str) -> None:
     """Refuse an opset the chosen exporter cannot write, before it fails deep inside with advice that does not fit.
-    The dynamo exporter writes at least opset 18 (a lower one is raised to 18)."""
+    The dynamo exporter writes opset 18 and up: it raised a lower one to 18, and the manifest said otherwise."""
     import torch
 
     try:
@@ -215,10 +215,13 @@ def _check_opset(opset: int, exporter: str) -> None:
         )
     except (ImportError, AttributeError):  # another torch: its exporter's own error will have to do
         return
-    if opset > high or (exporter == "torchscript" and opset < low):
+    if not low <= opset <= high:
+        default = 18 if exporter == "dynamo" else 17
+        other = " or --exporter torchscript" if exporter == "dynamo" and opset < low else ""
         raise ConfigError(
             f"opset {opset} is outside {low}..{high}, the ONNX opsets the {exporter} exporter of torch "
-            f"{torch.__version__} writes; pass --opset {min(max(17, low), high)} (17 is the default)",
+            f"{torch.__version__} writes; pass --opset {min(max(opset, low), high)}{other} (or leave --opset out: "
+            f"{default} is the default)",
             opset=opset,
             exporter=exporter,
         )
