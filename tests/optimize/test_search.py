@@ -176,6 +176,14 @@ def test_calibration_with_an_array_the_model_does_not_take_or_nan_rows_is_a_cali
         optimize(digits_mlp, settings=settings, calibration=[{"input": np.full((4, 64), np.nan, np.float32)}])
 
 
+def test_calibration_with_no_static_recipe_to_use_it_is_refused(digits_mlp: artifacts.Artifact) -> None:
+    # it was ignored without a word
+    settings = OptimizeSettings(recipes=("int8-dynamic-per-channel",), **QUICK)  # type: ignore[arg-type]
+    rows = np.zeros((4, 64), dtype=np.float32)
+    with pytest.raises(ConfigError, match=r"used by the int8-static-\* recipes only, and none of int8-dynamic-per-c"):
+        optimize(digits_mlp, settings=settings, calibration=[{"input": rows}])
+
+
 def _unlabelled_mlp(tmp_path: Path, rows: int) -> artifacts.Artifact:
     """A torch MLP exported with ``rows`` held-out rows and no labels (the guard compares outputs, not accuracy)."""
     import torch

@@ -18,7 +18,7 @@ from typing import Any
 from kiln import artifact as artifacts
 from kiln.config import OptimizeSettings, settings_dict
 from kiln.data import CALIBRATION_TEXTS, TEXT_EVAL_OFFSET, EvalSet, english_corpus, eval_set
-from kiln.errors import AccuracyBudgetError, CalibrationError, InvalidInput
+from kiln.errors import AccuracyBudgetError, CalibrationError, ConfigError, InvalidInput
 from kiln.fidelity import pareto_front, relative_drop
 from kiln.optimize.build import RecipeBuilder
 from kiln.optimize.measure import Workload, compare_speed, open_engine, paired_ratios
@@ -58,6 +58,11 @@ def optimize(
     report = progress or (lambda _msg, _frac: None)
     hardware = probe()
     recipes = candidates(parent, gpu=bool(hardware["gpu"]), names=settings.recipes)
+    if calibration is not None and not any(step.kind == "int8_static" for r in recipes for step in r.steps):
+        raise ConfigError(  # it was ignored without a word
+            "calibration data is used by the int8-static-* recipes only, and none of "
+            f"{', '.join(r.name for r in recipes)} is one; add one to --recipes, or leave --calibration out",
+        )
     if eval_data is None:
         data = eval_set(parent, limit=settings.eval_samples)
     else:  # the caller's held-out rows (a model exported without any)
