@@ -110,13 +110,27 @@ def test_swapping_versions_under_load_fails_no_request(
 
 
 @pytest.mark.e2e
-def test_sigterm_finishes_every_in_flight_request_and_exits_zero(slow_repo: Path) -> None:
+@pytest.mark.parametrize(
+    "signals",
+    [
+        (signal.SIGTERM,),
+        # a second SIGINT (Ctrl-C twice) made uvicorn force-exit: the requests in flight got text 500s and the
+        # process died by SIGABRT
+        (signal.SIGTERM, signal.SIGINT),
+        (signal.SIGINT, signal.SIGINT),
+    ],
+)
+def test_sigterm_finishes_every_in_flight_request_and_exits_zero(
+    slow_repo: Path, signals: tuple[signal.Signals, ...]
+) -> None:
     with ServerProcess(slow_repo, "--max-batch-size", str(ROWS)) as server:
         url = server.url.removeprefix("http://")
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(infer, url) for _ in range(16)]
             time.sleep(0.15)  # every request is in the server (most of them queued) when the signal lands
-            server.send(signal.SIGTERM)
+            for signum in signals:
+                server.send(signum)
+                time.sleep(0.02)
             codes = [future.result()[0] for future in futures]
         assert codes == [200] * 16
         assert server.stop() == 0

@@ -447,6 +447,24 @@ def http_protocol() -> type[Any]:
     return JsonErrorsProtocol
 
 
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, but a second SIGINT during the drain does not cut the requests in flight off.
+
+        uvicorn force-exits on it: the requests still running got 500s (text, not JSON) and the process died by
+        SIGABRT with ONNX Runtime's threads still running. The drain is bounded by ``--drain-timeout-s`` anyway,
+        and a second SIGTERM was already ignored.
+        """
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:  # NOTE: a signal handler: no logging here (its locks)
+                super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
 async def run_http(plane: DataPlane, sock: Any, *, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
     """Serve the app on a bound socket until SIGINT/SIGTERM; then finish in-flight requests and return.
 
@@ -474,5 +492,5 @@ async def run_http(plane: DataPlane, sock: Any, *, on_shutdown: Callable[[], Awa
         timeout_graceful_shutdown=int(plane.settings.drain_timeout_s),
         limit_concurrency=None,
     )
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config)
     await server.serve(sockets=[sock])
