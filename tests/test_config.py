@@ -289,3 +289,10 @@ def test_optimize_budget_and_speedup_outside_their_rules_are_refused(changes: di
 def test_export_tolerances_out_of_range_are_refused(field: str, value: float, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ExportSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_a_version_policy_below_one_is_refused() -> None:
+    # --latest-versions 0 and -1 served one version while the server's settings reported 0 or -1
+    for value in (0, -1):
+        with pytest.raises(ConfigError, match=rf"version_policy_latest is {value}; it must be >= 1"):
+            ServeSettings(version_policy_latest=value)

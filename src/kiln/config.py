@@ -165,7 +165,13 @@ class ServeSettings:
             raise ConfigError(
                 f"sessions is {self.sessions}; it must be >= 1 (or unset: one ONNX Runtime session per instance)"
             )
-        for name in ("max_batch_size", "max_queue_rows", "max_rows_per_request", "max_request_bytes"):
+        for name in (
+            "max_batch_size",
+            "max_queue_rows",
+            "max_rows_per_request",
+            "max_request_bytes",
+            "version_policy_latest",  # 0 and -1 served one version while the settings said otherwise
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be >= 1", setting=name)
         if not 0 < self.body_timeout_s < math.inf:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -202,6 +203,35 @@ def test_a_reload_unloads_a_model_whose_directory_is_gone_and_keeps_one_mid_copy
     code, payload = post(server.http_url, "/v2/models/gone/infer", body.encode())
     assert code == 404 and 'model "gone" is not served here' in payload["error"]
     assert served_version(server.http_url, "copying") == "1"
+
+
+def test_a_reload_loads_a_model_directory_that_is_new_or_back_but_not_one_unloaded_over_the_api(
+    start_server: Callable[..., Any],
+    repository: Path,
+    tiny_onnx_model: Path,
+    make_manifest: Callable[..., artifacts.Manifest],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a model moved away for one SIGHUP stayed unloaded for good, and a new model directory was never loaded
+    for name in ("moved", "unloaded"):
+        artifacts.write(repository, make_manifest(name=name), tiny_onnx_model)
+    server = start_server(repository, ADMIN_SETTINGS, http=True)
+    repo = server.plane.repository
+    (repository / "moved").rename(repository.parent / "moved-away")
+    server.call(repo.reload())
+    assert sorted(repo.served()) == ["unloaded"]
+    (repository.parent / "moved-away").rename(repository / "moved")
+    artifacts.write(repository, make_manifest(name="new"), tiny_onnx_model)
+    with caplog.at_level(logging.INFO, logger="kiln.serve.repository"):
+        assert post(server.http_url, "/v2/repository/models/unloaded/unload")[0] == 200
+        server.call(repo.reload())
+    assert sorted(repo.served()) == ["moved", "new"]
+    assert "unloaded unloaded versions [1]" in caplog.text  # an unload over the API was not logged
+    artifacts.write(repository, make_manifest(name="other"), tiny_onnx_model)
+    server.call(repo.reload(("moved",)))  # --models moved: a SIGHUP loads no other model
+    assert sorted(repo.served()) == ["moved", "new"]
+    assert post(server.http_url, "/v2/repository/models/unloaded/load")[0] == 200  # the API undoes its unload
+    assert served_version(server.http_url, "unloaded") == "1"
 
 
 def test_a_reload_goes_on_past_an_unexpected_error_and_records_it(

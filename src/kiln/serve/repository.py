@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ class ModelRepository:
         self.warmup = warmup
         self._served: dict[str, dict[int, LoadedVersion]] = {}
         self._failures: dict[str, _Failure] = {}
+        self._unloaded_on_request: set[str] = set()  # a SIGHUP leaves these alone until a load over the API
         self._lock = asyncio.Lock()
 
     # -- queries (synchronous: no await between finding a version and queueing on it) ---------------------------
@@ -133,6 +135,7 @@ class ModelRepository:
         """
         if not name or name in (".", "..") or "/" in name or "\\" in name:
             raise ModelNotFound(f'"{name}" is not a model name; a model is a directory directly inside the repository')
+        self._unloaded_on_request.discard(name)
         async with self._lock:
             wanted = artifacts.versions(self.root / name)[-self.latest_versions :]
             if not wanted:
@@ -169,8 +172,12 @@ class ModelRepository:
             logger.info("unloaded %s version %d", name, loaded.version)
         return sorted(self._served[name])
 
-    async def unload(self, name: str) -> None:
-        """Stop serving ``name``: new requests are refused at once; queued and running ones finish."""
+    async def unload(self, name: str, *, requested: bool = True) -> None:
+        """Stop serving ``name``: new requests are refused at once; queued and running ones finish.
+
+        ``requested``: an operator's unload (over the API), which a SIGHUP does not undo; not one because the
+        model's directory is gone, which a SIGHUP undoes when it is back.
+        """
         async with self._lock:
             if name not in self._served:
                 raise ModelNotFound(
@@ -182,22 +189,31 @@ class ModelRepository:
             self._served = {k: v for k, v in self._served.items() if k != name}
             for version in retired:  # in the lock: a load of the same version must bind fresh series
                 self.metrics.forget(name, version)
+        if requested:
+            self._unloaded_on_request.add(name)
+        logger.info("unloaded %s versions %s", name, sorted(retired))
         for loaded in retired.values():
             await loaded.batcher.close()
 
-    async def reload(self) -> None:
-        """Bring every served model to its latest-N versions on disk (SIGHUP).
+    async def reload(self, models: Sequence[str] = ()) -> None:
+        """Bring the repository's models to their latest-N versions on disk (SIGHUP), as Triton's poll mode does.
 
-        A model that fails keeps serving its loaded versions (the failure is logged and shows in ``index``);
-        the reload goes on with the others. A model whose directory is gone from the repository is unloaded, as
-        Triton's poll mode does (queued and running requests finish); one whose directory is there but holds no
-        version (a copy in progress, say) keeps serving.
+        ``models`` are the ones to serve (``--models``; empty: every model directory). A served model is
+        reloaded; one of them not served (its directory is new, or back) is loaded, unless an operator unloaded
+        it over the API. A model that fails keeps serving its loaded versions (the failure is logged and shows in
+        ``index``); the reload goes on with the others. A model whose directory is gone from the repository is
+        unloaded (queued and running requests finish); one whose directory is there but holds no version (a copy
+        in progress, say) keeps serving.
         """
-        for name in list(self._served):
+        on_disk = artifacts.list_models(self.root)
+        wanted = [m for m in (models or on_disk) if m in on_disk and m not in self._unloaded_on_request]
+        for name in [*self._served, *(m for m in wanted if m not in self._served)]:
             if not (self.root / name).exists():
                 logger.warning("model %s is no longer in repository %s; unloading it", name, self.root)
-                await self.unload(name)
+                await self.unload(name, requested=False)
                 continue
+            if name not in self._served:
+                logger.info("model %s is in repository %s and not served; loading it", name, self.root)
             try:
                 await self.load(name)
             except Exception as exc:  # one model's failure must not stop the others' reload

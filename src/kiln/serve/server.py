@@ -175,7 +175,7 @@ async def serve_async(
         reloads: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
         def reload() -> None:
-            task = loop.create_task(plane.repository.reload())
+            task = loop.create_task(plane.repository.reload(settings.models))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
