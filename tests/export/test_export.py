@@ -123,6 +123,14 @@ def test_onnx_file_is_imported_as_a_checked_version(tmp_path: Path, tiny_onnx_mo
     assert art.manifest.signature.inputs[0].shape == (-1, 4)
     assert art.manifest.provenance["opsets"]["ai.onnx"] == 17
     assert artifacts.load(tmp_path / "repo" / "tiny").sha256 == art.sha256
+    # recorded as parity passed=False, exported by "dynamo" at no opset: nothing was compared or exported
+    assert art.manifest.checks["parity"] == {
+        "skipped": "an imported ONNX file has no source to compare with; it ran at 2 batch sizes"
+    }
+    assert (art.manifest.settings["export"]["exporter"], art.manifest.settings["export"]["opset"]) == (
+        "none (an ONNX file, imported)",
+        17,
+    )
 
 
 # --- bad inputs: each names the value, the rule and the fix, and writes nothing ------------------------------------
@@ -561,6 +569,22 @@ def test_held_out_rows_that_do_not_fit_an_onnx_file_are_refused_at_export(
     with pytest.raises(InvalidInput, match=r'shape \[10, 64\] but input "input" of .* takes \[-1, 4\]'):
         export(tiny_onnx_model, out=tmp_path / "repo", name="tiny", eval_data=(rows, np.zeros(10, dtype=np.int64)))
     assert not (tmp_path / "repo").exists()
+
+
+def test_held_out_rows_that_do_not_fit_a_python_model_are_refused_at_export(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
+) -> None:
+    # the API stored 10-wide held-out rows for a 64-wide model: that version could never be optimized or benchmarked
+    import torch
+
+    x, y = digits
+    with pytest.raises(InvalidInput, match=r'shape \[100, 10\] but input "input" of model "mlp" takes \[-1, 8\]'):
+        export(_mlp(), out=tmp_path, name="mlp", example_inputs=torch.randn(4, 8), eval_data=(x[:100, :10], y[:100]))
+    with pytest.raises(InvalidInput, match=r'shape \[100, 10\] but input "input" of model "digits" takes \[-1, 64\]'):
+        export(fitted_pipeline, out=tmp_path, name="digits", example_inputs=x[:8], eval_data=(x[:100, :10], y[:100]))
+    assert not (tmp_path / "mlp").exists() and not (tmp_path / "digits").exists()
+    art = export(fitted_pipeline, out=tmp_path, name="digits", example_inputs=x[:8])
+    assert (art.manifest.settings["export"]["exporter"], art.manifest.settings["export"]["opset"]) == ("skl2onnx", 17)
 
 
 def test_example_rows_of_another_width_than_the_estimator_was_fitted_on_are_invalid_input(

@@ -215,7 +215,7 @@ def _export_sklearn(
         )
     import sklearn as sk
 
-    settings = dataclasses.replace(settings, opset=settings.opset_for("skl2onnx"))  # recorded as written
+    settings = dataclasses.replace(settings, exporter="skl2onnx", opset=settings.opset_for("skl2onnx"))  # as run
     x = np.asarray(example_inputs, dtype=np.float32)
     task = sklearn.task_of(model)
     labels = sklearn.class_names(model, labels, None if eval_data is None else eval_data[1])
@@ -306,7 +306,7 @@ def _export_torch(
 def _export_hf(path: Path, *, out: Path, name: str, settings: ExportSettings) -> Artifact:
     import transformers
 
-    settings = dataclasses.replace(settings, opset=settings.opset_for("torchscript"))  # recorded as written
+    settings = dataclasses.replace(settings, exporter="torchscript", opset=settings.opset_for("torchscript"))
     max_length = hf.max_length_of(path)
     module = hf.build_module(path)
     samples = hf.sample_feeds(path, max_length)
@@ -368,18 +368,9 @@ def _export_onnx(
     import onnx
 
     model, signature = onnx_file.inspect_file(path)
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    settings = dataclasses.replace(settings, exporter="none (an ONNX file, imported)", opset=opset)  # as it is
     eval_entry, assets = _eval_entry(eval_data, signature.inputs[0].name) if eval_data else ({}, {})
-    if eval_data is not None:  # stored now, read by optimize and bench later: it must fit the model's input
-        spec, rows = signature.inputs[0], np.asarray(eval_data[0])
-        if not spec.fits(rows.shape):
-            raise InvalidInput(
-                f'held-out inputs have shape {list(rows.shape)} but input "{spec.name}" of "{path}" takes '
-                f"{list(spec.shape)} (-1 = any size); pass held-out rows that fit the model (a --dataset of the same "
-                "width)",
-                input=spec.name,
-                expected=list(spec.shape),
-                actual=list(rows.shape),
-            )
     return finalize(
         path,
         out=out,
