@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kiln import artifact as artifacts
-from kiln.config import OptimizeSettings
+from kiln.config import BenchSettings, OptimizeSettings
 from kiln.errors import AccuracyBudgetError, CalibrationError, ConfigError
 from kiln.export import export
 from kiln.optimize import optimize
@@ -182,6 +182,21 @@ def test_calibration_with_no_static_recipe_to_use_it_is_refused(digits_mlp: arti
     rows = np.zeros((4, 64), dtype=np.float32)
     with pytest.raises(ConfigError, match=r"used by the int8-static-\* recipes only, and none of int8-dynamic-per-c"):
         optimize(digits_mlp, settings=settings, calibration=[{"input": rows}])
+
+
+def test_optimize_and_bench_take_a_model_directory_as_the_cli_does(digits_mlp: artifacts.Artifact) -> None:
+    # a path was "AttributeError: 'str' object has no attribute 'manifest'"
+    from kiln.bench import bench
+
+    settings = OptimizeSettings(recipes=("ort-extended",), objective="size", **QUICK)  # type: ignore[arg-type]
+    result = optimize(str(digits_mlp.path), settings=settings)
+    assert result.parent_figures["accuracy"] > 0.9
+    report = bench(
+        [digits_mlp.path],
+        settings=BenchSettings(batch_sizes=(1,), runs=2, warmup_runs=1, samples=32),
+        include_source=False,
+    )
+    assert report.rows
 
 
 def _unlabelled_mlp(tmp_path: Path, rows: int) -> artifacts.Artifact:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kiln._utils import package_versions
 from kiln.artifact import Artifact
+from kiln.artifact import load as load_artifact
 from kiln.bench.engines import (
     Candidate,
     build_candidates,
@@ -35,14 +36,15 @@ VERSIONED_PACKAGES = ("kiln", "onnxruntime", "torch", "numpy", "onnx")
 
 
 def bench(
-    artifacts: Sequence[Artifact],
+    models: Sequence[Artifact | Path | str],
     *,
     settings: BenchSettings | None = None,
     include_source: bool | None = None,
     report_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Compare artifacts (and the PyTorch model they came from) on the same held-out inputs.
+    """Compare artifacts (or their model or version directories; and the PyTorch model they came from) on the same
+    held-out inputs.
 
     Every artifact runs under ONNX Runtime; with ``include_source`` (default: ``settings.include_torch``) the
     source PyTorch model of ``artifacts[0]`` runs too, when it can be rebuilt. For each batch size the engines are
@@ -61,6 +63,8 @@ def bench(
     """
     settings = settings or resolve(BenchSettings, {})
     _check_settings(settings)
+    # paths, as `kiln bench` takes: they were an AttributeError
+    artifacts = [m if isinstance(m, Artifact) else load_artifact(m) for m in models]
     check_comparable(artifacts)
     include_source = settings.include_torch if include_source is None else include_source
     if report_dir is None and settings.report_dir:

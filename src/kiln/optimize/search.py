@@ -35,14 +35,15 @@ _MIN_SPLIT_ROWS = 8  # fewer held-out rows cannot give both the guard and the ca
 
 
 def optimize(
-    parent: artifacts.Artifact,
+    parent: artifacts.Artifact | Path | str,
     *,
     settings: OptimizeSettings | None = None,
     calibration: Sequence[Feeds] | None = None,
     eval_data: EvalSet | None = None,
     progress: Progress | None = None,
 ) -> OptimizeResult:
-    """Search for a faster variant of ``parent`` within the accuracy budget; write it as a new version.
+    """Search for a faster variant of ``parent`` (an artifact, or its model or version directory) within the
+    accuracy budget; write it as a new version.
 
     Raises:
         AccuracyBudgetError: no candidate kept fidelity within budget (nothing is written; the message names the
@@ -54,6 +55,8 @@ def optimize(
         >>> result.chosen.version, result.best.speedup  # doctest: +SKIP
         (2, 2.6)
     """
+    if not isinstance(parent, artifacts.Artifact):  # a path, as `kiln optimize` takes: it was an AttributeError
+        parent = artifacts.load(parent)
     settings = settings or OptimizeSettings()
     report = progress or (lambda _msg, _frac: None)
     hardware = probe()
