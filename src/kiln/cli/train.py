@@ -54,7 +54,9 @@ def train(
     mixed_precision: str = typer.Option(None, "--mixed-precision", help="no, bf16 (CPU/GPU) or fp16 (GPU)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
     nproc: int = typer.Option(None, "--nproc", help="Data-parallel processes on this machine (torchrun; gloo on CPU)."),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default ./mlruns)."),
+    tracking_uri: str = typer.Option(
+        None, "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)."
+    ),
     track: bool = typer.Option(None, "--track/--no-track", help="Log to MLflow (default on)."),
     export: bool = typer.Option(None, "--export/--no-export", help="Export the trained model (default on)."),
 ) -> None:
