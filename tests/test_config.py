@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from kiln.bench.load import LoadSettings
 from kiln.config import BenchSettings, ExportSettings, OptimizeSettings, ServeSettings, resolve, settings_dict
 from kiln.errors import ConfigError
+from kiln.train.settings import TrainSettings
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:
@@ -282,7 +286,7 @@ def test_optimize_budget_and_speedup_outside_their_rules_are_refused(changes: di
     ("field", "value", "message"),
     [
         ("parity_atol", -1.0, r"parity_atol is -1; it must be >= 0"),  # accepted, then every export failed its gate
-        ("parity_rtol", float("nan"), r"parity_rtol is nan; it must be >= 0"),
+        ("parity_rtol", float("nan"), r"\"parity_rtol\" has value nan; .*NaN is not a value any setting takes"),
         ("parity_samples", 0, r"parity_samples is 0; it must be >= 1"),
     ],
 )
@@ -296,3 +300,31 @@ def test_a_version_policy_below_one_is_refused() -> None:
     for value in (0, -1):
         with pytest.raises(ConfigError, match=rf"version_policy_latest is {value}; it must be >= 1"):
             ServeSettings(version_policy_latest=value)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [  # each was a TypeError inside a rule ("'<' not supported between 'str' and 'int'"), or passed as another type
+        (lambda: ServeSettings(max_batch_size="32"), r'"max_batch_size" has value \'32\'; it must be of type int; in'),
+        (lambda: BenchSettings(runs=True), r'"runs" has value True; it must be of type int; fix the BenchSettings'),
+        (lambda: OptimizeSettings(batch_sizes="1,32"), r'"batch_sizes" has value \'1,32\'; it must be of type tuple'),
+        (lambda: ExportSettings(parity_atol="1e-4"), r'"parity_atol" has value \'1e-4\'; it must be of type float'),
+        (lambda: LoadSettings(rates=[10, "x"]), r'"rates" has value \[10, \'x\'\]; it must be of type tuple'),
+        (lambda: TrainSettings(dataset="digits", epochs="five"), r'"epochs" has value \'five\'; it must be of type'),
+        (lambda: TrainSettings(dataset="digits", track="no"), r'"track" has value \'no\'; it must be of type bool'),
+        (lambda: TrainSettings(dataset="digits", lr=True), r'"lr" has value True; it must be of type float; fix'),
+    ],
+)
+def test_settings_built_in_python_are_type_checked_like_flags(build: Callable[[], object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_settings_built_in_python_store_values_in_their_declared_types() -> None:
+    train = TrainSettings(dataset="digits", lr=1, epochs=3.0, checkpoint_dir=Path("ck"), hidden_sizes=[32])  # type: ignore[arg-type]
+    assert (train.lr, train.epochs, train.checkpoint_dir, train.hidden_sizes) == (1.0, 3, "ck", (32,))
+    assert (type(train.lr), type(train.epochs)) == (float, int)
+    assert json.loads(json.dumps(settings_dict(train)))["checkpoint_dir"] == "ck"  # a Path would not serialise
+    assert OptimizeSettings(batch_sizes=[1, 32]).batch_sizes == (1, 32)  # type: ignore[arg-type]
+    assert LoadSettings(rates=(20, 40)).rates == (20.0, 40.0)
+    assert ServeSettings(p99_target_ms=None).p99_target_ms is None

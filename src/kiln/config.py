@@ -38,6 +38,7 @@ class ExportSettings:
         return self.opset if self.opset is not None else (18 if exporter == "dynamo" else 17)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.opset is not None and self.opset < 1:
             raise ConfigError(f"opset is {self.opset}; it must be >= 1, e.g. 17", setting="opset", value=self.opset)
         for name in ("parity_atol", "parity_rtol"):
@@ -71,6 +72,7 @@ class OptimizeSettings:
     objective: str = "speed"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.objective not in ("speed", "size"):
             raise ConfigError(
                 f'objective "{self.objective}" is unknown; use "speed" or "size"', objective=self.objective
@@ -115,6 +117,9 @@ class BenchSettings:
     samples: int = 256
     report_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -154,6 +159,7 @@ class ServeSettings:
     warmup: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.overload_status not in (429, 503):
             raise ConfigError(
                 f"overload_status {self.overload_status} is not allowed; use 503 (with Retry-After) or 429",
@@ -229,11 +235,18 @@ def _scalar(raw: Any, kind: Any, *, parse_text: bool) -> Any:
     return raw
 
 
-def _coerce(name: str, raw: Any, annotation: Any, source: str, *, parse_text: bool = True) -> Any:
-    """``raw`` (from ``source``: a flag, a variable or a config file) as a value of the field's type.
+_TOML_QUOTES = "; in TOML, numbers, true/false and lists such as [64, 32] are written without quotes"
+
+
+def _coerce(
+    name: str, raw: Any, annotation: Any, source: str, *, parse_text: bool = True, quoted_hint: str = _TOML_QUOTES
+) -> Any:
+    """``raw`` (from ``source``: a flag, a variable, a config file or a Python argument) as a value of the field's
+    type.
 
     Flags and variables are text, parsed here (``"1,8,32"`` is a list); a config file's values are TOML-typed
-    (``parse_text=False``), so a quoted number or list there is refused rather than guessed at.
+    and Python's arguments typed (``parse_text=False``), so a quoted number or list there is refused, with
+    ``quoted_hint``, rather than guessed at.
     """
     kind = annotation
     if get_origin(kind) in (Union, types.UnionType):  # `int | None`: None never gets here (it means "not given")
@@ -253,7 +266,7 @@ def _coerce(name: str, raw: Any, annotation: Any, source: str, *, parse_text: bo
         if kind is str and isinstance(raw, list | tuple):  # `target = ["a", "b"]`: quotes are not the mistake
             hint = '; write one quoted value such as "name", not a list'
         elif not parse_text and quoted:
-            hint = "; in TOML, numbers, true/false and lists such as [64, 32] are written without quotes"
+            hint = quoted_hint
         elif _is_nan(raw):
             hint = "; NaN is not a value any setting takes"
         raise ConfigError(
@@ -262,6 +275,27 @@ def _coerce(name: str, raw: Any, annotation: Any, source: str, *, parse_text: bo
             value=raw,
             source=source,
         ) from exc
+
+
+def check_field_types(settings: Any) -> None:
+    """Make each field of a frozen settings dataclass hold a value of its type, or raise ConfigError naming it.
+
+    Every settings class calls this from ``__post_init__``, so settings built in Python get the checks that
+    ``resolve`` gives flags, variables and config files (``epochs="five"`` was a TypeError inside a rule, and
+    ``runs=True`` passed as 1). What fits is stored in the field's own type: a whole float in an int field as the
+    int, a list as a tuple, a path (``os.PathLike``) in a str field as its string.
+    """
+    source = f"the {type(settings).__name__}(...) argument"
+    hints = get_type_hints(type(settings))
+    for field_ in fields(settings):
+        value, kind = getattr(settings, field_.name), hints[field_.name]
+        if value is None and type(None) in get_args(kind):
+            continue
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        hint = "; in Python, pass numbers and True/False unquoted"
+        value = _coerce(field_.name, value, kind, source, parse_text=False, quoted_hint=hint)
+        object.__setattr__(settings, field_.name, value)  # frozen: this is its construction
 
 
 def _is_nan(raw: Any) -> bool:

@@ -157,10 +157,10 @@ def test_text_goes_to_one_string_per_row_inputs_only(shape: tuple[int, ...], sen
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"rates": (10.0, math.nan)}, "rates is [10.0, nan]"),
+        ({"rates": (10.0, math.nan)}, '"rates" has value (10.0, nan)'),
         ({"rates": (math.inf,)}, "rates is [inf]"),
         ({"duration_s": math.inf}, "duration_s is inf"),
-        ({"timeout_s": math.nan}, "timeout_s is nan"),
+        ({"timeout_s": math.nan}, '"timeout_s" has value nan'),
         ({"cooldown_s": math.inf}, "cooldown_s is inf"),
         ({"rates": (1e12,), "duration_s": 1.0}, "plans about 1,000,000,000,000 requests"),
     ],

@@ -150,18 +150,6 @@ def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..
         train(make_settings(dataset="digit"))
 
 
-def test_settings_of_another_type_from_python_are_config_errors_not_type_errors() -> None:
-    # epochs="five" was "TypeError: '<' not supported between instances of 'str' and 'int'"
-    with pytest.raises(ConfigError, match=r"^epochs is 'five' \(str\); it must be int$"):
-        TrainSettings(dataset="digits", epochs="five")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^track is 'no' \(str\); it must be bool$"):
-        TrainSettings(dataset="digits", track="no")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"^lr is True \(bool\); it must be float$"):
-        TrainSettings(dataset="digits", lr=True)
-    settings = TrainSettings(dataset="digits", lr=1, checkpoint_dir=Path("ck"), hidden_sizes=[32])  # type: ignore[arg-type]
-    assert (settings.lr, settings.checkpoint_dir) == (1, Path("ck"))
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [  # each passed validation, then crashed as an internal error (scikit-learn's, NumPy's or torch's)

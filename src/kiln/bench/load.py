@@ -24,7 +24,7 @@ from kiln._utils import package_versions
 from kiln.bench.loadclient import LoadClient
 from kiln.bench.loadresults import LoadReport, LoadStep
 from kiln.bench.loadtarget import ModelMetadata, Payload, V2Target, probe, tensor_payloads, text_payloads
-from kiln.config import settings_dict
+from kiln.config import check_field_types, settings_dict
 from kiln.data import english_corpus
 from kiln.errors import ConfigError
 
@@ -58,6 +58,7 @@ class LoadSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         rates_ok = bool(self.rates) and all(map(_positive, self.rates))
         rules: list[tuple[str, object, bool, str]] = [
             ("rates", list(self.rates), rates_ok, "positive numbers, e.g. 10,20,40"),

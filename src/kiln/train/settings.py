@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.artifact import check_model_name
-from kiln.config import ExportSettings, resolve
+from kiln.config import ExportSettings, check_field_types, resolve
 from kiln.errors import ConfigError, did_you_mean
 
 TASKS = ("auto", "classification", "regression", "embedding")
@@ -59,39 +59,6 @@ RESUMABLE_CHANGES = frozenset(
         "prune_batches",
     }
 )
-
-
-def _check_types(settings: Any) -> None:
-    """Each field holds a value of its type: built from Python, ``epochs="five"`` was a TypeError inside a rule
-    (config files and flags are checked as they are read)."""
-    import dataclasses
-    import os
-    import types
-    import typing
-
-    hints = typing.get_type_hints(type(settings))
-    for field_ in dataclasses.fields(settings):
-        value, kind = getattr(settings, field_.name), hints[field_.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None`
-            if value is None:
-                continue
-            kind = next(k for k in typing.get_args(kind) if k is not type(None))
-        base = typing.get_origin(kind) or kind
-        if base is bool:
-            fits = isinstance(value, bool)
-        elif base in (int, float):
-            fits = isinstance(value, int if base is int else int | float) and not isinstance(value, bool)
-        elif base is str:
-            fits = isinstance(value, str | os.PathLike)
-        else:
-            fits = base is not tuple or isinstance(value, tuple | list)
-        if not fits:
-            raise ConfigError(
-                f"{field_.name} is {value!r} ({type(value).__name__}); it must be {getattr(base, '__name__', base)}"
-                + (" (a list or tuple)" if base is tuple else ""),
-                setting=field_.name,
-                value=repr(value),
-            )
 
 
 @dataclass(frozen=True)
@@ -187,7 +154,7 @@ class TrainSettings:
     prune_batches: int = 8
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_field_types(self)
         if self.name:  # it names the artifact's directory: refused now, not after the training it would end
             check_model_name(self.name, fix='set name to a plain one, e.g. name = "digits-cnn"')
         _check_choice("task", self.task, TASKS)
