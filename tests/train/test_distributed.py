@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import socket
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -167,7 +169,8 @@ def _join_as_rank(rank: int, port: int) -> None:
 def _run_two_ranks(target: Callable[[int, int, Any], None], timeout_s: float) -> list[Any]:
     """Run ``target(rank, port, results)`` as ranks 0 and 1 in spawned processes: what each put in ``results``.
 
-    A rank that does not answer within ``timeout_s`` fails the test (the processes are killed); both must exit 0.
+    A rank that does not answer within ``timeout_s``, or dies without answering, fails the test (the processes are
+    killed); both must exit 0.
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -177,8 +180,16 @@ def _run_two_ranks(target: Callable[[int, int, Any], None], timeout_s: float) ->
     workers = [context.Process(target=target, args=(rank, port, results)) for rank in (0, 1)]
     for worker in workers:
         worker.start()
+    deadline, got = time.monotonic() + timeout_s, []
     try:
-        got = [results.get(timeout=timeout_s) for _ in workers]
+        while len(got) < len(workers):
+            try:
+                got.append(results.get(timeout=1.0))
+            except queue.Empty:
+                died = any(worker.exitcode not in (None, 0) for worker in workers)
+                assert not died and time.monotonic() < deadline, (
+                    f"{len(got)} of {len(workers)} ranks answered; exit codes {[w.exitcode for w in workers]}"
+                )
     finally:
         for worker in workers:
             worker.join(timeout=60)
