@@ -76,6 +76,38 @@ def label_output(outputs: Sequence[TensorSpec], labels: Array | None, task: str,
     )
 
 
+def check_label_shape(labels: Array) -> None:
+    """A classifier's held-out labels are one class per row: shape [N] or [N, 1].
+
+    Raises:
+        InvalidInput: another shape ([N, 2] crashed in NumPy's broadcasting).
+    """
+    if labels.ndim != 1 and labels.shape[1:] != (1,):
+        raise InvalidInput(
+            f"the held-out labels have shape {list(labels.shape)}; a classifier's labels are one class per row, "
+            f"shape [{len(labels)}]: pass one label per row"
+        )
+
+
+def check_label_classes(labels: Array, classes: Sequence[Any], output: str) -> None:
+    """Held-out labels scored on a classifier's own label output must be among the classes it gives.
+
+    Raises:
+        InvalidInput: a label the model can never predict (labels 1..10 for classes 0..9, say): its accuracy would
+            read near 0 for the parent and every variant alike, and the accuracy guard would pass any of them.
+    """
+    known = set(classes)
+    unseen = [v for v in np.unique(labels).tolist() if v not in known]
+    if unseen:
+        shown = ", ".join(map(repr, list(classes)[:6])) + (" ..." if len(classes) > 6 else "")
+        raise InvalidInput(
+            f"the held-out labels hold {', '.join(map(repr, unseen[:3]))}{' ...' if len(unseen) > 3 else ''}, "
+            f'which the model\'s "{output}" output never gives: its classes are {shown}; pass held-out labels '
+            "of those classes",
+            classes=list(classes)[:20],
+        )
+
+
 def predictions(output: Array, task: str) -> Array:
     """Class ids from probabilities/logits (2-D) or from labels (1-D integers); values (N, outputs) for regression.
 
@@ -120,6 +152,7 @@ def task_score(output: Array, labels: Array, task: str) -> dict[str, float]:
         return {"r2": _r2(labels.reshape(len(labels), -1).astype(np.float64), pred.astype(np.float64))}
     if labels.ndim == 2 and labels.shape[1] == 1:  # (N, 1) labels against (N,) predictions broadcast to (N, N)
         labels = labels.reshape(len(labels))
+    check_label_shape(labels)
     if labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0):  # 0.0/1.0 targets of BCE: class ids as floats
         labels = labels.astype(np.int64)
     if pred.dtype.kind not in "iub":

@@ -372,3 +372,29 @@ def test_held_out_data_of_the_wrong_shape_is_refused_naming_the_input_and_both_s
     ):
         optimize(digits_mlp, settings=OptimizeSettings(**QUICK), eval_data=wrong)  # type: ignore[arg-type]
     assert artifacts.versions(digits_mlp.path.parent) == [1]
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [  # labels 1..10 for classes 0..9 scored 0.0 for the parent and every variant, and the guard chose any of them
+        (
+            lambda y: y + 1,
+            r'held-out labels hold 10, which the model\'s "label" output never gives: its classes are 0,',
+        ),
+        (lambda y: np.stack([y, y], axis=1), r"held-out labels have shape \[\d+, 2\]; .* one class per row"),
+    ],
+)
+def test_held_out_labels_the_classifier_cannot_give_are_refused_before_the_search(
+    digits_mlp: artifacts.Artifact, labels: Any, message: str
+) -> None:
+    from sklearn.datasets import load_digits
+
+    from kiln.data import EvalSet
+    from kiln.errors import InvalidInput
+
+    x, y = load_digits(return_X_y=True)
+    shifted = EvalSet(feeds={"input": x[1400:].astype(np.float32)}, labels=labels(y[1400:]))
+    with pytest.raises(InvalidInput, match=message):
+        optimize(digits_mlp, settings=OptimizeSettings(**QUICK), eval_data=shifted)  # type: ignore[arg-type]
+    assert artifacts.versions(digits_mlp.path.parent) == [1]
+    assert digits_mlp.manifest.postprocessing["classes"] == list(range(10))

@@ -235,10 +235,16 @@ def _export_sklearn(
             source={"framework": "scikit-learn", "version": sk.__version__, "class": type(model).__name__}
             | source_extra,
             settings=settings,
-            postprocessing={"labels": list(labels)} if labels else {},
+            # "classes": what the label output gives, so held-out labels can be checked against it (optimize)
+            postprocessing=({"labels": list(labels)} if labels else {}) | _classes_entry(model),
             eval_data=eval_entry,
             assets=assets,
         )
+
+
+def _classes_entry(model: Any) -> dict[str, Any]:
+    values = sklearn.class_values(model)
+    return {"classes": values} if values is not None else {}
 
 
 def _export_torch(

@@ -46,6 +46,14 @@ def task_of(model: Any) -> str:
     return "classification" if is_classifier(final_estimator(model)) else "regression"
 
 
+def class_values(model: Any) -> list[Any] | None:
+    """A classifier's ``classes_`` as JSON values (what its ``label`` output gives), or None."""
+    classes = getattr(final_estimator(model), "classes_", None)
+    if task_of(model) != "classification" or classes is None or np.ndim(classes) != 1:
+        return None
+    return [str(v) if isinstance(v, np.str_) else v for v in np.asarray(classes).tolist()]
+
+
 def class_names(model: Any, labels: Sequence[str] | None, heldout: np.ndarray[Any, Any] | None) -> list[str] | None:
     """The names of a classifier's classes in the order of its ``probabilities`` columns, or None.
 

@@ -41,6 +41,11 @@ class Workload:
         # its kind (classes 1, 2, 3 or "setosa" ...); text models are scored on their embeddings, never on labels
         text = artifact.manifest.preprocessing.get("kind") == "text"
         self.label_output = None if text else fidelity.label_output(outputs, data.labels, self.task, scored=self.output)
+        if self.task == "classification" and data.labels is not None:
+            fidelity.check_label_shape(data.labels)  # on every row given, not the rows the guard scores
+        classes = artifact.manifest.postprocessing.get("classes")  # scikit-learn classifiers exported since 2026-12
+        if self.label_output and data.labels is not None and isinstance(classes, list):
+            fidelity.check_label_classes(data.labels, classes, self.label_output)
         self.tokenizer = tokenizer_for(artifact)
 
     @property
