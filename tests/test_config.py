@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kiln.bench.load import LoadSettings
-from kiln.config import BenchSettings, ExportSettings, OptimizeSettings, ServeSettings, resolve, settings_dict
+from kiln.config import (
+    BenchSettings,
+    ExportSettings,
+    OptimizeSettings,
+    ServeSettings,
+    check_variables,
+    resolve,
+    settings_dict,
+)
 from kiln.errors import ConfigError
 from kiln.train.settings import TrainSettings
 
@@ -328,3 +338,25 @@ def test_settings_built_in_python_store_values_in_their_declared_types() -> None
     assert OptimizeSettings(batch_sizes=[1, 32]).batch_sizes == (1, 32)  # type: ignore[arg-type]
     assert LoadSettings(rates=(20, 40)).rates == (20.0, 40.0)
     assert ServeSettings(p99_target_ms=None).p99_target_ms is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [  # each started a server that then misbehaved: every request 503 "retry later", or no client let in
+        ({"default_timeout_ms": -3.0}, r"default_timeout_ms is -3; it must be a positive, finite number of milli"),
+        ({"p99_target_ms": 0.0}, r"p99_target_ms is 0; it must be a positive, finite number of milliseconds"),
+        ({"drain_timeout_s": -1.0}, r"drain_timeout_s is -1; it must be >= 0 and finite"),
+        ({"max_queue_delay_ms": math.inf}, r"max_queue_delay_ms is inf; it must be >= 0 and finite"),
+        ({"api_keys": ("ok", "")}, r"api_keys \(--api-key, KILN_API_KEYS\) holds an empty key"),
+        ({"admin_keys": (" ",)}, r"admin_keys \(--admin-key, KILN_ADMIN_KEYS\) holds an empty key"),
+    ],
+)
+def test_serve_settings_that_would_start_a_broken_server_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServeSettings(**changes)
+
+
+def test_a_kiln_variable_close_to_a_setting_is_refused_and_others_are_left_alone() -> None:
+    with pytest.raises(ConfigError, match=r"variable KILN_API_KEY is not a Kiln setting \(did you mean KILN_API_KEYS"):
+        check_variables({"KILN_API_KEY": "k"}, [ServeSettings])
+    check_variables({"KILN_API_KEYS": "k", "KILN_MY_OWN_THING": "1", "API_KEY": "k"}, [ServeSettings])

@@ -8,11 +8,12 @@ every artifact and report a stage produces.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -185,8 +186,29 @@ class ServeSettings:
                 f"body_timeout_s is {self.body_timeout_s:g}; it must be a positive, finite number of seconds",
                 setting="body_timeout_s",
             )
-        if self.max_queue_delay_ms < 0:
-            raise ConfigError(f"max_queue_delay_ms is {self.max_queue_delay_ms:g}; it must be >= 0")
+        if not 0 <= self.max_queue_delay_ms < math.inf:
+            raise ConfigError(f"max_queue_delay_ms is {self.max_queue_delay_ms:g}; it must be >= 0 and finite, e.g. 5")
+        # a negative default timeout answered every request 503 "retry later", blaming a timeout no client sent
+        for name, example in (("default_timeout_ms", "1000"), ("p99_target_ms", "200")):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(
+                    f"{name} is {value:g}; it must be a positive, finite number of milliseconds, e.g. {example} "
+                    "(or unset)",
+                    setting=name,
+                )
+        if not 0 <= self.drain_timeout_s < math.inf:
+            raise ConfigError(
+                f"drain_timeout_s is {self.drain_timeout_s:g}; it must be >= 0 and finite seconds, e.g. 30",
+                setting="drain_timeout_s",
+            )
+        for name, flag in (("api_keys", "--api-key"), ("admin_keys", "--admin-key")):
+            if any(not key.strip() for key in getattr(self, name)):  # `--api-key "$KEY"`, KEY unset: nobody got in
+                raise ConfigError(
+                    f"{name} ({flag}, KILN_{name.upper()}) holds an empty key; every key must be non-empty: is the "
+                    "shell variable that held it set?",
+                    setting=name,
+                )
         if not 0 <= self.http_port < 65536 or not 0 <= self.grpc_port < 65536:
             raise ConfigError(f"ports must be in 0..65535 (got http {self.http_port}, grpc {self.grpc_port})")
 
@@ -391,6 +413,28 @@ def resolve(
             raise ConfigError(f'unknown setting "{key}"{did_you_mean(key, known)}', key=key)
         values[key] = _coerce(key, raw, hints[key], "the flag or argument")
     return cls(**values)
+
+
+def check_variables(environ: Mapping[str, str], settings_classes: Iterable[type]) -> None:
+    """Refuse a ``KILN_*`` variable that names no setting of ``settings_classes`` but is close to one.
+
+    ``KILN_API_KEY`` (the flag's name, not the setting's ``api_keys``) was ignored without a word, and the server
+    ran without authentication. A variable close to no setting (a user's own ``KILN_*``) is left alone.
+
+    Raises:
+        ConfigError: naming the variable and the closest setting's variable.
+    """
+    known = {f.name for cls in settings_classes for f in fields(cls)}
+    for variable in sorted(environ):
+        if not variable.startswith("KILN_") or variable[5:].lower() in known:
+            continue
+        close = difflib.get_close_matches(variable[5:].lower(), sorted(known), n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(
+                f"variable {variable} is not a Kiln setting (did you mean KILN_{close[0].upper()}?); Kiln reads "
+                "KILN_<SETTING> for each setting's name: rename the variable, or unset it",
+                variable=variable,
+            )
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:

@@ -67,3 +67,22 @@ def test_an_error_inside_a_progress_bar_is_the_first_line_of_piped_stderr(tmp_pa
     assert result.returncode == EXIT_USER_ERROR, result.stderr
     # the (invisible) progress bar on piped stderr left an empty first line above the error
     assert result.stderr.splitlines()[0].startswith('error: bench setting "runs" is 0'), repr(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggested"),
+    [("KILN_API_KEY", "KILN_API_KEYS"), ("KILN_ADMIN_KEY", "KILN_ADMIN_KEYS"), ("KILN_EPOCH", "KILN_EPOCHS")],
+)
+def test_a_misspelt_kiln_variable_is_refused_before_anything_runs(
+    tmp_path: Path, variable: str, suggested: str
+) -> None:
+    # KILN_API_KEY (named after the flag, not the setting api_keys) was ignored: the server ran without authentication
+    result = kiln("serve", tmp_path, env={variable: "secret"})
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    assert f"variable {variable} is not a Kiln setting (did you mean {suggested}?)" in result.stderr, result.stderr
+
+
+def test_kiln_variables_of_every_stage_and_a_users_own_pass(tmp_path: Path) -> None:
+    env = {"KILN_RATES": "5", "KILN_EPOCHS": "2", "KILN_API_KEYS": "k", "KILN_MY_OWN_THING": "1"}
+    result = kiln("inspect", tmp_path, env=env)  # an empty directory: the error is about it, not the variables
+    assert result.returncode == EXIT_USER_ERROR and "holds no Kiln artifact" in result.stderr, result.stderr

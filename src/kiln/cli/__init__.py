@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from kiln.cli.optimize import optimize
 from kiln.cli.quickstart import quickstart
 from kiln.cli.serve import serve
 from kiln.cli.train import train
+from kiln.config import BenchSettings, ExportSettings, OptimizeSettings, ServeSettings, check_variables
 from kiln.errors import KilnError
 
 app = typer.Typer(
@@ -31,11 +33,28 @@ for verb in (export, optimize, bench, inspect, quickstart, serve, train):
 EXIT_USER_ERROR = 2
 
 
+def _check_variables() -> None:
+    """Refuse a misspelt ``KILN_*`` variable (``KILN_API_KEY`` for ``KILN_API_KEYS`` left a server open).
+
+    Every settings class a variable can set is checked, but train's and load's only when a variable names none of
+    the others' settings: importing them costs seconds (PyTorch), which ``kiln serve`` should not pay to start.
+    """
+    core = (ExportSettings, OptimizeSettings, BenchSettings, ServeSettings)
+    known = {f.name for cls in core for f in dataclasses.fields(cls)}
+    if all(v[5:].lower() in known for v in os.environ if v.startswith("KILN_")):
+        return
+    from kiln.bench import LoadSettings
+    from kiln.train import TrainSettings
+
+    check_variables(os.environ, (*core, LoadSettings, TrainSettings))
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
 ) -> None:
+    _check_variables()
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not debug:
