@@ -509,6 +509,14 @@ def test_cli_bench_url_prints_the_table_and_writes_the_report(tiny_url: str, tmp
     assert report.settings["binary"] is True
 
 
+def test_cli_bench_url_writes_its_report_where_kiln_report_dir_says(tiny_url: str, tmp_path: Path) -> None:
+    # the variable was honoured in-process only: --url wrote to kiln-report/load in the working directory
+    args = ("--url", tiny_url, "--model", "tiny", "--rates", "20", "--duration-s", "0.2", "--max-requests", "4")
+    done = kiln("bench", *args, cwd=tmp_path, env={"KILN_REPORT_DIR": str(tmp_path / "mine")})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mine" / "load.json").is_file() and not (tmp_path / "kiln-report").exists()
+
+
 def test_cli_bench_needs_models_or_a_url() -> None:
     done = kiln("bench")
     assert done.returncode == 2

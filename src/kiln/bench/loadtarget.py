@@ -86,7 +86,7 @@ class V2Target:
             raise ModelNotFound(
                 f'the server at {self.url} has no model "{self.model}"'
                 + (f" version {self.version}" if self.version else "")
-                + f" ({_error_text(body)}); check --model against GET {self.url.rstrip('/')}/v2/repository/index",
+                + f" ({_error_text(body)}); check --model against POST {self.url.rstrip('/')}/v2/repository/index",
                 model=self.model,
                 url=self.url,
             )

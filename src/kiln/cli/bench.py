@@ -90,7 +90,7 @@ def bench(
                 "texts_per_request": texts_per_request,
                 "rows_per_request": rows_per_request,
             },
-            report_dir or DEFAULT_LOAD_REPORT_DIR,
+            _load_report_dir(report_dir, config),
             config,
             api_key,
         )
@@ -128,6 +128,15 @@ def _refuse_flags(flags: dict[str, object], applies: str) -> None:
             f"{', '.join(given)} {'applies' if one else 'apply'} {applies}; leave {'it' if one else 'them'} out",
             flags=given,
         )
+
+
+def _load_report_dir(report_dir: Path | None, config: Path | None) -> Path:
+    """--report-dir > KILN_REPORT_DIR > [bench] report_dir > kiln-report/load, as in-process (it was the flag or
+    the default only)."""
+    from kiln.config import BenchSettings, resolve
+
+    configured = resolve(BenchSettings, {"report_dir": str(report_dir) if report_dir else None}, config_file=config)
+    return Path(configured.report_dir) if configured.report_dir else DEFAULT_LOAD_REPORT_DIR
 
 
 def _bench_in_process(
