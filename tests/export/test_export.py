@@ -125,12 +125,70 @@ def test_onnx_file_is_imported_as_a_checked_version(tmp_path: Path, tiny_onnx_mo
     assert artifacts.load(tmp_path / "repo" / "tiny").sha256 == art.sha256
     # recorded as parity passed=False, exported by "dynamo" at no opset: nothing was compared or exported
     assert art.manifest.checks["parity"] == {
-        "skipped": "an imported ONNX file has no source to compare with; it ran at 2 batch sizes"
+        "skipped": "an imported ONNX file has no source to compare with; it ran at input shapes input [1, 4]; "
+        "input [3, 4]"
     }
     assert (art.manifest.settings["export"]["exporter"], art.manifest.settings["export"]["opset"]) == (
         "none (an ONNX file, imported)",
         17,
     )
+
+
+def test_an_onnx_file_with_external_data_is_imported_whole(tmp_path: Path, tiny_onnx_model: Path) -> None:
+    # only model.onnx was copied: the version failed to load ("External data path does not exist") once the source
+    # directory was gone, and in ORT at once, while `kiln inspect` called it verified
+    import shutil
+
+    import onnx
+
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save(
+        onnx.load(str(tiny_onnx_model)),
+        str(source / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    assert (source / "weights.bin").is_file()
+    art = export(source / "model.onnx", out=tmp_path / "repo", name="ext")
+    shutil.rmtree(source)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    expected = OrtEngine(tiny_onnx_model).run({"input": x})["probabilities"]
+    loaded = artifacts.load(tmp_path / "repo" / "ext")
+    np.testing.assert_allclose(OrtEngine(loaded.model_path).run({"input": x})["probabilities"], expected, rtol=1e-6)
+    assert art.manifest.provenance["source"]["path"] == str((source / "model.onnx").resolve())
+
+
+def test_an_onnx_file_is_imported_at_its_own_opset_and_another_is_refused(
+    tmp_path: Path, tiny_onnx_model: Path
+) -> None:
+    # --opset 19 was ignored without a word: the version recorded 17
+    with pytest.raises(
+        ConfigError, match=r"opset 19 was asked for, but .* an ONNX file of opset 17, imported as it is"
+    ):
+        export(tiny_onnx_model, out=tmp_path / "repo", settings=ExportSettings(opset=19))
+    assert not (tmp_path / "repo").exists()
+    assert export(tiny_onnx_model, out=tmp_path / "repo", settings=ExportSettings(opset=17)).version == 1
+
+
+def test_an_onnx_file_that_fails_at_a_batch_size_it_declares_is_an_export_error(tmp_path: Path) -> None:
+    # input [b, 4] reshaped to [4, 4]: ONNX Runtime's failure was an "internal error", exit 1
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+        initializer=[numpy_helper.from_array(np.array([4, 4], dtype=np.int64), "shape")],
+    )
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ExportError, match=r'"fixed.onnx" does not run at input shapes x \[1, 4\], which its inputs'):
+        export(path, out=tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
 
 
 # --- bad inputs: each names the value, the rule and the fix, and writes nothing ------------------------------------

@@ -108,8 +108,9 @@ def export(
             )
     parity = artifact.manifest.checks.get("parity", {})
     worst = max((o["max_abs_error"] for o in parity.get("outputs", {}).values()), default=0.0)
+    checked = "parity skipped: no source to compare with" if "skipped" in parity else f"parity max |diff| {worst:.2e}"
     console.print(
         f"[green]exported[/] {escape(f'{artifact.name} v{artifact.version} -> {artifact.path}')} "
-        f"({human_bytes(artifact.manifest.model['size_bytes'])}, parity max |diff| {worst:.2e})"
+        f"({human_bytes(artifact.manifest.model['size_bytes'])}, {checked})"
     )
     console.print(f"next: kiln optimize {artifact.path.parent}", markup=False)

@@ -21,7 +21,7 @@ import numpy as np
 from kiln.artifact import Artifact
 from kiln.config import ExportSettings, resolve
 from kiln.data import TEXT_EVAL_OFFSET, heldout_asset
-from kiln.errors import InvalidInput, ModelNotFound, UnknownFormat
+from kiln.errors import ConfigError, InvalidInput, ModelNotFound, UnknownFormat
 from kiln.export import hf, onnx_file, sklearn
 from kiln.export import torch as torch_export
 from kiln.export.checks import check_parity, check_structure, signature_of
@@ -375,26 +375,36 @@ def _export_onnx(
 
     model, signature = onnx_file.inspect_file(path)
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if settings.opset is not None and settings.opset != opset:
+        raise ConfigError(
+            f'opset {settings.opset} was asked for, but "{path}" is an ONNX file of opset {opset}, imported as it is; '
+            "leave --opset out (or convert the file first, with onnx.version_converter)",
+            setting="opset",
+        )
     settings = dataclasses.replace(settings, exporter="none (an ONNX file, imported)", opset=opset)  # as it is
     eval_entry, assets = _eval_entry(eval_data, signature.inputs[0].name) if eval_data else ({}, {})
-    return finalize(
-        path,
-        out=out,
-        name=name,
-        task=task or "generic",
-        reference=None,
-        sample_feeds=[onnx_file.synthetic_feeds(signature, 1), onnx_file.synthetic_feeds(signature, 3)],
-        source={
-            "framework": "onnx",
-            "version": onnx.__version__,
-            "path": str(path.resolve()),
-            "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        },
-        settings=settings,
-        postprocessing={"labels": list(labels)} if labels else {},
-        eval_data=eval_entry,
-        assets=assets,
-    )
+    with torch_export.temp_workdir() as tmp:
+        model_file = path
+        if onnx_file.uses_external_data(path):  # its weights, in files beside it, were left behind: the version
+            model_file = onnx_file.save_inline(model, Path(tmp) / "model.onnx", source=path)  # could not load
+        return finalize(
+            model_file,
+            out=out,
+            name=name,
+            task=task or "generic",
+            reference=None,
+            sample_feeds=[onnx_file.synthetic_feeds(signature, 1), onnx_file.synthetic_feeds(signature, 3)],
+            source={
+                "framework": "onnx",
+                "version": onnx.__version__,
+                "path": str(path.resolve()),
+                "producer": f"{model.producer_name} {model.producer_version}".strip(),
+            },
+            settings=settings,
+            postprocessing={"labels": list(labels)} if labels else {},
+            eval_data=eval_entry,
+            assets=assets,
+        )
 
 
 def source_engine(artifact: Artifact) -> Engine | None:

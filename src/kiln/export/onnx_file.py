@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import ExportError
 from kiln.export.checks import check_structure, signature_of
 from kiln.types import Feeds, Signature
 
@@ -32,3 +33,39 @@ def synthetic_feeds(signature: Signature, rows: int, seed: int = 0) -> Feeds:
 def inspect_file(path: Path) -> tuple[Any, Signature]:
     model = check_structure(path)
     return model, signature_of(model)
+
+
+def uses_external_data(path: Path) -> bool:
+    """Whether the ONNX file at ``path`` keeps any tensor's data in files beside it (weights over 2 GB, or saved
+    with ``save_as_external_data``)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data as external
+
+    graphs, found = [onnx.load(str(path), load_external_data=False).graph], False
+    while graphs and not found:
+        graph = graphs.pop()
+        found = any(external(t) for t in graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                found = found or (attribute.HasField("t") and external(attribute.t))
+                graphs.extend([*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs])
+    return found
+
+
+def save_inline(model: Any, target: Path, *, source: Path) -> Path:
+    """``model`` (external data already loaded) saved as one file at ``target``: an artifact's model is one file.
+
+    Raises:
+        ExportError: the model is too large for one file (protobuf's 2 GB limit).
+    """
+    import onnx
+
+    size = model.ByteSize()
+    if size >= 2**31:
+        raise ExportError(
+            f'"{source}" keeps {size / 2**30:.1f} GB of weights in external data files; a Kiln artifact holds its '
+            "model in one file, which protobuf limits to 2 GB: export a smaller model (or quantize it first)",
+            path=str(source),
+        )
+    onnx.save(model, str(target))
+    return target
