@@ -90,3 +90,21 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path: Path) -> N
         for name, value in slot.items():
             assert torch.equal(value, b["optimizer"]["state"][index][name]), f"optimizer state {index}.{name}"
     assert a["rng"]["torch"].equal(b["rng"]["torch"])
+
+
+def test_a_run_stopped_by_sigterm_checkpoints_and_exits_non_zero(tmp_path: Path) -> None:
+    # typer handed the interrupt back as a return value, which was dropped: exit 0, so `kiln train && kiln optimize`
+    # and job schedulers took an unfinished run for a finished one
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG)
+    run = kiln_train(config, tmp_path / "ck")
+    deadline = time.monotonic() + 120
+    while latest_step(tmp_path / "ck") < 5:
+        assert run.poll() is None, f"the run ended before it could be stopped:\n{run.communicate()[1]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "interrupted" in err and "checkpoint written" in err, err
+    assert 5 <= latest_step(tmp_path / "ck") < TOTAL_STEPS

@@ -74,15 +74,16 @@ def main() -> None:
     if debug:  # a flag of the app, taken anywhere on the line: `kiln export model.txt --debug` too
         args = ["--debug", *(a for a in args if a != "--debug")]
     try:
-        app(args=args, standalone_mode=False)
+        # NOTE: without standalone mode, typer turns Ctrl-C (and a training run's SIGTERM, which the loop raises as
+        # KeyboardInterrupt after its checkpoint) into a returned 130, not an exception: it was dropped, exit 0
+        code = app(args=args, standalone_mode=False)
     except KilnError as exc:
         if debug:
             raise
         err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        code = 130
     except Exception as exc:
         exits, usage_errors, aborts = _click_exceptions()
         if isinstance(exc, exits):
@@ -101,6 +102,10 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    if code == 130:
+        err_console.print("[yellow]interrupted[/]")
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _click_exceptions() -> tuple[tuple[type[Exception], ...], ...]:
