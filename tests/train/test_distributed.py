@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -360,3 +361,39 @@ def test_a_batch_with_fewer_rows_than_ranks_trains_as_one_process_does() -> None
     for key, value in alone.model.state_dict().items():
         torch.testing.assert_close(torch.from_numpy(got[0][1][key]), value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.from_numpy(got[1][1][key]), value, rtol=1e-5, atol=1e-6)
+
+
+def test_killing_kiln_train_stops_torchrun_and_its_workers(tmp_path: Path, factories_on_path: Path) -> None:
+    """SIGKILL on ``kiln train --nproc 2`` (no handler runs): torchrun and both workers trained on, writing into the
+    checkpoint directory a resume would use. torchrun now gets SIGTERM when its parent dies, and stops its workers."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    checkpoints, config = tmp_path / "ck", tmp_path / "run.toml"
+    config.write_text(
+        '[train]\ndataset = "digits"\nmodel = "kiln_train_test_models:slow_digits_mlp"\nepochs = 50\nbatch_size = 16\n'
+        "checkpoint_every = 2\ntrack = false\nexport = false\n",
+        encoding="utf-8",
+    )
+    command = [sys.executable, "-m", "kiln", "train", str(config), "--nproc", "2", "--checkpoint-dir", str(checkpoints)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factories_on_path), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (checkpoints / "latest.json").is_file():
+            assert parent.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        children = psutil.Process(parent.pid).children(recursive=True)
+        assert [c.cmdline()[2:4] for c in children].count(["-m", "kiln.train.worker"]) == 2, children
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)  # they stop at the end of a step (SIGTERM)
+        assert not alive, f"still running after their parent was killed: {[p.cmdline() for p in alive]}"
+    finally:
+        for process in [*children, parent]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,12 +81,19 @@ def launch(
             "kiln.train.worker",
             str(spec),
         ]
-        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace") as process:
+        with subprocess.Popen(
+            command,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            # NOTE: one call into libc, looked up before the fork: nothing that takes a lock another thread may hold
+            preexec_fn=_terminate_with_parent(),  # noqa: PLW1509
+        ) as process:
             assert process.stderr is not None
             try:
                 launcher = _relay_worker_lines(process.stderr, on_step)
             except BaseException:
-                process.kill()
+                _stop(process)
                 raise
         if process.returncode != 0 or not result.is_file():
             worker_error = _worker_error(Path(tmp))
@@ -101,6 +109,30 @@ def launch(
             )
         record: dict[str, Any] = json.loads(result.read_text(encoding="utf-8"))
     return record
+
+
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """For torchrun's process, to run before it starts: SIGTERM it when this process dies, even by SIGKILL (Linux).
+
+    torchrun then stops its workers, which checkpoint at the end of their step as on any SIGTERM. Without it a
+    killed ``kiln train --nproc`` left torchrun and its workers training on, writing into the checkpoint directory
+    a resumed run would use.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, pr_set_pdeathsig = ctypes.CDLL(None, use_errno=True).prctl, 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Stop torchrun as SIGTERM does (it stops its workers; SIGKILL would orphan them), then kill it if it lingers."""
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def _relay_worker_lines(stream: IO[str], on_step: Callable[[dict[str, Any]], None] | None) -> list[str]:
