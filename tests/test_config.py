@@ -261,12 +261,29 @@ def test_a_string_in_the_config_file_is_still_a_list_of_one_for_a_list_of_string
     [
         ({"KILN_MAX_QUEUE_DELAY_MS": "nan"}, None),  # slipped past `max_queue_delay_ms < 0`
         ({}, "[serve]\nmax_queue_delay_ms = nan\n"),
+        ({"KILN_MAX_QUEUE_DELAY_MS": "inf"}, None),
+        ({}, "[serve]\nmax_queue_delay_ms = inf\n"),
     ],
 )
-def test_nan_is_refused_for_every_number_setting(tmp_path: Path, environ: dict[str, str], text: str | None) -> None:
+def test_nan_and_infinity_are_refused_for_every_number_setting(
+    tmp_path: Path, environ: dict[str, str], text: str | None
+) -> None:
     config_file = write_toml(tmp_path, text) if text else None
-    with pytest.raises(ConfigError, match=r'"max_queue_delay_ms" has value .*nan.*NaN is not a value any setting'):
+    with pytest.raises(ConfigError, match=r'"max_queue_delay_ms" has value .*(nan|inf).*NaN and infinity are not'):
         resolve(ServeSettings, config_file=config_file, environ=environ)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [  # lr = inf trained into a NaN loss; parity_rtol = inf passed an export whose outputs differed by 0.96
+        lambda: TrainSettings(dataset="iris", lr=math.inf),
+        lambda: ExportSettings(parity_rtol=math.inf),
+        lambda: resolve(ExportSettings, {"parity_atol": "inf"}, environ={}),
+    ],
+)
+def test_infinity_is_refused_where_a_rule_let_it_through(build: Callable[[], object]) -> None:
+    with pytest.raises(ConfigError, match=r"has value .*inf.*; NaN and infinity are not values any setting takes"):
+        build()
 
 
 def test_a_config_file_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_path: Path) -> None:
@@ -282,7 +299,7 @@ def test_a_config_file_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_pat
     ("changes", "named"),
     [
         ({"time_budget_s": -5.0}, "time_budget_s is -5"),
-        ({"time_budget_s": float("inf")}, "time_budget_s is inf"),
+        ({"time_budget_s": float("inf")}, '"time_budget_s" has value inf'),
         ({"min_speedup": 0.5}, 'min_speedup is 0.5; it must be >= 1 .* use objective "size"'),
     ],
 )
@@ -296,7 +313,11 @@ def test_optimize_budget_and_speedup_outside_their_rules_are_refused(changes: di
     ("field", "value", "message"),
     [
         ("parity_atol", -1.0, r"parity_atol is -1; it must be >= 0"),  # accepted, then every export failed its gate
-        ("parity_rtol", float("nan"), r"\"parity_rtol\" has value nan; .*NaN is not a value any setting takes"),
+        (
+            "parity_rtol",
+            float("nan"),
+            r"\"parity_rtol\" has value nan; .*NaN and infinity are not values any setting takes",
+        ),
         ("parity_samples", 0, r"parity_samples is 0; it must be >= 1"),
     ],
 )
@@ -346,7 +367,7 @@ def test_settings_built_in_python_store_values_in_their_declared_types() -> None
         ({"default_timeout_ms": -3.0}, r"default_timeout_ms is -3; it must be a positive, finite number of milli"),
         ({"p99_target_ms": 0.0}, r"p99_target_ms is 0; it must be a positive, finite number of milliseconds"),
         ({"drain_timeout_s": -1.0}, r"drain_timeout_s is -1; it must be >= 0 and finite"),
-        ({"max_queue_delay_ms": math.inf}, r"max_queue_delay_ms is inf; it must be >= 0 and finite"),
+        ({"max_queue_delay_ms": math.inf}, r'"max_queue_delay_ms" has value inf; it must be of type float; NaN'),
         ({"api_keys": ("ok", "")}, r"api_keys \(--api-key, KILN_API_KEYS\) holds an empty key"),
         ({"admin_keys": (" ",)}, r"admin_keys \(--admin-key, KILN_ADMIN_KEYS\) holds an empty key"),
     ],

@@ -223,7 +223,8 @@ def _type_name(annotation: Any) -> str:
 
 def _scalar(raw: Any, kind: Any, *, parse_text: bool) -> Any:
     """``raw`` as a ``kind`` (bool, int, float or str): strings are parsed (where ``parse_text``), other values must
-    already fit. NaN fits no setting: it would slip past every rule (``nan < 0`` is false).
+    already fit. NaN and infinity fit no setting: NaN slips past every rule (``nan < 0`` is false), and infinity past
+    ``lr > 0`` or a tolerance ``>= 0`` (``parity_rtol = inf`` passed every export).
 
     Raises:
         ValueError: ``raw`` does not fit ``kind``.
@@ -240,14 +241,14 @@ def _scalar(raw: Any, kind: Any, *, parse_text: bool) -> Any:
                 return False
             raise ValueError(raw)
         value = kind(raw) if kind in (int, float) else raw
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(raw)
         return value
     if kind is str or (kind is bool and not isinstance(raw, bool)):
         raise ValueError(raw)
     if kind in (int, float):
         # NOTE: bool is an int subclass; `runs = true` is a mistake, not 1.
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or math.isnan(raw):
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
             raise ValueError(raw)
         if kind is int and isinstance(raw, float):
             if not raw.is_integer():
@@ -289,8 +290,8 @@ def _coerce(
             hint = '; write one quoted value such as "name", not a list'
         elif not parse_text and quoted:
             hint = quoted_hint
-        elif _is_nan(raw):
-            hint = "; NaN is not a value any setting takes"
+        elif _is_not_finite(raw):
+            hint = "; NaN and infinity are not values any setting takes"
         raise ConfigError(
             f'setting "{name}" has value {raw!r}; it must be of type {_type_name(annotation)}{hint}; fix {source}',
             setting=name,
@@ -320,10 +321,12 @@ def check_field_types(settings: Any) -> None:
         object.__setattr__(settings, field_.name, value)  # frozen: this is its construction
 
 
-def _is_nan(raw: Any) -> bool:
+def _is_not_finite(raw: Any) -> bool:
     items = raw if isinstance(raw, list | tuple) else [raw]
+    words = ("nan", "inf", "-inf", "+inf", "infinity", "-infinity", "+infinity")
     return any(
-        (isinstance(item, float) and math.isnan(item)) or (isinstance(item, str) and item.strip().lower() == "nan")
+        (isinstance(item, float) and not math.isfinite(item))
+        or (isinstance(item, str) and item.strip().lower() in words)
         for item in items
     )
 

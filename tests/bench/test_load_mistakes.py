@@ -158,10 +158,10 @@ def test_text_goes_to_one_string_per_row_inputs_only(shape: tuple[int, ...], sen
     ("changes", "named"),
     [
         ({"rates": (10.0, math.nan)}, '"rates" has value (10.0, nan)'),
-        ({"rates": (math.inf,)}, "rates is [inf]"),
-        ({"duration_s": math.inf}, "duration_s is inf"),
+        ({"rates": (math.inf,)}, '"rates" has value (inf,)'),
+        ({"duration_s": math.inf}, '"duration_s" has value inf'),
         ({"timeout_s": math.nan}, '"timeout_s" has value nan'),
-        ({"cooldown_s": math.inf}, "cooldown_s is inf"),
+        ({"cooldown_s": math.inf}, '"cooldown_s" has value inf'),
         ({"rates": (1e12,), "duration_s": 1.0}, "plans about 1,000,000,000,000 requests"),
     ],
 )
