@@ -138,6 +138,24 @@ class Artifact:
     def repository(self) -> Path:
         return self.path.parent.parent
 
+    def check_in_its_model_directory(self) -> None:
+        """A new version of this model goes to ``repository/name``: that must be the directory this version is in.
+
+        Raises:
+            ArtifactError: a model directory copied or renamed (``cp -r m m-exp``), whose kiln.json still names
+                the old model: ``kiln optimize m-exp`` wrote its variant into ``m``.
+        """
+        folder = self.path.parent
+        if folder.name != self.name:
+            raise ArtifactError(
+                f'"{self.path}" is a version of model "{self.name}" (its {MANIFEST_FILE}), in a directory named '
+                f'"{folder.name}" (copied or renamed?); a new version would go to "{self.repository / self.name}". '
+                f'Set "name": "{folder.name}" in the {MANIFEST_FILE} of each version of "{folder}", or pass the '
+                f'model\'s own directory',
+                path=str(self.path),
+                model=self.name,
+            )
+
     @property
     def sha256(self) -> str:
         return str(self.manifest.model["sha256"])

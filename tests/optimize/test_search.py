@@ -11,7 +11,7 @@ import pytest
 
 from kiln import artifact as artifacts
 from kiln.config import BenchSettings, OptimizeSettings
-from kiln.errors import AccuracyBudgetError, CalibrationError, ConfigError
+from kiln.errors import AccuracyBudgetError, ArtifactError, CalibrationError, ConfigError
 from kiln.export import export
 from kiln.optimize import optimize
 
@@ -398,3 +398,16 @@ def test_held_out_labels_the_classifier_cannot_give_are_refused_before_the_searc
         optimize(digits_mlp, settings=OptimizeSettings(**QUICK), eval_data=shifted)  # type: ignore[arg-type]
     assert artifacts.versions(digits_mlp.path.parent) == [1]
     assert digits_mlp.manifest.postprocessing["classes"] == list(range(10))
+
+
+def test_a_copied_model_directory_is_refused_rather_than_optimized_into_the_original(
+    digits_mlp: artifacts.Artifact,
+) -> None:
+    # `cp -r repo/digits repo/digits-exp; kiln optimize repo/digits-exp` wrote the variant as digits v2
+    import shutil
+
+    copy = digits_mlp.path.parent.with_name("digits-exp")
+    shutil.copytree(digits_mlp.path.parent, copy)
+    with pytest.raises(ArtifactError, match=r'is a version of model "digits" .* in a directory named "digits-exp"'):
+        optimize(copy, settings=OptimizeSettings(**QUICK))  # type: ignore[arg-type]
+    assert artifacts.versions(digits_mlp.path.parent) == [1] and artifacts.versions(copy) == [1]

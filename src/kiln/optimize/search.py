@@ -57,6 +57,7 @@ def optimize(
     """
     if not isinstance(parent, artifacts.Artifact):  # a path, as `kiln optimize` takes: it was an AttributeError
         parent = artifacts.load(parent)
+    parent.check_in_its_model_directory()  # before minutes of search, not at the write
     settings = settings or OptimizeSettings()
     report = progress or (lambda _msg, _frac: None)
     hardware = probe()
