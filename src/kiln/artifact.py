@@ -151,7 +151,7 @@ class Artifact:
                 f'"{self.path}" is a version of model "{self.name}" (its {MANIFEST_FILE}), in a directory named '
                 f'"{folder.name}" (copied or renamed?); a new version would go to "{self.repository / self.name}". '
                 f'Set "name": "{folder.name}" in the {MANIFEST_FILE} of each version of "{folder}", or pass the '
-                f'model\'s own directory',
+                f"model's own directory",
                 path=str(self.path),
                 model=self.name,
             )

@@ -595,6 +595,19 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path: Path, tiny_o
     assert out.read_text() == "a file, not a repository"
 
 
+def test_an_out_that_is_a_version_or_a_model_directory_is_refused(tmp_path: Path, tiny_onnx_model: Path) -> None:
+    # the new model was written inside them: repo/tiny/1/other/1 in an "immutable" version, repo/tiny/other/1
+    first = export(tiny_onnx_model, out=tmp_path / "repo", name="tiny")
+    for out, what, up in (
+        (first.path, "a version directory", "repo"),
+        (first.path.parent, "a model directory", "repo"),
+    ):
+        with pytest.raises(InvalidInput, match=rf'--out ".*" is {what}, not a model repository; .* \(".*{up}"\)'):
+            export(tiny_onnx_model, out=out, name="other")
+    assert sorted(p.name for p in first.path.iterdir()) == ["kiln.json", "model.onnx"]
+    assert sorted(p.name for p in first.path.parent.iterdir()) == ["1", "config.pbtxt"]
+
+
 def test_exporting_the_current_directory_names_the_model_after_it_not_the_repository_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

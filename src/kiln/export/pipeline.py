@@ -26,6 +26,19 @@ def check_destination(out: Path, name: str) -> None:
             f'--out "{out}" is a file, not a model repository directory; pass a directory (it is created if missing)',
             path=str(out),
         )
+    # a version directory, or a model's, took the new model inside it (an "immutable" v1 grew other/1/)
+    inside = (
+        "a version directory" if (out / artifacts.MANIFEST_FILE).is_file()
+        else "a model directory" if (out / "config.pbtxt").is_file() or artifacts.versions(out)
+        else None
+    )  # fmt: skip
+    if inside:
+        up = out.parent if inside == "a model directory" else out.parent.parent
+        raise InvalidInput(
+            f'--out "{out}" is {inside}, not a model repository; pass the repository that holds it ("{up}"): '
+            "models go one directory below it",
+            path=str(out),
+        )
 
 
 def _check_held_out_fits(held_out: bytes, signature: Any, name: str) -> None:
