@@ -667,3 +667,27 @@ def test_example_rows_of_another_width_than_the_estimator_was_fitted_on_are_inva
     iris = bundled_dataset("iris")
     with pytest.raises(InvalidInput, match=r"fitted on 64 features per row but the example inputs have 4"):
         export(fitted_pipeline, out=tmp_path / "repo", name="digits", example_inputs=iris.x_test)
+
+
+def test_a_new_version_with_other_inputs_or_outputs_is_refused(tmp_path: Path, tiny_onnx_model: Path) -> None:
+    # a model taking [-1, 1, 8, 8] became v2 of one taking [-1, 64]: config.pbtxt was rewritten for it, so Triton
+    # could no longer load v1, and kiln bench refused the two as versions of one model
+    import onnx
+
+    export(tiny_onnx_model, out=tmp_path / "repo", name="tiny")
+    wider = onnx.load(str(tiny_onnx_model))
+    wider.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 5
+    wider.graph.initializer[0].CopyFrom(
+        onnx.numpy_helper.from_array(np.ones((5, 3), dtype=np.float32), wider.graph.initializer[0].name)
+    )
+    path = tmp_path / "wider.onnx"
+    onnx.save(wider, str(path))
+    with pytest.raises(
+        InvalidInput,
+        match=r'model "tiny" v1 takes input FP32 \[-1, 4\] -> probabilities FP32 '
+        r"\[-1, 3\], but this export takes input FP32 \[-1, 5\] .* under another --name",
+    ):
+        export(path, out=tmp_path / "repo", name="tiny")
+    assert artifacts.versions(tmp_path / "repo" / "tiny") == [1]
+    assert export(path, out=tmp_path / "repo", name="tiny-5").version == 1
+    assert export(tiny_onnx_model, out=tmp_path / "repo", name="tiny").version == 2  # the same signature: fine

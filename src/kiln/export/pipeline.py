@@ -41,6 +41,33 @@ def check_destination(out: Path, name: str) -> None:
         )
 
 
+def _check_same_signature(out: Path, name: str, signature: Any) -> None:
+    """A new version keeps the inputs and outputs of the model's latest: a model has one config (Triton's
+    config.pbtxt, kiln serve's metadata), and one whose input changed from [-1, 64] to [-1, 1, 8, 8] broke it for
+    the versions before, while bench refused to compare them as "versions of one model"."""
+    found = artifacts.versions(out / name)
+    if not found:
+        return
+    try:
+        latest = artifacts.load(out / name, found[-1], verify=False)
+    except ArtifactError:  # a broken version: not this export's business
+        return
+    if latest.manifest.signature != signature:
+
+        def show(sig: Any) -> str:
+            def tensors(specs: Any) -> str:
+                return ", ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in specs)
+
+            return f"{tensors(sig.inputs)} -> {tensors(sig.outputs)}"
+
+        raise InvalidInput(
+            f'model "{name}" v{latest.version} takes {show(latest.manifest.signature)}, but this export takes '
+            f"{show(signature)}; the versions of a model share its inputs and outputs (one config serves them): "
+            "export it under another --name",
+            model=name,
+        )
+
+
 def _check_held_out_fits(held_out: bytes, signature: Any, name: str) -> None:
     """Held-out rows are stored now and read by optimize and bench later: they must fit the model's inputs (an
     immutable version with rows of another width could never be optimized or benchmarked)."""
@@ -101,6 +128,7 @@ def finalize(
     check_destination(out, name)
     model = check_structure(onnx_path)
     signature = signature_of(model)
+    _check_same_signature(out, name, signature)
     held_out = (assets or {}).get("heldout.npz")
     if isinstance(held_out, bytes) and (eval_data or {}).get("kind") == "tabular":
         _check_held_out_fits(held_out, signature, name)
