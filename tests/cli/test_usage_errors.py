@@ -86,3 +86,16 @@ def test_kiln_variables_of_every_stage_and_a_users_own_pass(tmp_path: Path) -> N
     env = {"KILN_RATES": "5", "KILN_EPOCHS": "2", "KILN_API_KEYS": "k", "KILN_MY_OWN_THING": "1"}
     result = kiln("inspect", tmp_path, env=env)  # an empty directory: the error is about it, not the variables
     assert result.returncode == EXIT_USER_ERROR and "holds no Kiln artifact" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [  # the file was dropped without a word, and a random-weight model built by the factory exported instead
+        (("clf.joblib", "--model", "mypkg.models:build"), 'pass a SOURCE ("clf.joblib") or --model'),
+        (("model.onnx", "--weights", "w.safetensors"), "--weights and --example-shape apply to --model"),
+    ],
+)
+def test_export_flags_that_would_be_ignored_are_refused(tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
+    result = kiln("export", *args, "--out", tmp_path / "repo")
+    assert result.returncode == EXIT_USER_ERROR, result.stderr
+    assert fragment in result.stderr and not (tmp_path / "repo").exists(), result.stderr

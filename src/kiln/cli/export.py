@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from kiln._utils import human_bytes
 from kiln.cli._console import console, parse_ints
-from kiln.errors import InvalidInput
+from kiln.errors import ConfigError, InvalidInput
 
 BUNDLED_ALIASES = ("minilm", "all-minilm-l6-v2")
 
@@ -60,6 +60,12 @@ def export(
         data = bundled_dataset(dataset)
         example, eval_data, task = data.x_test, (data.x_test, data.y_test), data.task
         labels = data.target_names or None
+    if model and source is not None:  # the file was dropped without a word, and a random-weight model exported
+        raise ConfigError(
+            f'pass a SOURCE ("{source}") or --model {model}, not both; --weights loads weights into the --model'
+        )
+    if not model and (weights is not None or example_shape is not None):
+        raise ConfigError("--weights and --example-shape apply to --model package.module:factory only; leave them out")
     if model:
         import torch
 
