@@ -102,6 +102,20 @@ def test_csv_unknown_column_suggests_the_closest(make_settings: Callable[..., Tr
         train(make_settings(dataset=str(wine_csv), target="cultivr"))
 
 
+def test_csv_columns_of_one_name_and_features_named_twice_are_refused(
+    make_settings: Callable[..., TrainSettings], wine_csv: Path
+) -> None:
+    # header "a,a,label" trained on the first "a" twice: the second column's values were never read
+    lines = wine_csv.read_text(encoding="utf-8").splitlines()
+    lines[0] = lines[0].replace("chem_1", "chem_0", 1)
+    twice = wine_csv.with_name("twice.csv")
+    twice.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InvalidInput, match=r'"\S*twice.csv" has more than one column named \'chem_0\'; give each'):
+        train(make_settings(dataset=str(twice), target="cultivar"))
+    with pytest.raises(InvalidInput, match=r"features name 'chem_2' more than once; name each column once"):
+        train(make_settings(dataset=str(wine_csv), target="cultivar", features=("chem_2", "chem_2")))
+
+
 def test_csv_non_numeric_feature_names_line_and_column(
     make_settings: Callable[..., TrainSettings], tmp_path: Path
 ) -> None:

@@ -162,6 +162,16 @@ def _from_rows(
             f"{', '.join(header)})",
             path=str(path),
         )
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:  # the second column of a name was never read: the first was trained on twice
+        raise InvalidInput(
+            f'"{path}" has more than one column named {", ".join(map(repr, repeated))}; give each column its own name',
+            path=str(path),
+            columns=repeated,
+        )
+    if len(set(features)) < len(features):
+        twice = sorted({f for f in features if features.count(f) > 1})
+        raise InvalidInput(f"features name {', '.join(map(repr, twice))} more than once; name each column once")
     for column in (target, *features):
         if column not in header:
             raise InvalidInput(
