@@ -231,3 +231,19 @@ def test_a_resumed_run_keeps_logging_into_its_first_mlflow_run(teacher: TrainRes
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(resumed.tracking_run_id, "loss")]
     assert max(steps) == 13 * 43 and client.get_run(resumed.tracking_run_id).info.status == "FINISHED"
+
+
+def test_a_store_mlflow_refuses_is_a_config_error_before_any_training(tmp_path: Path) -> None:
+    # a plain directory is MLflow 3's file store, which it refuses: "internal error: MlflowException", exit 1
+    from kiln.errors import ConfigError
+
+    settings = TrainSettings(
+        dataset="iris",
+        max_steps=4,
+        export=False,
+        checkpoint_dir=str(tmp_path / "ck"),
+        tracking_uri=str(tmp_path / "runs"),
+    )
+    with pytest.raises(ConfigError, match=r'MLflow cannot use the tracking store ".*runs" \(The filesystem tracking'):
+        train(settings)
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())

@@ -80,8 +80,18 @@ class MlflowTracker:
             db.parent.mkdir(parents=True, exist_ok=True)
             artifact_location = (db.parent / "artifacts").resolve().as_uri()
         self.tracking_uri = tracking_uri
-        self._client = MlflowClient(tracking_uri=tracking_uri)
-        found = self._client.get_experiment_by_name(experiment)
+        try:
+            self._client = MlflowClient(tracking_uri=tracking_uri)
+            found = self._client.get_experiment_by_name(experiment)
+        except Exception as exc:  # MLflow's refusal of the store: a paragraph and "internal error", exit 1
+            first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f'MLflow cannot use the tracking store "{tracking_uri}" ({first}); pass --tracking-uri a sqlite:/// '
+                "database (the default: sqlite:///mlruns/mlflow.db) or an http(s):// tracking server, or set "
+                "track = false (a plain directory is a file store, which MLflow 3 refuses unless "
+                "MLFLOW_ALLOW_FILE_STORE=true is set)",
+                tracking_uri=tracking_uri,
+            ) from exc
         experiment_id = (
             found.experiment_id
             if found is not None
