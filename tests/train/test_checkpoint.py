@@ -109,6 +109,20 @@ def test_a_fresh_run_does_not_overwrite_an_existing_one(make_settings: Callable[
         train(make_settings(max_steps=4))
 
 
+def test_a_fresh_run_does_not_write_among_checkpoints_without_their_pointer(
+    make_settings: Callable[..., TrainSettings],
+) -> None:
+    # with latest.json gone, a fresh run wrote its step-4 beside another run's step-6 and step-8 (and over any of
+    # the same number)
+    first = make_settings(max_steps=4, checkpoint_every=2)
+    train(first)
+    (Path(first.checkpoint_dir) / "latest.json").unlink()
+    before = sorted(p.name for p in Path(first.checkpoint_dir).iterdir())
+    with pytest.raises(CheckpointError, match=r"holds checkpoints \(step-00000004.pt and 1 more\) but no latest.json"):
+        train(make_settings(max_steps=4, seed=5))
+    assert sorted(p.name for p in Path(first.checkpoint_dir).iterdir()) == before
+
+
 def test_resume_refuses_settings_that_change_the_run(make_settings: Callable[..., TrainSettings]) -> None:
     train(make_settings(max_steps=2))
     with pytest.raises(ConfigError, match=r"cannot resume: these settings differ .*weight_decay: 0.0 -> 0.01"):

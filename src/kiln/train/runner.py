@@ -290,6 +290,14 @@ def _resume(
                 "with --resume, or choose another checkpoint_dir (nothing was overwritten)",
                 path=str(checkpointer.directory),
             )
+        stray = checkpointer.later_than(-1)  # without latest.json (removed, or the run died before writing it)
+        if stray:  # a fresh run would have written its steps among them, and over those of the same number
+            raise CheckpointError(
+                f'"{checkpointer.directory}" holds checkpoints ({stray[-1].name} and {len(stray) - 1} more) but no '
+                f"latest.json; resume one with --resume-from {stray[-1]}, or choose another checkpoint_dir "
+                "(nothing was overwritten)",
+                path=str(checkpointer.directory),
+            )
         return None, None
     path = None if settings.resume == "latest" else Path(settings.resume)
     state = checkpointer.load(path)
