@@ -60,6 +60,14 @@ def test_a_tabular_model_on_text_is_refused(make_settings: Callable[..., TrainSe
         train(make_settings(dataset=str(topics_jsonl), model="mlp"))
 
 
+def test_a_max_length_beyond_the_encoders_positions_is_refused_before_training(
+    make_settings: Callable[..., TrainSettings], topics_jsonl: Path
+) -> None:
+    # MiniLM has 512 positions: a row longer than that crashed the run in torch when a batch first held one
+    with pytest.raises(ConfigError, match=r"max_length is 4096, but the encoder at .* has 512 positions .* <= 512"):
+        train(make_settings(dataset=str(topics_jsonl), model="minilm", max_length=4096))
+
+
 def test_lora_trains_only_the_adapters_and_the_head(
     make_settings: Callable[..., TrainSettings], topics_jsonl: Path, tmp_path: Path
 ) -> None:

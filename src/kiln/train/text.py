@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kiln.data import split_rows
-from kiln.errors import InvalidInput, KilnError, ModelNotFound, did_you_mean
+from kiln.errors import ConfigError, InvalidInput, KilnError, ModelNotFound, did_you_mean
 from kiln.train.accumulate import Batch
 from kiln.train.data import read_utf8
 
@@ -215,6 +215,15 @@ def merge_lora(model: TextClassifier | SentenceEncoder) -> TextClassifier | Sent
     return model
 
 
+def _max_positions(path: Path) -> int | None:
+    """The encoder's position-embedding count from its ``config.json``, or None when it does not say."""
+    try:
+        value = json.loads((path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 class TextBatcher:
     """Tokenises texts once; ``collate(rows)`` pads the chosen rows to their own longest row."""
 
@@ -224,6 +233,13 @@ class TextBatcher:
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ModelNotFound(f'"{path}" has no tokenizer.json (a fast tokenizer is needed)', path=str(path))
+        positions = _max_positions(path)
+        if positions is not None and max_length > positions:  # a long row crashed the run when a batch held it
+            raise ConfigError(
+                f'max_length is {max_length}, but the encoder at "{path}" has {positions} positions '
+                f"(max_position_embeddings in its config.json); set max_length <= {positions}",
+                setting="max_length",
+            )
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_length)
