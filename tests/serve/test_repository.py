@@ -89,13 +89,16 @@ def test_a_broken_new_version_is_a_409_naming_the_file_and_the_old_version_keeps
     make_manifest: Callable[..., artifacts.Manifest],
     damage: Callable[[Path], Path],
     rule: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = start_server(tiny_artifact.repository, ADMIN_SETTINGS, http=True)
     broken = damage(artifacts.write(tiny_artifact.repository, make_manifest(), tiny_onnx_model).path)
 
-    code, payload = post(server.http_url, "/v2/repository/models/tiny/load")
+    with caplog.at_level(logging.ERROR, logger="kiln.serve.repository"):
+        code, payload = post(server.http_url, "/v2/repository/models/tiny/load")
 
     assert code == 409, payload
+    assert f"loading tiny version 2 failed: {payload['error']}" in caplog.text  # the log had no line of it
     assert f'"{broken}" {rule}' in payload["error"] and "export the model again" in payload["error"]
     assert served_version(server.http_url) == "1"
     entry = index_entry(server.http_url)

@@ -235,6 +235,8 @@ class ModelRepository:
         self._failures[name] = _Failure(version, _reason(exc))
         if not isinstance(exc, KilnError):  # not a failure Kiln expects: a bug, or the machine (memory, device)
             logger.error("loading %s version %d failed unexpectedly", name, version, exc_info=exc)
+        else:  # a load over the API answered its 409 and left no line in the log
+            logger.error("loading %s version %d failed: %s", name, version, _reason(exc))
 
     def _build(self, name: str, version: int) -> LoadedVersion:
         started = time.perf_counter()
