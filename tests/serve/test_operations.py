@@ -239,3 +239,22 @@ def test_free_ports_are_distinct_and_free() -> None:
     finally:
         for sock in listeners:
             sock.close()
+
+
+def test_a_host_or_repository_that_cannot_be_served_is_named_with_its_own_fix(tmp_path: Path) -> None:
+    # --host 999.1.1.1 was told to choose another port; a file given as the repository "does not exist"
+    from kiln.errors import ConfigError
+    from kiln.serve.server import bind
+    from tests.helpers import kiln
+
+    for host in ("999.1.1.1", "192.0.2.1"):  # a name that does not resolve; an address of no interface here
+        with pytest.raises(ConfigError, match=rf"cannot listen on {host}:\d+ .*; pass --host an address of this"):
+            bind(host, free_port())
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken, pytest.raises(ConfigError, match=r"; choose another port with --http-port/--grpc-port"):
+        bind("127.0.0.1", taken.getsockname()[1])
+    (tmp_path / "afile").write_text("not a repository")
+    done = kiln("serve", tmp_path / "afile")
+    assert done.returncode == 2 and "is a file, not a directory" in done.stderr, done.stderr

@@ -67,7 +67,8 @@ class ModelRepository:
         warmup: bool = True,
     ) -> None:
         if not root.is_dir():
-            raise ModelNotFound(f'model repository "{root}" does not exist; pass a directory made by `kiln export`')
+            what = "is a file, not a directory" if root.exists() else "does not exist"
+            raise ModelNotFound(f'model repository "{root}" {what}; pass a directory made by `kiln export`')
         self.root = root
         self.policy = policy
         self.metrics = metrics

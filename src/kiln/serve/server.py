@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -41,8 +42,15 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         from kiln.errors import ConfigError
 
+        # a name that does not resolve, or an address of another machine, is the host's fault, not the port's
+        host_fault = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+        fix = (
+            "pass --host an address of this machine (127.0.0.1, or 0.0.0.0 for every interface)"
+            if host_fault
+            else "choose another port with --http-port/--grpc-port"
+        )
         raise ConfigError(
-            f"cannot listen on {host}:{port} ({exc.strerror}); choose another port with --http-port/--grpc-port",
+            f"cannot listen on {host}:{port} ({exc.strerror}); {fix}",
             host=host,
             port=port,
         ) from exc
