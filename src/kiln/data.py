@@ -243,6 +243,26 @@ def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
     return EvalSet(feeds=arrays, labels=labels)
 
 
+def check_eval_fits(artifact: Any, data: EvalSet) -> None:
+    """A caller's held-out feeds must fit the model's inputs (ORT's own refusal comes mid-run, on 3 lines).
+
+    Raises:
+        InvalidInput: naming the input and both shapes.
+    """
+    for spec in artifact.manifest.signature.inputs:
+        rows = None if data.feeds is None else data.feeds.get(spec.name)
+        if rows is None:
+            continue
+        if not spec.fits(rows.shape):
+            raise InvalidInput(
+                f'held-out input "{spec.name}" has shape {list(rows.shape)}; model "{artifact.name}" takes '
+                f"{list(spec.shape)} (-1 = any size); pass held-out rows of that shape",
+                input=spec.name,
+                expected=list(spec.shape),
+                actual=list(rows.shape),
+            )
+
+
 def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:
     """The held-out data an artifact's manifest points to (``eval_data``); InvalidInput if it has none.
 

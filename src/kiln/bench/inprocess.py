@@ -24,7 +24,7 @@ from kiln.bench.engines import (
 from kiln.bench.measure import CORPUS_PASSES, corpus_passes, fidelity_of, latency_figures, time_round_robin
 from kiln.bench.results import BenchReport, BenchRow, CorpusThroughput
 from kiln.config import BenchSettings, resolve, settings_dict
-from kiln.data import EvalSet, eval_set
+from kiln.data import EvalSet, check_eval_fits, eval_set
 from kiln.errors import ConfigError, InvalidInput
 from kiln.fidelity import label_output, task_score
 from kiln.runtime import probe
@@ -42,6 +42,7 @@ def bench(
     include_source: bool | None = None,
     report_dir: Path | None = None,
     progress: Progress | None = None,
+    eval_data: EvalSet | None = None,
 ) -> BenchReport:
     """Compare artifacts (or their model or version directories; and the PyTorch model they came from) on the same
     held-out inputs.
@@ -50,7 +51,8 @@ def bench(
     source PyTorch model of ``artifacts[0]`` runs too, when it can be rebuilt. For each batch size the engines are
     warmed up, then timed round-robin on real requests of that many rows; fidelity is measured against
     ``artifacts[0]`` on the whole evaluation set. With ``report_dir`` (default: ``settings.report_dir``) an HTML
-    report and ``bench.json`` are written there.
+    report and ``bench.json`` are written there. ``eval_data`` (``kiln.data.load_eval_npz``) replaces the held-out
+    set the first artifact was exported with (a model exported without one has none).
 
     Raises:
         InvalidInput: no artifacts, or artifacts that do not share one input signature; no held-out data.
@@ -84,14 +86,18 @@ def bench(
 
     first = artifacts[0]
     step(f"loading {len(artifacts)} artifact(s) and held-out data", 0)
-    if not first.manifest.eval_data:  # eval_set's own advice (kiln optimize --eval-data) is no help here
+    if eval_data is not None:  # a model exported without held-out data (--model), or other data than its own
+        check_eval_fits(first, eval_data)
+        data = eval_data.take(slice(0, settings.samples))
+    elif not first.manifest.eval_data:  # eval_set's own advice names optimize's flag
         raise InvalidInput(
             f'model "{first.name}" v{first.version} has no held-out data, which kiln bench times and scores it on; '
-            "export it with some: `kiln export ... --dataset NAME`, or `kiln.export_model(model, eval_data=(x, y), "
-            "...)` from Python",
+            "pass some: `kiln bench ... --eval-data FILE.npz` (one array per input, named after it, and optional "
+            '"labels"), or export it with some (`kiln export ... --dataset NAME`)',
             model=first.name,
         )
-    data = eval_set(first, limit=settings.samples)
+    else:
+        data = eval_set(first, limit=settings.samples)
     candidates = build_candidates(artifacts, include_source=include_source)
 
     timings: dict[tuple[str, int], tuple[float, float, float]] = {}

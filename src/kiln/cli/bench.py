@@ -26,6 +26,12 @@ def bench(
     warmup: int = typer.Option(None, "--warmup", help="Warm-up runs per engine and batch size."),
     samples: int = typer.Option(None, "--samples", help="Held-out rows/texts used for fidelity and throughput."),
     no_torch: bool = typer.Option(False, "--no-torch", help="Leave out the PyTorch eager source model."),
+    eval_data: Path = typer.Option(
+        None,
+        "--eval-data",
+        help=".npz of held-out inputs (named like the model inputs) and optional labels, for a model exported "
+        "without any.",
+    ),
     report_dir: Path = typer.Option(
         None,
         "--report-dir",
@@ -68,6 +74,7 @@ def bench(
                 "--warmup": warmup,
                 "--samples": samples,
                 "--no-torch": no_torch or None,
+                "--eval-data": eval_data,
             },
             "to model directories compared in-process, not to --url (a server under load)",
         )
@@ -116,7 +123,7 @@ def bench(
         },
         "only with --url (a server under load), not to model directories compared in-process",
     )
-    _bench_in_process(models, batch_sizes, runs, warmup, samples, no_torch, report_dir, config)
+    _bench_in_process(models, batch_sizes, runs, warmup, samples, no_torch, report_dir, config, eval_data)
 
 
 def _refuse_flags(flags: dict[str, object], applies: str) -> None:
@@ -148,10 +155,12 @@ def _bench_in_process(
     no_torch: bool,
     report_dir: Path | None,
     config: Path | None,
+    eval_data: Path | None,
 ) -> None:
     from kiln.artifact import Artifact, load, versions
     from kiln.bench import bench as run_bench
     from kiln.config import BenchSettings, resolve
+    from kiln.data import load_eval_npz
 
     settings = resolve(
         BenchSettings,
@@ -171,8 +180,9 @@ def _bench_in_process(
     for path in models:
         found = versions(path)
         artifacts.extend([load(path, v) for v in found] if found else [load(path)])
+    held_out = load_eval_npz(eval_data, artifacts[0].manifest.signature.input_names) if eval_data else None
     with progress_bar("bench") as update:
-        report = run_bench(artifacts, settings=settings, report_dir=report_dir, progress=update)
+        report = run_bench(artifacts, settings=settings, report_dir=report_dir, progress=update, eval_data=held_out)
     console.print(report.table())
     console.print(f"report: {report_dir / 'index.html'}  json: {report_dir / 'bench.json'}", markup=False)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from kiln import artifact as artifacts
 from kiln.config import OptimizeSettings, settings_dict
-from kiln.data import CALIBRATION_TEXTS, TEXT_EVAL_OFFSET, EvalSet, english_corpus, eval_set
+from kiln.data import CALIBRATION_TEXTS, TEXT_EVAL_OFFSET, EvalSet, check_eval_fits, english_corpus, eval_set
 from kiln.errors import AccuracyBudgetError, CalibrationError, ConfigError, InvalidInput
 from kiln.fidelity import pareto_front, relative_drop
 from kiln.optimize.build import RecipeBuilder
@@ -70,7 +70,7 @@ def optimize(
     if eval_data is None:
         data = eval_set(parent, limit=settings.eval_samples)
     else:  # the caller's held-out rows (a model exported without any)
-        _check_fits(parent, eval_data)
+        check_eval_fits(parent, eval_data)
         data = eval_data.take(slice(0, settings.eval_samples))
     # Static INT8 calibrates on held-out rows the guard never scores (with or without labels): a variant calibrated
     # on the rows it is judged on would pass a guard it may fail on new data. Text models calibrate on corpus texts
@@ -205,22 +205,6 @@ def _evaluate(
     else:
         candidate.status, candidate.reason = "eligible", f"{candidate.speedup:.2f}x at batch {target}"
     return candidate
-
-
-def _check_fits(parent: artifacts.Artifact, data: EvalSet) -> None:
-    """The caller's held-out feeds must fit the model's inputs (ORT's own refusal comes mid-search, on 3 lines)."""
-    for spec in parent.manifest.signature.inputs:
-        rows = None if data.feeds is None else data.feeds.get(spec.name)
-        if rows is None:
-            continue
-        if not spec.fits(rows.shape):
-            raise InvalidInput(
-                f'held-out input "{spec.name}" has shape {list(rows.shape)}; model "{parent.name}" takes '
-                f"{list(spec.shape)} (-1 = any size); pass held-out rows of that shape",
-                input=spec.name,
-                expected=list(spec.shape),
-                actual=list(rows.shape),
-            )
 
 
 def _mark_front(reports: list[CandidateReport], objective: str) -> None:
