@@ -341,7 +341,7 @@ def test_the_table_shows_how_late_the_client_sent_in_open_loop_only() -> None:
     assert len(step_cells(open_step)) == len(STEP_COLUMNS)
 
 
-def test_closed_loop_runs_each_client_count(tiny_url: str, tiny_client: LoadClient) -> None:
+def test_closed_loop_runs_each_client_count(tiny_url: str, tiny_client: LoadClient, tmp_path: Path) -> None:
     settings = LoadSettings(closed_loop=(1, 3), duration_s=0.4, warmup_requests=1, cooldown_s=0.0)
     report = load_test(tiny_url, "tiny", settings=settings)
     assert [(s.mode, s.clients, s.target_rps) for s in report.steps] == [("closed", 1, None), ("closed", 3, None)]
@@ -350,6 +350,11 @@ def test_closed_loop_runs_each_client_count(tiny_url: str, tiny_client: LoadClie
         assert step.rate_rps == step.achieved_rps
     bounded = tiny_client.closed_loop(2, duration_s=30.0, max_requests=15)
     assert (bounded.requests, bounded.ok) == (15, 15)
+    # the report said the rates of the open loop it did not run, "1 clients", and "open loop: Poisson arrivals"
+    assert "rates" not in report.settings and "concurrency" not in report.settings
+    assert step_cells(report.steps[0])[0] == "1 client" and step_cells(report.steps[1])[0] == "3 clients"
+    page = write_load_html([report], tmp_path / "html", title="closed").read_text(encoding="utf-8")
+    assert "In closed loop" in page and "Poisson" not in page
 
 
 # --- figures from results ----------------------------------------------------------------------------------------

@@ -200,7 +200,12 @@ def load_test(
         payload=described | {"outputs": outputs},
         hardware=_client_hardware(),
         versions=package_versions("kiln", "httptools", "numpy"),
-        settings=settings_dict(settings),
+        # the settings that steered this load: a closed loop sends at no rate and caps nothing in flight
+        settings={
+            k: v
+            for k, v in settings_dict(settings).items()
+            if not (settings.closed_loop and k in ("rates", "concurrency"))
+        },
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     if report_dir is not None:

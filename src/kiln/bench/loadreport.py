@@ -75,15 +75,30 @@ def _page(reports: Sequence[LoadReport], title: str, p99_ms: float, svgs: Sequen
 <style>{_CSS}</style></head>
 <body>
 <h1>{esc(title)}</h1>
-<p>Latency is measured from each request's scheduled send time (open loop: Poisson arrivals), so queueing in the
-client or the server shows up in the tail. Percentiles are over successful responses; ok/s counts successful
-responses per second.</p>
+<p>{esc(_how_measured(reports))} Percentiles are over successful responses; ok/s counts successful responses per
+second.</p>
 <div class="plots">{plots}</div>
 {"".join(sections)}
 <h2>Client hardware</h2>
 <pre>{hardware}</pre>
 </body></html>
 """
+
+
+def _how_measured(reports: Sequence[LoadReport]) -> str:
+    """How latency was measured: from the scheduled send (open loop) or from the send (closed loop)."""
+    closed = [step.clients is not None for report in reports for step in report.steps]
+    open_loop = (
+        "In open loop (Poisson arrivals), latency is measured from each request's scheduled send time, so queueing "
+        "in the client or the server shows up in the tail."
+    )
+    closed_loop = (
+        "In closed loop (N clients, each sending again as soon as it has its answer), latency is measured from each "
+        "send; the load adapts to the server, so a slow server is offered less."
+    )
+    if all(closed) and closed:
+        return closed_loop
+    return open_loop if not any(closed) else f"{open_loop} {closed_loop}"
 
 
 def _latency_svg(reports: Sequence[LoadReport], p99_ms: float) -> str | None:

@@ -288,7 +288,11 @@ lag is a large part of the P99, the client's machine, not the server, set the fi
 
 def step_cells(step: LoadStep) -> list[str]:
     """The cells of one table row, shared by the rich table and the HTML page."""
-    rate = f"{step.target_rps:,.1f}/s" if step.target_rps is not None else f"{step.clients} clients"
+    rate = (
+        f"{step.target_rps:,.1f}/s"
+        if step.target_rps is not None
+        else f"{step.clients} client{'' if step.clients == 1 else 's'}"
+    )
     errors = ", ".join(f"{kind} ×{count}" for kind, count in sorted(step.errors.items())) or "-"
     if step.errors:
         errors = f"{step.error_rate:.1%}: {errors}"
