@@ -53,3 +53,18 @@ class RankProbe(nn.Module):
 
 def probed_digits_mlp() -> nn.Module:
     return nn.Sequential(RankProbe(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
+
+
+class TwoLayers(nn.Module):
+    """64 -> 16 -> 10 as a plain module, not an nn.Sequential: a structure pruning does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(x)))
+
+
+def two_layer_digits_module() -> nn.Module:
+    return TwoLayers()

@@ -120,6 +120,16 @@ def test_pruning_refuses_bad_ratios_and_unknown_structures(make_settings: Callab
         prune_model(Custom(), 0.5)
 
 
+def test_a_model_pruning_cannot_take_is_refused_before_training(
+    make_settings: Callable[..., TrainSettings], factories_on_path: Path
+) -> None:
+    # refused after the whole run, whose checkpoints then stood in the way of a run without prune_ratio
+    settings = make_settings(dataset="digits", model="kiln_train_test_models:two_layer_digits_module", prune_ratio=0.5)
+    with pytest.raises(ConfigError, match="cannot prune a TwoLayers: structured pruning knows Sequential stacks"):
+        train(settings)
+    assert not Path(settings.checkpoint_dir).exists() or not any(Path(settings.checkpoint_dir).iterdir())
+
+
 def test_pruned_digits_cnn_fine_tunes_and_exports_a_smaller_model(
     make_settings: Callable[..., TrainSettings],
 ) -> None:

@@ -22,6 +22,7 @@ from kiln.train.finetune import prune_and_finetune
 from kiln.train.goodput import GoodputSizer
 from kiln.train.loop import StepStats, Trainer, make_accelerator
 from kiln.train.optim import lr_schedule, make_optimizer
+from kiln.train.prune import unit_groups
 from kiln.train.settings import TrainSettings, changed_identity, check_schedule_length
 from kiln.train.tracking import make_tracker
 from kiln.train.workload import prepare_workload, seed_everything
@@ -98,6 +99,8 @@ def train(
         torch.set_num_threads(settings.cpu_threads)
     work = prepare_workload(settings, export_settings)
     model, sampler = work.model, work.sampler
+    if settings.prune_ratio:  # a model pruning cannot take was refused after the whole training run
+        unit_groups(model)
     # the fine-tune after pruning walks its own epochs from the start: a copy before training moves the sampler
     fresh_sampler = copy.deepcopy(sampler) if settings.prune_ratio else None
     optimizer = make_optimizer(model, settings)
