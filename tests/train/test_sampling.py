@@ -146,3 +146,16 @@ def test_a_run_of_n_epochs_ends_at_the_end_of_epoch_n(text_lengths: list[int], g
     for _ in range(sampler.optimizer_steps(4, grad_accum_steps)):
         sampler.next_window(grad_accum_steps)
     assert (sampler.epoch, sampler.position) == (4, 0)
+
+
+def test_counting_the_steps_of_many_epochs_builds_no_epoch_but_the_current() -> None:
+    # epochs = 10**11 sat in this count for minutes, building every epoch's shuffle to count its batches
+    from kiln.train.sampling import _Resumable
+
+    sampler = ShuffledBatchSampler(1347, 32, seed=3)
+    for _ in zip(range(5), sampler, strict=False):
+        pass
+    sampler.set_batch_size(10)  # part-way through epoch 0: its batches differ from the later epochs'
+    for epochs, accum in ((1, 1), (3, 2), (7, 3), (0, 1)):
+        assert sampler.optimizer_steps(epochs, accum) == _Resumable.optimizer_steps(sampler, epochs, accum)
+    assert sampler.optimizer_steps(10**11) == sampler.optimizer_steps(1) + (10**11 - 1) * 135  # ceil(1347 / 10)

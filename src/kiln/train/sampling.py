@@ -144,6 +144,15 @@ class ShuffledBatchSampler(_Resumable):
         self._cache = None
         super().load_state_dict(state)
 
+    def optimizer_steps(self, epochs: int, grad_accum_steps: int = 1) -> int:
+        """As the base class counts, without building every epoch's shuffle: each epoch but the current one (whose
+        batch size may have changed part-way) has the same batches. ``epochs = 10**11`` sat here for minutes."""
+        whole = math.ceil(math.ceil(self.num_rows / self.batch_size) / grad_accum_steps)  # as epoch_batches cuts
+        if not 0 <= self.epoch < epochs:
+            return max(epochs, 0) * whole
+        current = math.ceil(len(self.epoch_batches(self.epoch)) / grad_accum_steps)
+        return (epochs - 1) * whole + current
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(self.num_rows, generator=self._generator(epoch)).tolist()
         cuts = self._cuts if epoch == self.epoch else [(0, self.batch_size)]
