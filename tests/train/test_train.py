@@ -174,6 +174,7 @@ def test_unknown_bundled_dataset_suggests_the_closest(make_settings: Callable[..
         ({"optimizer": "sgd", "momentum": -1.0}, r"momentum is -1; it must be in \[0, 1\)"),
         ({"seed": -1}, r"seed is -1; it must be in 0..4294967295"),
         ({"seed": 2**32}, r"seed is 4294967296; it must be in 0..4294967295"),
+        ({"cpu_threads": 100_000}, r"cpu_threads is 100000; it must be at most 1024"),  # a segfault in OpenBLAS
     ],
 )
 def test_settings_out_of_range_are_config_errors_not_crashes(

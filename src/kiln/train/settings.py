@@ -61,6 +61,9 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+MAX_CPU_THREADS = 1024
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How ``kiln train`` builds, trains, checkpoints, tracks and exports one model.
@@ -193,6 +196,12 @@ class TrainSettings:
         for key, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{key} is {value}; it must be >= 0", setting=key, value=value)
+        if self.cpu_threads > MAX_CPU_THREADS:  # 100000 made OpenBLAS fail to start its threads and segfault
+            raise ConfigError(
+                f"cpu_threads is {self.cpu_threads}; it must be at most {MAX_CPU_THREADS} (more threads than cores "
+                "only wait for one another: 0 keeps torch's default, one per core)",
+                setting="cpu_threads",
+            )
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("epochs and max_steps are both 0; set epochs (e.g. 5) or max_steps (e.g. 500)")
         if self.lr <= 0:
