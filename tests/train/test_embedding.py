@@ -223,3 +223,19 @@ def test_lora_embedding_fine_tune_learns_and_exports_a_minilm_style_artifact(
     saved = SentenceTransformer(manifest.provenance["train"]["encoder_dir"], device="cpu")
     assert saved.max_seq_length == 32
     np.testing.assert_allclose(saved.encode(texts, batch_size=8), got, atol=1e-4)
+
+
+def test_saving_the_fine_tuned_encoder_draws_no_progress_bar_of_its_own(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # transformers' "Writing model shards" bar broke into kiln train's progress bar and final table
+    from transformers.utils import logging as hf_logging
+
+    from kiln.train.embedding import save_sentence_encoder
+    from kiln.train.text import encoder_path, load_encoder
+
+    base = encoder_path("minilm")
+    saved = save_sentence_encoder(load_encoder(base, 0), base, tmp_path / "tuned", max_length=64)
+    assert (saved / "model.safetensors").is_file()
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # put back as it was

@@ -190,7 +190,16 @@ def save_sentence_encoder(encoder: Any, base: Path, target: Path, max_length: in
                 shutil.copytree(item, staging / item.name)
             elif item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.suffix in (".json", ".txt"):
                 shutil.copy2(item, staging / item.name)
-        encoder.save_pretrained(str(staging))  # config.json + model.safetensors
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        # transformers' "Writing model shards" bar broke into kiln train's own output
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        try:
+            encoder.save_pretrained(str(staging))  # config.json + model.safetensors
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
         st_config = base / "sentence_bert_config.json"
         config = json.loads(st_config.read_text()) if st_config.is_file() else {}
         (staging / "sentence_bert_config.json").write_text(json.dumps(config | {"max_seq_length": max_length}))
