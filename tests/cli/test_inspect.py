@@ -56,3 +56,28 @@ def test_export_prints_names_and_paths_with_brackets_and_help_shows_the_config_t
     assert f"next: kiln optimize {out / 'm[red]x'}" in result.stdout
     for verb, table in (("export", "[export]"), ("optimize", "[optimize]"), ("serve", "[serve]")):
         assert f"TOML config file ({table} table)" in kiln(verb, "--help").stdout, verb  # was "( table)"
+
+
+def test_inspect_refuses_a_manifest_that_does_not_describe_its_version(tmp_path: Path) -> None:
+    # an edited kiln.json (input [-1, 32] for a graph taking [-1, 4]) and a missing tokenizer were shown under
+    # "(verified)", which vouches for the model file's bytes only
+    import json
+
+    version_dir = tiny_artifact(tmp_path, "tiny.onnx")
+    manifest_path = version_dir / "kiln.json"
+    data = json.loads(manifest_path.read_text())
+    good = json.dumps(data)
+    data["signature"]["inputs"][0]["shape"] = [-1, 32]
+    manifest_path.write_text(json.dumps(data))
+    result = kiln("inspect", version_dir, env={"COLUMNS": "250"})
+    assert result.returncode == 2, result.stderr
+    assert "the manifest's inputs and outputs (input FP32 [-1, 32]; scores FP32 [-1, 2]) are not the graph's " in (
+        result.stderr
+    )
+    data = json.loads(good)
+    data["preprocessing"] = {"kind": "text", "tokenizer": "tokenizer/tokenizer.json", "max_length": 8}
+    manifest_path.write_text(json.dumps(data))
+    result = kiln("inspect", version_dir, env={"COLUMNS": "250"})
+    assert result.returncode == 2 and 'the tokenizer file "' in result.stderr and "is missing" in result.stderr
+    manifest_path.write_text(good)
+    assert kiln("inspect", version_dir).returncode == 0

@@ -10,6 +10,7 @@ import typer
 
 from kiln._utils import human_bytes
 from kiln.cli._console import console
+from kiln.errors import ArtifactError
 
 
 def inspect(
@@ -63,7 +64,44 @@ def inspect(
     if artifact.manifest.eval_data:
         add_row("held-out data", _kv(artifact.manifest.eval_data))
     add_row("versions", ", ".join(str(v) for v in versions(artifact.path.parent)))
+    problems = _problems(artifact)
+    for problem in problems:
+        table.add_row(Text("problem", style="bold red"), Text(problem, style="red"))
     console.print(table)
+    if problems:  # the sha256 matched, but the artifact is not what its manifest says: no tool would run it right
+        raise ArtifactError(f'"{artifact.path}": {problems[0]}', path=str(artifact.path))
+
+
+def _problems(artifact: Any) -> list[str]:
+    """Where the manifest does not describe the version: a signature other than the graph's, a file it names that
+    is missing. Each was shown as it stood, under "(verified)" (which vouches for the model file's bytes only)."""
+    from kiln.artifact import MANIFEST_FILE
+    from kiln.data import HELDOUT_FILE
+    from kiln.export import check_structure, signature_of
+
+    problems = []
+    graph = signature_of(check_structure(artifact.model_path))
+    if graph != artifact.manifest.signature:
+
+        def show(signature: Any) -> str:
+            return "; ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in (*signature.inputs, *signature.outputs))
+
+        problems.append(
+            f"the manifest's inputs and outputs ({show(artifact.manifest.signature)}) are not the graph's "
+            f"({show(graph)}); restore its {MANIFEST_FILE} or export the model again"
+        )
+    held_out = artifact.manifest.eval_data
+    named = {
+        "tokenizer": artifact.manifest.preprocessing.get("tokenizer"),
+        "held-out data": held_out.get("file", HELDOUT_FILE) if held_out.get("kind") in ("tabular", "text") else None,
+    }
+    for what, relative in named.items():
+        if relative and not (artifact.assets_dir / relative).is_file():
+            problems.append(
+                f'the {what} file "{artifact.assets_dir / relative}" its {MANIFEST_FILE} names is missing; restore it '
+                "or export the model again"
+            )
+    return problems
 
 
 def _tensors(specs: list[dict[str, Any]]) -> str:
