@@ -53,7 +53,10 @@ def test_export_prints_names_and_paths_with_brackets_and_help_shows_the_config_t
     assert result.returncode == 0, result.stderr
     # rich read "[red]" and "[v2]" as tags: "exported mx v1 -> .../out/mx/1"
     assert f"exported m[red]x v1 -> {out / 'm[red]x' / '1'}" in result.stdout, result.stdout
-    assert f"next: kiln optimize {out / 'm[red]x'}" in result.stdout
+    # quoted as a shell needs it ("[" globs): pasted unquoted, a name with a space split in two
+    assert f"next: kiln optimize '{out / 'm[red]x'}'" in result.stdout
+    spaced = kiln("export", str(version_dir / "model.onnx"), "--out", str(tmp_path / "r"), "--name", "my model")
+    assert f"next: kiln optimize '{tmp_path / 'r' / 'my model'}'" in spaced.stdout, spaced.stdout
     for verb, table in (("export", "[export]"), ("optimize", "[optimize]"), ("serve", "[serve]")):
         assert f"TOML config file ({table} table)" in kiln(verb, "--help").stdout, verb  # was "( table)"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -119,4 +120,4 @@ def export(
         f"[green]exported[/] {escape(f'{artifact.name} v{artifact.version} -> {artifact.path}')} "
         f"({human_bytes(artifact.manifest.model['size_bytes'])}, {checked})"
     )
-    console.print(f"next: kiln optimize {artifact.path.parent}", markup=False)
+    console.print(f"next: kiln optimize {shlex.quote(str(artifact.path.parent))}", markup=False)

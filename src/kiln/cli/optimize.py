@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -89,5 +90,5 @@ def optimize(
     console.print(
         f"[green]chose[/] {best.recipe.name} -> {escape(result.chosen.name)} v{result.chosen.version} "
         f"({best.speedup:.2f}x at batch {settings.target_batch_size}); next: kiln bench "
-        + escape(str(result.chosen.path.parent) + (f" --eval-data {eval_data}" if eval_data else ""))
+        + escape(shlex.join([str(result.chosen.path.parent), *(["--eval-data", str(eval_data)] if eval_data else [])]))
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -125,4 +126,4 @@ def train(
         result = run_training(settings, export_settings=export_settings, on_step=on_step)
     console.print(result.table())
     if result.artifact is not None:
-        console.print(f"next: kiln optimize {result.artifact.path.parent}")
+        console.print(f"next: kiln optimize {shlex.quote(str(result.artifact.path.parent))}", markup=False)
