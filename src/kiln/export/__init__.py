@@ -211,7 +211,8 @@ def _export_sklearn(
         example_inputs = eval_data[0]
     if example_inputs is None:
         raise InvalidInput(
-            "a scikit-learn model needs example_inputs (a 2-D feature array) or eval_data to fix the input width"
+            "a scikit-learn model needs example rows to fix its input width (and held-out rows to guard its accuracy "
+            "later): `kiln export ... --dataset NAME`, or example_inputs= / eval_data=(x, y) from Python"
         )
     import sklearn as sk
 
