@@ -118,6 +118,12 @@ def test_load_dir_without_artifact_is_model_not_found(tmp_path: Path) -> None:
         artifacts.load(tmp_path / "empty")
 
 
+def test_loading_a_repository_names_its_models(tiny_artifact: artifacts.Artifact) -> None:
+    # `kiln inspect kiln-repo` said the repository "holds no Kiln artifact"
+    with pytest.raises(ModelNotFound, match=r"is a model repository \(models: tiny\); pass one of its model dir"):
+        artifacts.load(tiny_artifact.repository)
+
+
 def test_load_rejects_foreign_manifest_format(tiny_artifact: artifacts.Artifact) -> None:
     manifest_path = tiny_artifact.path / "kiln.json"
     data = json.loads(manifest_path.read_text(encoding="utf-8"))

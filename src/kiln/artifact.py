@@ -238,6 +238,13 @@ def load(path: Path | str, version: int | None = None, *, verify: bool = True) -
         raise ModelNotFound(f'"{path}" does not exist; pass a model directory or a version directory', path=str(path))
     if not is_version:
         found = versions(path)
+        models = [] if found else list_models(path)
+        if models:  # a repository: "holds no Kiln artifact" sent the user looking for one
+            raise ModelNotFound(
+                f'"{path}" is a model repository (models: {", ".join(models[:8])}{" ..." if len(models) > 8 else ""}); '
+                f'pass one of its model directories, e.g. "{path / models[0]}"',
+                path=str(path),
+            )
         if not found:
             raise ModelNotFound(
                 f'"{path}" holds no Kiln artifact (no {MANIFEST_FILE} and no numbered version directories); '
