@@ -51,9 +51,7 @@ def test_a_fitted_estimator_exports_from_its_held_out_rows_alone(
     x, y = digits
     art = export(fitted_pipeline, out=tmp_path, name="digits", eval_data=(x[1200:], y[1200:]))
     assert art.manifest.signature.inputs[0].shape == (-1, 64) and art.manifest.eval_data["rows"] == len(x) - 1200
-    with pytest.raises(
-        InvalidInput, match=r"needs example rows .*`kiln export ... --dataset NAME`, or example_inputs="
-    ):
+    with pytest.raises(InvalidInput, match=r"needs example rows .*`kiln export ... --dataset NAME`, or example_"):
         export(fitted_pipeline, out=tmp_path, name="digits")
 
 
