@@ -118,6 +118,16 @@ def test_load_dir_without_artifact_is_model_not_found(tmp_path: Path) -> None:
         artifacts.load(tmp_path / "empty")
 
 
+def test_a_manifest_without_a_sha256_cannot_be_verified(tiny_artifact: artifacts.Artifact) -> None:
+    # the message read "its manifest records None…"
+    manifest_path = tiny_artifact.path / "kiln.json"
+    data = json.loads(manifest_path.read_text())
+    del data["model"]["sha256"]
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r'kiln.json" records no sha256 of model.onnx \(model.sha256\)'):
+        artifacts.load(tiny_artifact.path)
+
+
 def test_loading_a_repository_names_its_models(tiny_artifact: artifacts.Artifact) -> None:
     # `kiln inspect kiln-repo` said the repository "holds no Kiln artifact"
     with pytest.raises(ModelNotFound, match=r"is a model repository \(models: tiny\); pass one of its model dir"):

@@ -336,6 +336,12 @@ def verify_integrity(artifact: Artifact) -> None:
     if not present:
         raise ModelNotFound(f'"{model_path}" is missing; the artifact is incomplete', path=str(model_path))
     expected = artifact.manifest.model.get("sha256")
+    if not isinstance(expected, str) or not expected:  # "its manifest records None…"
+        raise ArtifactError(
+            f'"{artifact.path / MANIFEST_FILE}" records no sha256 of {MODEL_FILE} (model.sha256), so the file cannot '
+            "be verified: restore the manifest or export the model again",
+            path=str(artifact.path),
+        )
     if expected != actual:
         raise IntegrityError(
             f'"{model_path}" has sha256 {actual[:16]}…, but its manifest records {str(expected)[:16]}…; the file was '
