@@ -50,6 +50,9 @@ def test_size_objective_writes_an_int8_child_with_full_provenance(digits_mlp: ar
     assert child.manifest.settings["optimize"]["objective"] == "size"
     assert (child.path / "assets" / "heldout.npz").is_file()  # the child can be guarded and benched in turn
     assert artifacts.load(child.path.parent).version == 2  # sha256 verified on load
+    # quantizing it again was refused as not applying "on this hardware"
+    with pytest.raises(ConfigError, match=r'"int8-dynamic-per-channel" does not apply .* version 2 is already INT8'):
+        optimize(child, settings=settings)
 
 
 def test_a_variant_that_is_not_faster_is_rejected_with_the_reason_and_nothing_is_written(

@@ -113,9 +113,18 @@ def candidates(artifact: Artifact, *, gpu: bool, names: tuple[str, ...] = ()) ->
                 recipe=name,
             )
         if known[name] not in applicable:
+            quantized = _already_quantized(artifact) and any(s.kind.startswith("int8") for s in known[name].steps)
+            why = (
+                f"version {artifact.version} is already INT8 (a variant of an earlier version)"
+                if quantized
+                else "on this hardware"
+                if known[name] in GPU_RECIPES
+                else "to its kind of graph"
+            )
             raise ConfigError(
-                f'recipe "{name}" does not apply to model "{artifact.name}" on this hardware; '
-                f"use one of {', '.join(r.name for r in applicable)}",
+                f'recipe "{name}" does not apply to model "{artifact.name}" {why}; '
+                f"use one of {', '.join(r.name for r in applicable)}"
+                + (", or optimize the version it came from" if quantized else ""),
                 recipe=name,
             )
         chosen.append(known[name])
