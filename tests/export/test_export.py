@@ -172,6 +172,16 @@ def test_an_onnx_file_is_imported_at_its_own_opset_and_another_is_refused(
     assert export(tiny_onnx_model, out=tmp_path / "repo", settings=ExportSettings(opset=17)).version == 1
 
 
+def test_an_opset_newer_than_onnx_knows_is_refused_for_scikit_learn(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any
+) -> None:
+    # --opset 30 failed inside skl2onnx, whose advice was to check that every step has a registered converter
+    x, y = digits
+    with pytest.raises(ConfigError, match=r"opset 30 is newer than the installed onnx .* knows \(up to \d+\)"):
+        export(fitted_pipeline, out=tmp_path / "repo", eval_data=(x, y), settings=ExportSettings(opset=30))
+    assert not (tmp_path / "repo").exists()
+
+
 def test_an_onnx_file_that_fails_at_a_batch_size_it_declares_is_an_export_error(tmp_path: Path) -> None:
     # input [b, 4] reshaped to [4, 4]: ONNX Runtime's failure was an "internal error", exit 1
     import onnx

@@ -216,6 +216,7 @@ def _export_sklearn(
         )
     import sklearn as sk
 
+    _check_opset_known(settings)
     settings = dataclasses.replace(settings, exporter="skl2onnx", opset=settings.opset_for("skl2onnx"))  # as run
     x = np.asarray(example_inputs, dtype=np.float32)
     task = sklearn.task_of(model)
@@ -240,6 +241,20 @@ def _export_sklearn(
             postprocessing=({"labels": list(labels)} if labels else {}) | _classes_entry(model),
             eval_data=eval_entry,
             assets=assets,
+        )
+
+
+def _check_opset_known(settings: ExportSettings) -> None:
+    """For skl2onnx: an opset newer than the installed onnx knows failed inside the converter, whose advice was about
+    something else ("check that every step ... has a registered converter"). The torch exporters check their own."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if settings.opset is not None and settings.opset > newest:
+        raise ConfigError(
+            f"opset {settings.opset} is newer than the installed onnx {onnx.__version__} knows (up to {newest}); "
+            f"pass --opset {newest} or lower, or leave it out for the exporter's default",
+            setting="opset",
         )
 
 
