@@ -68,6 +68,12 @@ def test_a_max_length_beyond_the_encoders_positions_is_refused_before_training(
         train(make_settings(dataset=str(topics_jsonl), model="minilm", max_length=4096))
 
 
+def test_a_token_budget_below_max_length_is_refused_before_training() -> None:
+    # a row cut at max_length fit no batch: "row 1 has 32 tokens, more than max_tokens=16", numbered in the split
+    with pytest.raises(ConfigError, match=r"max_tokens is 16, below max_length 32: .* set max_tokens >= 32"):
+        TrainSettings(dataset="topics.jsonl", model="minilm", max_length=32, max_tokens=16)
+
+
 def test_lora_trains_only_the_adapters_and_the_head(
     make_settings: Callable[..., TrainSettings], topics_jsonl: Path, tmp_path: Path
 ) -> None:

@@ -197,8 +197,9 @@ class TokenBudgetBatchSampler(_Resumable):
         longest = max(range(len(self.lengths)), key=self.lengths.__getitem__)
         if self.lengths[longest] > max_tokens:
             raise InvalidInput(
-                f"row {longest} has {self.lengths[longest]} tokens, more than max_tokens={max_tokens}, so no batch "
-                "can hold it; raise max_tokens or truncate the rows",
+                f"training row {longest} (of the training split, not a line of the file) has "
+                f"{self.lengths[longest]} tokens, more than max_tokens={max_tokens}, so no batch can hold it; raise "
+                "max_tokens or truncate the rows",
                 row=longest,
                 tokens=self.lengths[longest],
                 max_tokens=max_tokens,

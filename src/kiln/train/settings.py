@@ -234,6 +234,12 @@ class TrainSettings:
             raise ConfigError(f"noise_every is {self.noise_every}; it must be >= 1")
         self._check_prune()
         self._check_embedding(text)
+        if text and 0 < self.max_tokens < self.max_length:  # a row cut at max_length fit no batch, mid-run
+            raise ConfigError(
+                f"max_tokens is {self.max_tokens}, below max_length {self.max_length}: a row of max_length tokens "
+                f"would fit no batch; set max_tokens >= {self.max_length} (or lower max_length)",
+                setting="max_tokens",
+            )
         if self.adaptive_batch and self.max_tokens:
             raise ConfigError(
                 f"adaptive_batch moves the batch among batch_size x 2**k rows, and max_tokens = {self.max_tokens} "
