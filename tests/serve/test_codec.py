@@ -145,3 +145,16 @@ def test_a_class_count_is_a_positive_integer(value: Any) -> None:
     assert class_count("probabilities", 3) == 3
     with pytest.raises(InvalidInput, match=r'"classification" of output "probabilities" is .*a positive integer'):
         class_count("probabilities", value)
+
+
+def test_json_outputs_keep_nan_and_infinities_as_tritonclient_reads_them() -> None:
+    # orjson wrote all three as null, which tritonclient's as_numpy read back as NaN: -inf and inf were lost
+    import orjson
+    import rapidjson  # tritonclient.http's parser
+
+    array = np.array([[np.inf, -np.inf, np.nan, 2.5]], dtype=np.float32)
+    body = orjson.dumps({"outputs": [{"name": "y", "data": to_json_data(array)}]})
+    assert b"[Infinity,-Infinity,NaN,2.5]" in body
+    back = np.array(rapidjson.loads(body)["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_array_equal(back, array.reshape(-1))
+    assert to_json_data(np.array([1.5, 2.0], dtype=np.float32)) == [1.5, 2.0]  # finite data: a plain list

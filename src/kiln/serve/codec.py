@@ -8,6 +8,7 @@ Every malformed input raises ``InvalidInput`` with the tensor's name, the rule a
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import struct
 from collections.abc import Sequence
@@ -301,14 +302,21 @@ def to_bytes(array: Array) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def to_json_data(array: Array) -> list[Any]:
-    """Flat row-major JSON data; BYTES as UTF-8 strings (Triton's behaviour)."""
+def to_json_data(array: Array) -> list[Any] | orjson.Fragment:
+    """Flat row-major JSON data; BYTES as UTF-8 strings (Triton's behaviour).
+
+    NaN and infinities are written ``NaN``, ``Infinity`` and ``-Infinity``, as Python's json module, rapidjson
+    (tritonclient's parser) and JSON5 read them: JSON has no such numbers, and orjson wrote all three as ``null``,
+    which a client read back as NaN, losing the sign and the difference. Binary outputs carry them exactly.
+    """
     if array.dtype == np.object_:
         return [
             item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)
             for item in array.reshape(-1)
         ]
     flat: list[Any] = array.reshape(-1).tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return orjson.Fragment(json.dumps(flat, allow_nan=True, separators=(",", ":")))
     return flat
 
 
