@@ -230,6 +230,13 @@ def test_a_reload_loads_a_model_directory_that_is_new_or_back_but_not_one_unload
         server.call(repo.reload())
     assert sorted(repo.served()) == ["moved", "new"]
     assert "unloaded unloaded versions [1]" in caplog.text  # an unload over the API was not logged
+    # {"ready": true} was ignored over HTTP (gRPC filtered): the unloaded model came back with the others
+    code, ready = post(server.http_url, "/v2/repository/index", b'{"ready": true}')
+    assert code == 200 and sorted(e["name"] for e in ready) == ["moved", "new"], ready
+    code, everything = post(server.http_url, "/v2/repository/index")
+    assert code == 200 and "unloaded" in [e["name"] for e in everything]
+    code, payload = post(server.http_url, "/v2/repository/index", b'{"ready": "yes"}')
+    assert code == 400 and payload["error"] == '"ready" is "yes"; it must be true or false (or left out)'
     artifacts.write(repository, make_manifest(name="other"), tiny_onnx_model)
     server.call(repo.reload(("moved",)))  # --models moved: a SIGHUP loads no other model
     assert sorted(repo.served()) == ["moved", "new"]

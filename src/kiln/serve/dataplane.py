@@ -169,8 +169,10 @@ class DataPlane:
             loaded = [lv for versions in self.repository.served().values() for lv in versions.values()]
         return {"model_stats": [lv.metrics.triton_stats() for lv in loaded]}
 
-    def repository_index(self) -> list[dict[str, Any]]:
-        return self.repository.index()
+    def repository_index(self, *, ready: bool = False) -> list[dict[str, Any]]:
+        """The repository's models and versions; with ``ready``, only those ready for inference (Triton's)."""
+        models = self.repository.index()
+        return [entry for entry in models if entry.get("state") == "READY"] if ready else models
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()

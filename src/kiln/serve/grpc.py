@@ -255,9 +255,7 @@ class InferenceService:
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
         self.plane.authorize(authorization(context))
-        models = self.plane.repository_index()
-        if request.ready:
-            models = [entry for entry in models if entry.get("state") == "READY"]
+        models = self.plane.repository_index(ready=request.ready)
         return from_dict({"models": models}, pb.RepositoryIndexResponse())
 
     async def repository_model_load(

@@ -156,18 +156,23 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
             )
 
 
-async def _repository_parameters(request: Request, settings: ServeSettings) -> list[str]:
-    """The names in a repository load/unload body's ``parameters`` (the body is optional; when sent, a JSON
-    object)."""
+async def _optional_json_object(request: Request, settings: ServeSettings) -> dict[str, Any]:
+    """A repository request's body: optional (empty: ``{}``); when sent, a JSON object."""
     body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
     if not body.strip():
-        return []
+        return {}
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON ({exc}); send {{}} or no body") from None
     if not isinstance(payload, dict):
         raise InvalidInput(f"request body is {json_text(payload)}; send a JSON object such as {{}}, or no body")
+    return payload
+
+
+async def _repository_parameters(request: Request, settings: ServeSettings) -> list[str]:
+    """The names in a repository load/unload body's ``parameters``."""
+    payload = await _optional_json_object(request, settings)
     return list(json_object(payload.get("parameters"), '"parameters"'))
 
 
@@ -308,7 +313,10 @@ def build_app(plane: DataPlane, *, lifespan: Any = None) -> Starlette:
 
     async def repository_index(request: Request) -> Response:
         plane.authorize(request.headers.get("authorization"))
-        return _json(plane.repository_index())
+        ready = (await _optional_json_object(request, settings)).get("ready", False)
+        if not isinstance(ready, bool):  # {"ready": true} was ignored: every model came back, unloaded ones too
+            raise InvalidInput(f'"ready" is {json_text(ready)}; it must be true or false (or left out)')
+        return _json(plane.repository_index(ready=ready))
 
     async def repository_load(request: Request) -> Response:
         plane.authorize(request.headers.get("authorization"), admin=True)
