@@ -38,3 +38,7 @@ def test_top_level_verbs_survive_importing_the_stage_packages() -> None:
 
     assert kiln.export_model is kiln.export.export
     assert kiln.optimize_model is kiln.optimize.optimize
+    from kiln.serve import ServerProcess  # noqa: F401 - binds kiln.serve, the package, onto kiln
+
+    # kiln.serve was the function until then, a module after: "'module' object is not callable"
+    assert kiln.serve_models is kiln.serve.serve and callable(kiln.serve_models)

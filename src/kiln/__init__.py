@@ -7,10 +7,11 @@ The verbs are imported lazily, so ``import kiln`` stays fast and has no side eff
     result = kiln.optimize_model(art)
     report = kiln.bench_models([art, result.chosen])
     trained = kiln.train_model(kiln.TrainSettings(dataset="digits", epochs=5))  # a TrainResult with its artifact
-    kiln.serve("kiln-repo", http_port=8000)  # blocks until SIGTERM
+    kiln.serve_models("kiln-repo", http_port=8000)  # blocks until SIGTERM
 
 NOTE: the top-level names are ``export_model`` etc., not ``export``: ``kiln.export`` is the stage package, and
 Python binds a subpackage onto its parent when it is imported, which would shadow a function of the same name.
+``kiln.serve`` was such a name: it was the function until anything imported ``kiln.serve``, then the module.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _LAZY = {
     "bench_models": ("kiln.bench", "bench"),
     "train_model": ("kiln.train", "train"),
     "TrainSettings": ("kiln.train", "TrainSettings"),
-    "serve": ("kiln.serve", "serve"),
+    "serve_models": ("kiln.serve", "serve"),
     "load": ("kiln.artifact", "load"),
     "Artifact": ("kiln.artifact", "Artifact"),
     "KilnError": ("kiln.errors", "KilnError"),
@@ -41,7 +42,7 @@ __all__ = [
     "export_model",
     "load",
     "optimize_model",
-    "serve",
+    "serve_models",
     "train_model",
 ]
 

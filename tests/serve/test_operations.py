@@ -258,3 +258,20 @@ def test_a_host_or_repository_that_cannot_be_served_is_named_with_its_own_fix(tm
     (tmp_path / "afile").write_text("not a repository")
     done = kiln("serve", tmp_path / "afile")
     assert done.returncode == 2 and "is a file, not a directory" in done.stderr, done.stderr
+
+
+def test_serve_applies_keyword_overrides_over_the_settings_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # serve(root, settings, http_port=...) dropped the override whenever settings were passed
+    from kiln.serve import server
+
+    started: list[ServeSettings] = []
+
+    async def record(root: Path, settings: ServeSettings) -> None:
+        started.append(settings)
+
+    monkeypatch.setattr(server, "serve_async", record)
+    server.serve(tmp_path, ServeSettings(http_port=1234, max_batch_size=8), http_port=4321)
+    server.serve(tmp_path, http_port=4321)
+    assert [(s.http_port, s.max_batch_size) for s in started] == [(4321, 8), (4321, ServeSettings().max_batch_size)]

@@ -201,14 +201,20 @@ async def serve_async(
 
 
 def serve(root: Path | str, settings: ServeSettings | None = None, **overrides: Any) -> None:
-    """Run ``kiln serve`` in this process (blocking) on uvloop where available.
+    """Run ``kiln serve`` in this process (blocking) on uvloop where available; ``kiln.serve_models`` at the top.
+
+    ``overrides`` (setting names) go over ``settings``, or over the resolved defaults (``KILN_*`` variables) when
+    there are none.
 
     Example:
         >>> serve("kiln-repo", http_port=8000, grpc_port=8001)  # doctest: +SKIP
     """
+    import dataclasses
+
     from kiln.config import resolve
 
-    settings = settings or resolve(ServeSettings, overrides)
+    # the overrides were dropped whenever settings were passed too
+    settings = dataclasses.replace(settings, **overrides) if settings else resolve(ServeSettings, overrides)
     # uvicorn re-raises the SIGTERM/SIGINT it handled once it has drained; these no-op handlers receive it,
     # so a graceful shutdown ends with exit code 0 instead of death by signal.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
