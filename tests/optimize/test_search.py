@@ -414,3 +414,31 @@ def test_a_copied_model_directory_is_refused_rather_than_optimized_into_the_orig
     with pytest.raises(ArtifactError, match=r'is a version of model "digits" .* in a directory named "digits-exp"'):
         optimize(copy, settings=OptimizeSettings(**QUICK))  # type: ignore[arg-type]
     assert artifacts.versions(digits_mlp.path.parent) == [1] and artifacts.versions(copy) == [1]
+
+
+def test_optimize_leaves_a_callers_root_logger_as_it_was(tmp_path: Path) -> None:
+    # ONNX Runtime's quantizer warned through logging.warning(), which gave the caller's bare root logger a stderr
+    # handler: their own logging.basicConfig() then did nothing (a fresh process: pytest configures logging)
+    import subprocess
+    import sys
+
+    script = f"""
+import logging
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.neural_network import MLPClassifier
+import kiln
+from kiln.config import OptimizeSettings
+x, y = load_digits(return_X_y=True)
+x = x.astype(np.float32)
+model = MLPClassifier((32,), max_iter=50, random_state=0).fit(x[:1000], y[:1000])
+out = {str(tmp_path / "repo")!r}
+art = kiln.export_model(model, out=out, name="d", example_inputs=x[:8], eval_data=(x[1000:], y[1000:]))
+settings = OptimizeSettings(recipes=("int8-dynamic-per-channel",), objective="size", batch_sizes=(8,),
+                            target_batch_size=8, measure_repeats=1, eval_samples=64)
+kiln.optimize_model(art, settings=settings)
+print("handlers", logging.getLogger().handlers)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "handlers []" in done.stdout and "WARNING:root" not in done.stderr, (done.stdout, done.stderr)

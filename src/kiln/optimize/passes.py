@@ -78,19 +78,36 @@ def quantize_dynamic(
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
-    ort_quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=list(op_types),
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
-        nodes_to_exclude=list(nodes_to_exclude),
-        # NOTE: fused graphs hold com.microsoft ops whose outputs shape inference cannot type; without a default
-        # tensor type the quantizer gives up on them ("Unable to find data type for weight_name").
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},  # 1 = TensorProto.FLOAT
-    )
+    with _root_logger_left_alone():
+        ort_quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=list(op_types),
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=list(nodes_to_exclude),
+            # NOTE: fused graphs hold com.microsoft ops whose outputs shape inference cannot type; without a default
+            # tensor type the quantizer gives up on them ("Unable to find data type for weight_name").
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": 1},  # 1 = TensorProto.FLOAT
+        )
     return {"quantized_nodes": _require_quantized(src, dst)}
+
+
+@contextlib.contextmanager
+def _root_logger_left_alone() -> Iterator[None]:
+    """ONNX Runtime's quantizer warns through ``logging.warning()``, which, on a root logger without handlers, calls
+    ``logging.basicConfig()``: a Python caller's process kept a stderr handler (and its own ``basicConfig`` then did
+    nothing). A NullHandler for the call keeps the root logger as it was, and the advice off stderr."""
+    root = logging.getLogger()
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        if placeholder is not None:
+            root.removeHandler(placeholder)
 
 
 class FeedsReader:
@@ -201,7 +218,8 @@ def quantize_static(
     if not set(op_types or QDQRegistry) & set(op_histogram(src)):  # ORT's histogram calibrators crash on such a graph
         _nothing_quantized(src)
     chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):  # ORT's calibrators print() progress; keep it off the user's stdout
+    # ORT's calibrators print() progress; keep it off the user's stdout
+    with contextlib.redirect_stdout(chatter), _root_logger_left_alone():
         ort_quantize_static(
             str(src),
             str(dst),
