@@ -92,6 +92,16 @@ def test_diabetes_regression_predicts_in_target_units(make_settings: Callable[..
     assert 40 < result.metrics["test_rmse"] < 70  # the target spans 25..346; a mean predictor scores ~77
 
 
+def test_a_run_puts_torchs_thread_count_back(make_settings: Callable[..., TrainSettings]) -> None:
+    # cpu_threads = 1 left the caller's process at one thread after the run
+    import torch
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    train(make_settings(dataset="iris", max_steps=2, cpu_threads=target))
+    assert torch.get_num_threads() == before
+
+
 def test_csv_with_string_labels_trains(make_settings: Callable[..., TrainSettings], wine_csv: Path) -> None:
     result = train(make_settings(dataset=str(wine_csv), target="cultivar", epochs=20, lr=1e-2))
     assert result.metrics["test_accuracy"] >= 0.85

@@ -95,8 +95,21 @@ def train(
     if settings.nproc > 1 and not is_worker():
         relay = (lambda figures: on_step(StepStats(**figures))) if on_step is not None else None
         return _result_from_record(settings, launch(settings, export_settings, relay))
+    threads = torch.get_num_threads()
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
+    try:
+        return _train(settings, export_settings, on_step, result_file)
+    finally:  # a Python caller's process went on at the run's thread count
+        torch.set_num_threads(threads)
+
+
+def _train(
+    settings: TrainSettings,
+    export_settings: ExportSettings | None,
+    on_step: Callable[[StepStats], None] | None,
+    result_file: Path | None,
+) -> TrainResult:
     work = prepare_workload(settings, export_settings)
     model, sampler = work.model, work.sampler
     if settings.prune_ratio:  # a model pruning cannot take was refused after the whole training run
