@@ -381,3 +381,12 @@ def test_a_kiln_variable_close_to_a_setting_is_refused_and_others_are_left_alone
     with pytest.raises(ConfigError, match=r"variable KILN_API_KEY is not a Kiln setting \(did you mean KILN_API_KEYS"):
         check_variables({"KILN_API_KEY": "k"}, [ServeSettings])
     check_variables({"KILN_API_KEYS": "k", "KILN_MY_OWN_THING": "1", "API_KEY": "k"}, [ServeSettings])
+
+
+def test_a_library_function_given_settings_of_another_type_says_which_it_takes() -> None:
+    # export_model(..., settings={"opset": 17}) was "'dict' object has no attribute 'opset_for'"
+    from kiln.config import check_settings_object
+
+    with pytest.raises(ConfigError, match=r"settings is a dict, not ExportSettings; pass ExportSettings\(\.\.\.\)"):
+        check_settings_object({"opset": 17}, ExportSettings)
+    assert check_settings_object(None, BenchSettings) == BenchSettings()

@@ -418,6 +418,23 @@ def resolve(
     return cls(**values)
 
 
+def check_settings_object(settings: Any, cls: type[S]) -> S:
+    """``settings`` as passed to a library function: an instance of ``cls``, or None for its defaults.
+
+    Raises:
+        ConfigError: another type (a dict of settings was an AttributeError deep inside the stage).
+    """
+    if settings is None:
+        return cls()
+    if not isinstance(settings, cls):
+        raise ConfigError(
+            f"settings is a {type(settings).__name__}, not {cls.__name__}; pass {cls.__name__}(...), e.g. "
+            f"{cls.__name__}(**your_dict)",
+            settings_type=type(settings).__name__,
+        )
+    return settings
+
+
 def check_variables(environ: Mapping[str, str], settings_classes: Iterable[type]) -> None:
     """Refuse a ``KILN_*`` variable that names no setting of ``settings_classes`` but is close to one.
 

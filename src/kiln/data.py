@@ -208,37 +208,71 @@ def read_npz(path: Path, what: str, error: type[InvalidInput] = InvalidInput) ->
         raise error(f'{what} "{path}" is not a readable .npz ({exc})', path=str(path)) from exc
 
 
-def load_eval_npz(path: Path, input_names: list[str]) -> EvalSet:
+def load_eval_npz(path: Path | str, input_names: list[str]) -> EvalSet:
     """Held-out data from an ``.npz``: one array per model input, named like it, and ``labels`` (optional)."""
+    path = Path(path)  # a str was an AttributeError
     arrays = read_npz(path, "held-out data file")
     labels = arrays.pop("labels", arrays.pop(LABELS_KEY, None))
+    return _checked_eval_set(arrays, labels, input_names, f'held-out data file "{path}"')
+
+
+def as_eval_set(value: Any, inputs: Sequence[Any]) -> EvalSet:
+    """Held-out data given in Python as ``export_model`` takes it, for a model of these input specs: an
+    :class:`EvalSet`, ``(x, y)`` or ``(x,)``, where ``x`` is an array (a model with one input) or a dict of arrays
+    named after the inputs, and ``y`` the labels or None. Floating arrays take the input's float type (float64
+    rows for a float32 model, say). ``optimize_model(art, eval_data=(x, y))`` was an AttributeError ("'tuple'
+    object has no attribute 'feeds'").
+    """
+    if isinstance(value, EvalSet):
+        return value
+    names = [spec.name for spec in inputs]
+    if not isinstance(value, tuple | list) or len(value) not in (1, 2):
+        raise InvalidInput(
+            f"eval_data is a {type(value).__name__}; pass (x, y): x an array (or a dict of arrays, one per input "
+            f"of {', '.join(names)}), y the labels or None; or kiln.data.load_eval_npz(path, input_names)"
+        )
+    x, labels = value[0], (value[1] if len(value) == 2 else None)
+    if isinstance(x, dict):
+        arrays = {str(k): np.asarray(v) for k, v in x.items()}
+    elif len(names) == 1:
+        arrays = {names[0]: np.asarray(x)}
+    else:
+        raise InvalidInput(
+            f"eval_data's x is one array, but the model takes {len(names)} inputs ({', '.join(names)}); pass a dict "
+            "of arrays named after them"
+        )
+    for spec in inputs:
+        array = arrays.get(spec.name)
+        if array is not None and array.dtype.kind == "f" and np.dtype(spec.numpy_dtype).kind == "f":
+            arrays[spec.name] = array.astype(spec.numpy_dtype, copy=False)
+    return _checked_eval_set(arrays, None if labels is None else np.asarray(labels), names, "eval_data")
+
+
+def _checked_eval_set(
+    arrays: dict[str, np.ndarray[Any, Any]], labels: np.ndarray[Any, Any] | None, input_names: list[str], what: str
+) -> EvalSet:
+    """Held-out arrays that name the model's inputs, hold rows, agree on their row count and are finite."""
     if sorted(arrays) != sorted(input_names):
         raise InvalidInput(
-            f'held-out data file "{path}" has arrays {", ".join(sorted(arrays)) or "none"}; the model takes '
+            f"{what} has arrays {', '.join(sorted(arrays)) or 'none'}; the model takes "
             f'{", ".join(input_names)}: name one array after each input (and, optionally, one "labels")',
-            path=str(path),
         )
     scalars = sorted(k for k, v in arrays.items() if v.ndim == 0) + (
         ["labels"] if labels is not None and labels.ndim == 0 else []
     )
     if scalars:
-        raise InvalidInput(
-            f'held-out data file "{path}" holds a scalar "{scalars[0]}"; each array holds rows (first axis = rows)',
-            path=str(path),
-        )
+        raise InvalidInput(f'{what} holds a scalar "{scalars[0]}"; each array holds rows (first axis = rows)')
     rows = {len(v) for v in arrays.values()} | ({len(labels)} if labels is not None else set())
     if len(rows) != 1 or 0 in rows:
         raise InvalidInput(
-            f'held-out data file "{path}" has arrays of {sorted(rows)} rows; every array (and labels) needs the '
-            "same number of rows, at least one",
-            path=str(path),
+            f"{what} has arrays of {sorted(rows)} rows; every array (and labels) needs the same number of rows, at "
+            "least one"
         )
     unfinite = sorted(k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
     if unfinite:  # the guard would score NaN and blame the accuracy budget
         raise InvalidInput(
-            f'held-out data file "{path}", array "{unfinite[0]}" holds NaN or infinite values; hold out real, finite '
-            "rows (drop or fill those)",
-            path=str(path),
+            f'{what}, array "{unfinite[0]}" holds NaN or infinite values; hold out real, finite rows (drop or fill '
+            "those)"
         )
     return EvalSet(feeds=arrays, labels=labels)
 

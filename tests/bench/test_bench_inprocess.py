@@ -257,6 +257,14 @@ def test_a_model_without_held_out_data_is_benched_on_data_passed_to_it(
     wrong = EvalSet(feeds={name: np.zeros((4, 3), dtype=np.float32)})
     with pytest.raises(InvalidInput, match=rf'held-out input "{name}" has shape \[4, 3\]'):
         bench([bare], settings=fast_settings, eval_data=wrong)
+    # as export_model takes it: (x, y), float64 rows included; it was "'tuple' object has no attribute 'feeds'"
+    assert held_out.feeds is not None
+    as_tuple = (held_out.feeds[name].astype(np.float64), held_out.labels)
+    assert bench(bare.path, settings=fast_settings, eval_data=as_tuple).rows[0].fidelity == report.rows[0].fidelity
+    with pytest.raises(InvalidInput, match=r"eval_data is a ndarray; pass \(x, y\)"):
+        bench([bare], settings=fast_settings, eval_data=held_out.feeds[name])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"settings is a dict, not BenchSettings; pass BenchSettings\(\.\.\.\)"):
+        bench([bare], settings={"runs": 3})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("classes", ["1..3", "strings"])

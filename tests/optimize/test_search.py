@@ -401,6 +401,9 @@ def test_held_out_labels_the_classifier_cannot_give_are_refused_before_the_searc
         optimize(digits_mlp, settings=OptimizeSettings(**QUICK), eval_data=shifted)  # type: ignore[arg-type]
     assert artifacts.versions(digits_mlp.path.parent) == [1]
     assert digits_mlp.manifest.postprocessing["classes"] == list(range(10))
+    # (x, y), as export_model takes held-out data, reaches the same check (it was an AttributeError)
+    with pytest.raises(InvalidInput, match=message):
+        optimize(digits_mlp, settings=OptimizeSettings(**QUICK), eval_data=(x[1400:], labels(y[1400:])))  # type: ignore[arg-type]
 
 
 def test_a_copied_model_directory_is_refused_rather_than_optimized_into_the_original(

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from kiln._utils import package_versions
 from kiln.artifact import Artifact
@@ -23,8 +24,8 @@ from kiln.bench.engines import (
 )
 from kiln.bench.measure import CORPUS_PASSES, corpus_passes, fidelity_of, latency_figures, time_round_robin
 from kiln.bench.results import BenchReport, BenchRow, CorpusThroughput
-from kiln.config import BenchSettings, resolve, settings_dict
-from kiln.data import EvalSet, check_eval_fits, eval_set
+from kiln.config import BenchSettings, check_settings_object, resolve, settings_dict
+from kiln.data import EvalSet, as_eval_set, check_eval_fits, eval_set
 from kiln.errors import ConfigError, InvalidInput
 from kiln.fidelity import label_output, task_score
 from kiln.runtime import probe
@@ -36,13 +37,13 @@ VERSIONED_PACKAGES = ("kiln", "onnxruntime", "torch", "numpy", "onnx")
 
 
 def bench(
-    models: Sequence[Artifact | Path | str],
+    models: Sequence[Artifact | Path | str] | Artifact | Path | str,
     *,
     settings: BenchSettings | None = None,
     include_source: bool | None = None,
     report_dir: Path | None = None,
     progress: Progress | None = None,
-    eval_data: EvalSet | None = None,
+    eval_data: EvalSet | tuple[Any, ...] | None = None,
 ) -> BenchReport:
     """Compare artifacts (or their model or version directories; and the PyTorch model they came from) on the same
     held-out inputs.
@@ -63,8 +64,10 @@ def bench(
         >>> report.row("minilm v2 (int8-dynamic)", 32).rows_per_s  # doctest: +SKIP
         812.4
     """
-    settings = settings or resolve(BenchSettings, {})
+    settings = check_settings_object(settings, BenchSettings) if settings is not None else resolve(BenchSettings, {})
     _check_settings(settings)
+    if isinstance(models, str | Path | Artifact):  # one model: a str was read as paths of one character each
+        models = [models]
     # paths, as `kiln bench` takes: they were an AttributeError
     artifacts = [m if isinstance(m, Artifact) else load_artifact(m) for m in models]
     check_comparable(artifacts)
@@ -87,8 +90,9 @@ def bench(
     first = artifacts[0]
     step(f"loading {len(artifacts)} artifact(s) and held-out data", 0)
     if eval_data is not None:  # a model exported without held-out data (--model), or other data than its own
-        check_eval_fits(first, eval_data)
-        data = eval_data.take(slice(0, settings.samples))
+        held_out = as_eval_set(eval_data, first.manifest.signature.inputs)
+        check_eval_fits(first, held_out)
+        data = held_out.take(slice(0, settings.samples))
     elif not first.manifest.eval_data:  # eval_set's own advice names optimize's flag
         raise InvalidInput(
             f'model "{first.name}" v{first.version} has no held-out data, which kiln bench times and scores it on; '

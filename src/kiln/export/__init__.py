@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kiln.artifact import Artifact
-from kiln.config import ExportSettings, resolve
+from kiln.config import ExportSettings, check_settings_object, resolve
 from kiln.data import TEXT_EVAL_OFFSET, heldout_asset
 from kiln.errors import ConfigError, InvalidInput, ModelNotFound, UnknownFormat
 from kiln.export import hf, onnx_file, sklearn
@@ -73,7 +73,7 @@ def export(
         UnsupportedOpError: ONNX Runtime has no kernel for an operator of the graph.
         UnknownFormat / ModelNotFound / InvalidInput: the source cannot be read.
     """
-    settings = settings or resolve(ExportSettings, {})
+    settings = check_settings_object(settings, ExportSettings) if settings is not None else resolve(ExportSettings, {})
     out = Path(out)
     if name is not None:  # before any work: a MiniLM export takes a while to fail at the write otherwise
         check_destination(out, name)

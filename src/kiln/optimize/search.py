@@ -16,8 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from kiln import artifact as artifacts
-from kiln.config import OptimizeSettings, settings_dict
-from kiln.data import CALIBRATION_TEXTS, TEXT_EVAL_OFFSET, EvalSet, check_eval_fits, english_corpus, eval_set
+from kiln.config import OptimizeSettings, check_settings_object, settings_dict
+from kiln.data import (
+    CALIBRATION_TEXTS,
+    TEXT_EVAL_OFFSET,
+    EvalSet,
+    as_eval_set,
+    check_eval_fits,
+    english_corpus,
+    eval_set,
+)
 from kiln.errors import AccuracyBudgetError, CalibrationError, ConfigError, InvalidInput
 from kiln.fidelity import pareto_front, relative_drop
 from kiln.optimize.build import RecipeBuilder
@@ -39,7 +47,7 @@ def optimize(
     *,
     settings: OptimizeSettings | None = None,
     calibration: Sequence[Feeds] | None = None,
-    eval_data: EvalSet | None = None,
+    eval_data: EvalSet | tuple[Any, ...] | None = None,
     progress: Progress | None = None,
 ) -> OptimizeResult:
     """Search for a faster variant of ``parent`` (an artifact, or its model or version directory) within the
@@ -58,7 +66,7 @@ def optimize(
     if not isinstance(parent, artifacts.Artifact):  # a path, as `kiln optimize` takes: it was an AttributeError
         parent = artifacts.load(parent)
     parent.check_in_its_model_directory()  # before minutes of search, not at the write
-    settings = settings or OptimizeSettings()
+    settings = check_settings_object(settings, OptimizeSettings)
     report = progress or (lambda _msg, _frac: None)
     hardware = probe()
     recipes = candidates(parent, gpu=bool(hardware["gpu"]), names=settings.recipes)
@@ -69,9 +77,10 @@ def optimize(
         )
     if eval_data is None:
         data = eval_set(parent, limit=settings.eval_samples)
-    else:  # the caller's held-out rows (a model exported without any)
-        check_eval_fits(parent, eval_data)
-        data = eval_data.take(slice(0, settings.eval_samples))
+    else:  # the caller's held-out rows (a model exported without any), as export_model takes them too
+        held_out = as_eval_set(eval_data, parent.manifest.signature.inputs)
+        check_eval_fits(parent, held_out)
+        data = held_out.take(slice(0, settings.eval_samples))
     # Static INT8 calibrates on held-out rows the guard never scores (with or without labels): a variant calibrated
     # on the rows it is judged on would pass a guard it may fail on new data. Text models calibrate on corpus texts
     # before the evaluation offset instead.

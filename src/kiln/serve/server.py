@@ -211,10 +211,13 @@ def serve(root: Path | str, settings: ServeSettings | None = None, **overrides: 
     """
     import dataclasses
 
-    from kiln.config import resolve
+    from kiln.config import check_settings_object, resolve
 
     # the overrides were dropped whenever settings were passed too
-    settings = dataclasses.replace(settings, **overrides) if settings else resolve(ServeSettings, overrides)
+    if settings is not None:
+        settings = dataclasses.replace(check_settings_object(settings, ServeSettings), **overrides)
+    else:
+        settings = resolve(ServeSettings, overrides)
     # uvicorn re-raises the SIGTERM/SIGINT it handled once it has drained; these no-op handlers receive it,
     # so a graceful shutdown ends with exit code 0 instead of death by signal.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}

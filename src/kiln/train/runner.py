@@ -14,7 +14,7 @@ import torch
 
 from kiln import artifact as artifacts
 from kiln._utils import sha256_file
-from kiln.config import ExportSettings, settings_dict
+from kiln.config import ExportSettings, check_settings_object, settings_dict
 from kiln.errors import CheckpointError, ConfigError, TrainingDiverged
 from kiln.train.checkpoint import Checkpointer, SavedCheckpoint, restore_rng
 from kiln.train.distributed import is_worker, launch, load_artifact, write_result
@@ -92,6 +92,7 @@ def train(
         >>> result.metrics["test_accuracy"] > 0.5  # doctest: +SKIP
         True
     """
+    settings = check_settings_object(settings, TrainSettings)  # a dict was an AttributeError
     if settings.nproc > 1 and not is_worker():
         relay = (lambda figures: on_step(StepStats(**figures))) if on_step is not None else None
         return _result_from_record(settings, launch(settings, export_settings, relay))
