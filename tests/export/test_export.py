@@ -701,3 +701,41 @@ def test_a_new_version_with_other_inputs_or_outputs_is_refused(tmp_path: Path, t
     assert artifacts.versions(tmp_path / "repo" / "tiny") == [1]
     assert export(path, out=tmp_path / "repo", name="tiny-5").version == 1
     assert export(tiny_onnx_model, out=tmp_path / "repo", name="tiny").version == 2  # the same signature: fine
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [  # each was a bare ValueError from NumPy or scikit-learn, or a misleading refusal
+        ({"eval_data": "x"}, r"eval_data is a ndarray; pass a pair \(x, y\)"),  # unpacked as rows 0 and 1
+        ({"eval_data": "x, y, extra"}, r"eval_data is a tuple of 3; pass a pair"),  # the third was ignored
+        ({"eval_data": "nan"}, r"eval_data holds NaN or infinite values"),  # bench then reported NaN errors
+        ({"example_inputs": "nan"}, r"example_inputs hold NaN or infinite values"),
+        ({"example_inputs": "none"}, r"example_inputs hold no rows"),
+        ({"example_inputs": "strings"}, r"example_inputs are not numbers"),
+    ],
+)
+def test_held_out_and_example_rows_that_cannot_serve_are_refused(
+    tmp_path: Path, digits: tuple[Array, Array], fitted_pipeline: Any, change: dict[str, str], message: str
+) -> None:
+    x, y = digits
+    nan_x = x[:40].copy()
+    nan_x[0, 0] = np.nan
+    choices: dict[str, Any] = {
+        "x": x[:40],
+        "x, y, extra": (x[:40], y[:40], "extra"),
+        "nan": (nan_x, y[:40]) if "eval_data" in change else nan_x,
+        "none": x[:0],
+        "strings": np.array([["a"] * 64] * 3),
+    }
+    kwargs: dict[str, Any] = {"example_inputs": x[:8]} | {key: choices[value] for key, value in change.items()}
+    with pytest.raises(InvalidInput, match=message):
+        export(fitted_pipeline, out=tmp_path / "repo", name="digits", **kwargs)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_torch_example_without_a_batch_axis_is_refused(tmp_path: Path) -> None:
+    # a 1-D example made its feature axis the batch axis: "mat1 and mat2 shapes cannot be multiplied" in the parity run
+    import torch
+
+    with pytest.raises(InvalidInput, match=r'example input "input" has shape \[8\], no batch axis: .* x\[None\]'):
+        export(_mlp(), out=tmp_path / "repo", name="mlp", example_inputs=torch.randn(8))

@@ -77,6 +77,7 @@ def export(
     out = Path(out)
     if name is not None:  # before any work: a MiniLM export takes a while to fail at the write otherwise
         check_destination(out, name)
+    _check_eval_data(eval_data)
     if isinstance(model, str | Path):
         return _export_path(
             Path(model),
@@ -181,11 +182,28 @@ def _export_path(
     )
 
 
+def _check_eval_data(eval_data: Any) -> None:
+    """``eval_data`` is ``(x, y)``: an array alone was unpacked as its rows 0 and 1, and a third item ignored."""
+    if eval_data is not None and (not isinstance(eval_data, tuple | list) or len(eval_data) != 2):
+        what = f"a {type(eval_data).__name__}" + (
+            f" of {len(eval_data)}" if isinstance(eval_data, tuple | list) else ""
+        )
+        raise InvalidInput(
+            f"eval_data is {what}; pass a pair (x, y): x the held-out rows, y their labels (or None)",
+        )
+
+
 def _eval_entry(eval_data: tuple[Any, Any] | None, input_name: str) -> tuple[dict[str, Any], dict[str, Path | bytes]]:
     if eval_data is None:
         return {}, {}
     x, y = eval_data
     feeds = {input_name: np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)}
+    rows = feeds[input_name]
+    if rows.dtype.kind == "f" and not np.isfinite(rows).all():  # optimize and bench scored NaN against the parent
+        raise InvalidInput(
+            "eval_data holds NaN or infinite values; hold out real, finite rows (drop or fill those), as "
+            "kiln optimize --eval-data requires"
+        )
     y_arr = None if y is None else np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
     if y_arr is not None and len(y_arr) != len(feeds[input_name]):
         raise InvalidInput(
@@ -218,7 +236,7 @@ def _export_sklearn(
 
     _check_opset_known(settings)
     settings = dataclasses.replace(settings, exporter="skl2onnx", opset=settings.opset_for("skl2onnx"))  # as run
-    x = np.asarray(example_inputs, dtype=np.float32)
+    x = _feature_rows(example_inputs)
     task = sklearn.task_of(model)
     labels = sklearn.class_names(model, labels, None if eval_data is None else eval_data[1])
     with torch_export.temp_workdir() as tmp:
@@ -258,6 +276,22 @@ def _check_opset_known(settings: ExportSettings) -> None:
         )
 
 
+def _feature_rows(example_inputs: Any) -> np.ndarray[Any, Any]:
+    """A scikit-learn model's example rows as float32: numbers, finite, at least one row (each of these was a bare
+    ValueError from NumPy or scikit-learn)."""
+    try:
+        x = np.asarray(example_inputs, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(
+            f"example_inputs are not numbers ({exc}); pass numeric feature rows (encode categories as numbers)"
+        ) from exc
+    if x.ndim >= 1 and len(x) == 0:
+        raise InvalidInput("example_inputs hold no rows; pass at least one feature row")
+    if not np.isfinite(x).all():
+        raise InvalidInput("example_inputs hold NaN or infinite values; pass real, finite feature rows")
+    return x
+
+
 def _classes_entry(model: Any) -> dict[str, Any]:
     values = sklearn.class_values(model)
     return {"classes": values} if values is not None else {}
@@ -286,6 +320,14 @@ def _export_torch(
     settings = dataclasses.replace(settings, opset=settings.opset_for(settings.exporter))  # recorded as written
     module = module.eval()
     feeds = torch_export.match_module_dtype(module, torch_export.as_feeds(example_inputs, input_names))
+    flat = {name: list(value.shape) for name, value in feeds.items() if len(value.shape) < 2}
+    if flat and dynamic_axes is None:  # its one axis became the batch axis: the parity run grew the features
+        name, shape = next(iter(flat.items()))
+        raise InvalidInput(
+            f'example input "{name}" has shape {shape}, no batch axis: axis 0 is the batch (rows); pass a batch, '
+            f"e.g. x[None] for one row of shape {shape[1:] or shape}, or give dynamic_axes yourself",
+            input=name,
+        )
     n_out = torch_export.count_outputs(module, feeds)
     outputs = list(output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]))
     if len(outputs) != n_out:
