@@ -370,6 +370,9 @@ def test_settings_built_in_python_store_values_in_their_declared_types() -> None
         ({"max_queue_delay_ms": math.inf}, r'"max_queue_delay_ms" has value inf; it must be of type float; NaN'),
         ({"api_keys": ("ok", "")}, r"api_keys \(--api-key, KILN_API_KEYS\) holds an empty key"),
         ({"admin_keys": (" ",)}, r"admin_keys \(--admin-key, KILN_ADMIN_KEYS\) holds an empty key"),
+        ({"intra_op_threads": -3}, r"intra_op_threads is -3; it must be >= 1"),
+        ({"http_port": 9000, "grpc_port": 9000}, r"http_port and grpc_port are both 9000; give them different"),
+        ({"models": ("",)}, r"models holds an empty name"),
     ],
 )
 def test_serve_settings_that_would_start_a_broken_server_are_refused(changes: dict[str, Any], message: str) -> None:
@@ -390,3 +393,13 @@ def test_a_library_function_given_settings_of_another_type_says_which_it_takes()
     with pytest.raises(ConfigError, match=r"settings is a dict, not ExportSettings; pass ExportSettings\(\.\.\.\)"):
         check_settings_object({"opset": 17}, ExportSettings)
     assert check_settings_object(None, BenchSettings) == BenchSettings()
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_are() -> None:
+    # np.int64(4) from a grid search was "it must be of type int"
+    import numpy as np
+
+    settings = ExportSettings(parity_samples=np.int64(4), parity_atol=np.float32(1e-3))  # type: ignore[arg-type]
+    assert (settings.parity_samples, type(settings.parity_samples)) == (4, int)
+    assert BenchSettings(batch_sizes=(np.int64(1), 8)).batch_sizes == (1, 8)  # type: ignore[arg-type]
+    assert ServeSettings(batching=np.bool_(False)).batching is False  # type: ignore[arg-type]

@@ -166,6 +166,19 @@ class ServeSettings:
                 f"overload_status {self.overload_status} is not allowed; use 503 (with Retry-After) or 429",
                 overload_status=self.overload_status,
             )
+        if self.intra_op_threads is not None and self.intra_op_threads < 1:  # -3 started a server as it was
+            raise ConfigError(
+                f"intra_op_threads is {self.intra_op_threads}; it must be >= 1 (or unset: chosen from the cores)",
+                setting="intra_op_threads",
+            )
+        if self.http_port and self.http_port == self.grpc_port:  # refused at bind, as "the port is in use"
+            raise ConfigError(
+                f"http_port and grpc_port are both {self.http_port}; give them different ports (grpc_port 0 turns "
+                "gRPC off)",
+                setting="grpc_port",
+            )
+        if any(not model.strip() for model in self.models):
+            raise ConfigError(f"models holds an empty name ({list(self.models)}); name each model to serve")
         if self.instances is not None and self.instances < 1:
             raise ConfigError(f"instances is {self.instances}; it must be >= 1 (or unset: one per core on a CPU)")
         if self.sessions is not None and self.sessions < 1:
@@ -229,6 +242,8 @@ def _scalar(raw: Any, kind: Any, *, parse_text: bool) -> Any:
     Raises:
         ValueError: ``raw`` does not fit ``kind``.
     """
+    if type(raw).__module__ == "numpy" and getattr(raw, "ndim", None) == 0:  # np.int64(4) from a grid search
+        raw = raw.item()
     if isinstance(raw, str):
         if kind is str:
             return raw
