@@ -304,15 +304,16 @@ def _resume(
         if existing is not None:
             raise CheckpointError(
                 f'"{checkpointer.directory}" already holds a checkpoint of a run (step {existing.step}); resume it '
-                "with --resume, or choose another checkpoint_dir (nothing was overwritten)",
+                '(--resume; resume = "latest" in a config or TrainSettings), or choose another checkpoint_dir '
+                "(nothing was overwritten)",
                 path=str(checkpointer.directory),
             )
         stray = checkpointer.later_than(-1)  # without latest.json (removed, or the run died before writing it)
         if stray:  # a fresh run would have written its steps among them, and over those of the same number
             raise CheckpointError(
                 f'"{checkpointer.directory}" holds checkpoints ({stray[-1].name} and {len(stray) - 1} more) but no '
-                f"latest.json; resume one with --resume-from {stray[-1]}, or choose another checkpoint_dir "
-                "(nothing was overwritten)",
+                f'latest.json; resume one (--resume-from {stray[-1]}; resume = "{stray[-1]}" in a config or '
+                "TrainSettings), or choose another checkpoint_dir (nothing was overwritten)",
                 path=str(checkpointer.directory),
             )
         return None, None
