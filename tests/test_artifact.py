@@ -394,3 +394,11 @@ def test_only_directories_named_as_write_names_them_are_versions(
         (art.path.parent / junk).mkdir()
     assert artifacts.versions(art.path.parent) == [1]
     assert artifacts.load(art.path.parent).version == 1
+
+
+def test_a_file_named_like_the_next_version_is_named_in_the_error(tiny_artifact: artifacts.Artifact) -> None:
+    # after 100 identical retries: 'could not allocate a new version under "repo/tiny"', with no file named
+    (tiny_artifact.path.parent / "2").write_text("a stray file")
+    with pytest.raises(ArtifactError, match=r'"\S+/tiny/2" is a file where version 2 of model "tiny" would go; move'):
+        artifacts.write(tiny_artifact.repository, tiny_artifact.manifest, tiny_artifact.model_path)
+    assert (tiny_artifact.path.parent / "2").read_text() == "a stray file"

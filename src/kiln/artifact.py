@@ -408,8 +408,14 @@ def write(
                         shutil.copyfile(content, target)
                 (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
         except OSError:
-            if final.exists():  # another writer took this version number first; take the next one
+            if final.is_dir():  # another writer took this version number first; take the next one
                 continue
+            if final.exists():  # a file of that name: no writer will move it, and every retry met it
+                raise ArtifactError(
+                    f'"{final}" is a file where version {manifest.version} of model "{manifest.name}" would go; move '
+                    "or remove it (a model directory holds only version directories and config.pbtxt)",
+                    path=str(final),
+                ) from None
             raise
         break
     else:
