@@ -158,3 +158,10 @@ def test_json_outputs_keep_nan_and_infinities_as_tritonclient_reads_them() -> No
     back = np.array(rapidjson.loads(body)["outputs"][0]["data"], dtype=np.float32)
     np.testing.assert_array_equal(back, array.reshape(-1))
     assert to_json_data(np.array([1.5, 2.0], dtype=np.float32)) == [1.5, 2.0]  # finite data: a plain list
+
+
+def test_binary_bool_elements_are_0_or_1() -> None:
+    # a byte of 2 (or 0xff) reached ONNX Runtime, whose Not read it as false: a wrong answer, with a 200
+    np.testing.assert_array_equal(from_bytes("c", "BOOL", (3,), b"\x01\x00\x01"), [True, False, True])
+    with pytest.raises(InvalidInput, match=r'input "c" \(BOOL\) holds byte 2 at element 1; a BOOL element is one'):
+        from_bytes("c", "BOOL", (3,), b"\x01\x02\x00")

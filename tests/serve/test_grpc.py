@@ -573,6 +573,19 @@ def test_decode_takes_the_tighter_of_timeout_parameter_and_deadline() -> None:
     assert decode_infer(request, 9.0).timeout_s == 2.0
 
 
+def test_decode_takes_a_whole_priority_and_refuses_others() -> None:
+    # schedule_policy is advertised; a priority of "urgent" was taken without a word
+    from kiln.errors import InvalidInput
+
+    request = grpc_service_pb2.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([0.0] * 4)
+    request.parameters["priority"].uint64_param = 2
+    assert decode_infer(request, None).parameters["priority"] == 2
+    request.parameters["priority"].string_param = "urgent"
+    with pytest.raises(InvalidInput, match=r'parameter "priority" is "urgent"; a priority is a whole number >= 0'):
+        decode_infer(request, None)
+
+
 def _request(datatype: str = "FP32", shape: tuple[int, ...] = (1, 4)) -> grpc_service_pb2.ModelInferRequest:
     request = grpc_service_pb2.ModelInferRequest(model_name="tiny")
     request.inputs.add(name="input", datatype=datatype, shape=shape)

@@ -524,6 +524,9 @@ def request_with(tensor: dict[str, Any] | None = None, **top: Any) -> bytes:
         (infer_body([1, 2, 3, 4], [1, 4]), {"Timeout-Ms": "inf"}, r"Timeout-Ms header is 'inf'"),
         (infer_body([1, 2, 3, 4], [1, 4]), {"Timeout-Ms": "1e400"}, r"Timeout-Ms header is '1e400'"),
         (request_with(parameters={"timeout": True}), {}, r'parameter "timeout" is true; send a positive'),
+        # schedule_policy's priority is a uint64: "high", -1 and 1.5 were taken
+        (request_with(parameters={"priority": "high"}), {}, r'parameter "priority" is "high"; a priority is a whole'),
+        (request_with(parameters={"priority": -1}), {}, r'parameter "priority" is -1; a priority is a whole'),
         # binary tensor data without the header that says where the JSON ends: the message says which header
         (
             request_with({"data": None, "parameters": {"binary_data_size": 16}}).replace(b', "data": null', b"")

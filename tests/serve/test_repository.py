@@ -325,13 +325,13 @@ def test_a_version_that_is_not_ascii_digits_is_not_found_not_served_by_another_v
     path = f"/v2/models/tiny/versions/{urllib.parse.quote(version)}/infer"
     code, payload = post(server.http_url, path, body.encode())
 
-    assert code == 404, payload
+    assert code == 400, payload  # a malformed value, as Triton answers (INVALID_ARG); it was a 404
     assert f'version "{version}" is not a version number' in payload["error"]
     client = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata("tiny", model_version=version)
     client.close()
-    assert info.value.status() == "StatusCode.NOT_FOUND"
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
 def test_a_load_that_fails_leaves_no_series_of_the_versions_it_built_and_discarded(

@@ -247,6 +247,15 @@ def from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | me
             f"{expected * dtype.itemsize}; send exactly the tensor's bytes",
             input=name,
         )
+    if datatype == "BOOL":  # a byte of 2 was read as false by ONNX Runtime: the answer was silently wrong
+        octets = np.frombuffer(raw, dtype=np.uint8)
+        bad = np.flatnonzero(octets > 1)
+        if bad.size:
+            raise InvalidInput(
+                f'input "{name}" (BOOL) holds byte {int(octets[bad[0]])} at element {int(bad[0])}; a BOOL element is '
+                "one byte, 0 (false) or 1 (true)",
+                input=name,
+            )
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
 
 
@@ -318,6 +327,19 @@ def to_json_data(array: Array) -> list[Any] | orjson.Fragment:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         return orjson.Fragment(json.dumps(flat, allow_nan=True, separators=(",", ":")))
     return flat
+
+
+def check_priority(value: Any) -> None:
+    """The ``priority`` request parameter of Triton's schedule-policy extension: a whole number >= 0 (uint64).
+
+    Kiln serves every request at one level, as Triton does for a model without priority levels, so a valid
+    priority changes nothing; a malformed one (``"high"``, -1, 1.5) is the client's mistake, and was taken.
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64):
+        raise InvalidInput(
+            f'parameter "priority" is {json_text(value)}; a priority is a whole number >= 0 (0: the default level), '
+            "or leave it out (this server runs every request at one level)"
+        )
 
 
 def class_count(output: str, value: Any) -> int:

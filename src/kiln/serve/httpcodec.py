@@ -12,7 +12,15 @@ from typing import Any
 import orjson
 
 from kiln.errors import InvalidInput
-from kiln.serve.codec import check_shape, class_count, from_bytes, from_json_data, json_text, numpy_dtype
+from kiln.serve.codec import (
+    check_priority,
+    check_shape,
+    class_count,
+    from_bytes,
+    from_json_data,
+    json_text,
+    numpy_dtype,
+)
 from kiln.serve.protocol import InferRequest, RequestedOutput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -114,6 +122,7 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
     if not isinstance(request_id, str):
         raise InvalidInput(f'"id" is {json_text(request_id)}; an id is a JSON string (e.g. "req-1"), or leave it out')
     binary_output = parameters.get("binary_data_output")
+    check_priority(parameters.get("priority"))
     return InferRequest(
         inputs=inputs,
         outputs=outputs,

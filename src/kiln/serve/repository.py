@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import artifact as artifacts
-from kiln.errors import KilnError, ModelNotFound, did_you_mean
+from kiln.errors import InvalidInput, KilnError, ModelNotFound, did_you_mean
 from kiln.serve.batcher import Batcher, BatchPolicy
 from kiln.serve.metrics import ModelMetrics, ServerMetrics
 from kiln.serve.model import ServedModel
@@ -280,7 +280,7 @@ def _version_number(name: str, version: str | int) -> int:
     # version would be served by another one. A version is what names its directory: ASCII digits.
     if isinstance(version, int) or (version.isascii() and version.isdigit()):
         return int(version)
-    raise ModelNotFound(
+    raise InvalidInput(  # the client's malformed value: 400 / INVALID_ARGUMENT, as Triton answers (was a 404)
         f'model "{name}" version "{version}" is not a version number; versions are 1, 2, 3 ...',
         model=name,
         version=str(version),

@@ -16,7 +16,16 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from kiln.errors import InvalidInput
-from kiln.serve.codec import check_shape, class_count, from_bytes, from_json_data, numpy_dtype, to_bytes, v2_datatype
+from kiln.serve.codec import (
+    check_priority,
+    check_shape,
+    class_count,
+    from_bytes,
+    from_json_data,
+    numpy_dtype,
+    to_bytes,
+    v2_datatype,
+)
 from kiln.serve.proto import grpc_service_pb2 as pb
 from kiln.serve.protocol import Array, InferRequest, InferResponse, RequestedOutput
 
@@ -91,6 +100,7 @@ def decode_infer(message: pb.ModelInferRequest, deadline_s: float | None) -> Inf
             inputs[name] = _from_contents(name, datatype, shape, tensor.contents)
         datatypes[name] = datatype
     parameters = {key: parameter_value(value) for key, value in message.parameters.items()}
+    check_priority(parameters.get("priority"))
     return InferRequest(
         inputs=inputs,
         outputs=[_requested_output(out) for out in message.outputs],
