@@ -99,7 +99,10 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 pause.reschedule(loop.time() + timeout_s)
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes; split the request", limit=limit)
+                    raise PayloadTooLarge(
+                        f"request body exceeds {limit} bytes; split the request or raise --max-request-bytes",
+                        limit=limit,
+                    )
                 chunks.append(chunk)
     except TimeoutError:
         of = f" of the {declared} its Content-Length declares" if declared is not None else ""
@@ -140,7 +143,10 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
         out.append(part)
         size += len(part)
         if size > limit:
-            raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes; split the request", limit=limit)
+            raise PayloadTooLarge(
+                f"decompressed request body exceeds {limit} bytes; split the request or raise --max-request-bytes",
+                limit=limit,
+            )
         if not inflater.eof:
             raise InvalidInput(
                 f"request body is not valid {encoding} data (it ends before the end of its compressed stream); "
