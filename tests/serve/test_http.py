@@ -134,6 +134,7 @@ def test_a_compressed_body_cut_short_or_followed_by_other_bytes_is_a_400(
     assert code == 400 and "2 bytes follow" in payload["error"]
     code, payload = send(gzip.compress(b" " * 100_000))  # 100 kB of JSON whitespace from 130 bytes on the wire
     assert code == 413 and "decompressed request body exceeds 4096 bytes" in payload["error"]
+    assert "or raise --max-request-bytes" in payload["error"]  # the fix, as the declared-size refusal names it
 
 
 LABELS = ["setosa", "versicolor", "virginica"]
