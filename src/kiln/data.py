@@ -277,24 +277,30 @@ def _checked_eval_set(
     return EvalSet(feeds=arrays, labels=labels)
 
 
+def first_misfit(inputs: Sequence[Any], shapes: dict[str, tuple[int, ...]]) -> tuple[Any, tuple[int, ...]] | None:
+    """The first input spec whose held-out array (by name in ``shapes``) does not fit it, with that shape."""
+    return next(
+        ((spec, shapes[spec.name]) for spec in inputs if spec.name in shapes and not spec.fits(shapes[spec.name])),
+        None,
+    )
+
+
 def check_eval_fits(artifact: Any, data: EvalSet) -> None:
     """A caller's held-out feeds must fit the model's inputs (ORT's own refusal comes mid-run, on 3 lines).
 
     Raises:
         InvalidInput: naming the input and both shapes.
     """
-    for spec in artifact.manifest.signature.inputs:
-        rows = None if data.feeds is None else data.feeds.get(spec.name)
-        if rows is None:
-            continue
-        if not spec.fits(rows.shape):
-            raise InvalidInput(
-                f'held-out input "{spec.name}" has shape {list(rows.shape)}; model "{artifact.name}" takes '
-                f"{list(spec.shape)} (-1 = any size); pass held-out rows of that shape",
-                input=spec.name,
-                expected=list(spec.shape),
-                actual=list(rows.shape),
-            )
+    misfit = first_misfit(artifact.manifest.signature.inputs, {k: v.shape for k, v in (data.feeds or {}).items()})
+    if misfit is not None:
+        spec, shape = misfit
+        raise InvalidInput(
+            f'held-out input "{spec.name}" has shape {list(shape)}; model "{artifact.name}" takes '
+            f"{list(spec.shape)} (-1 = any size); pass held-out rows of that shape",
+            input=spec.name,
+            expected=list(spec.shape),
+            actual=list(shape),
+        )
 
 
 def eval_set(artifact: Any, limit: int | None = None) -> EvalSet:

@@ -89,6 +89,12 @@ def check_label_shape(labels: Array) -> None:
         )
 
 
+def unseen_labels(labels: Any, classes: Sequence[Any]) -> list[Any]:
+    """The distinct held-out labels that are none of ``classes`` (a model's), in sorted order."""
+    known = set(classes)
+    return [v for v in np.unique(np.asarray(labels)).tolist() if v not in known]
+
+
 def check_label_classes(labels: Array, classes: Sequence[Any], output: str) -> None:
     """Held-out labels scored on a classifier's own label output must be among the classes it gives.
 
@@ -96,8 +102,7 @@ def check_label_classes(labels: Array, classes: Sequence[Any], output: str) -> N
         InvalidInput: a label the model can never predict (labels 1..10 for classes 0..9, say): its accuracy would
             read near 0 for the parent and every variant alike, and the accuracy guard would pass any of them.
     """
-    known = set(classes)
-    unseen = [v for v in np.unique(labels).tolist() if v not in known]
+    unseen = unseen_labels(labels, classes)
     if unseen:
         shown = ", ".join(map(repr, list(classes)[:6])) + (" ..." if len(classes) > 6 else "")
         raise InvalidInput(

@@ -9,6 +9,7 @@ from typing import Any
 from kiln import artifact as artifacts
 from kiln._utils import package_versions
 from kiln.config import ExportSettings, settings_dict
+from kiln.data import first_misfit
 from kiln.errors import ArtifactError, ExportError, InvalidInput
 from kiln.export.checks import check_parity, check_structure, open_session, opsets_of, signature_of
 from kiln.runtime import probe
@@ -76,18 +77,17 @@ def _check_held_out_fits(held_out: bytes, signature: Any, name: str) -> None:
     import numpy as np
 
     with np.load(io.BytesIO(held_out), allow_pickle=False) as data:
-        shapes = {key: data[key].shape for key in data.files}
-    for spec in signature.inputs:
-        shape = shapes.get(spec.name)
-        if shape is not None and not spec.fits(shape):
-            raise InvalidInput(
-                f'held-out inputs have shape {list(shape)} but input "{spec.name}" of model "{name}" takes '
-                f"{list(spec.shape)} (-1 = any size); pass held-out rows that fit the model (a --dataset of the "
-                "same width)",
-                input=spec.name,
-                expected=list(spec.shape),
-                actual=list(shape),
-            )
+        misfit = first_misfit(signature.inputs, {key: data[key].shape for key in data.files})
+    if misfit is not None:
+        spec, shape = misfit
+        raise InvalidInput(
+            f'held-out inputs have shape {list(shape)} but input "{spec.name}" of model "{name}" takes '
+            f"{list(spec.shape)} (-1 = any size); pass held-out rows that fit the model (a --dataset of the "
+            "same width)",
+            input=spec.name,
+            expected=list(spec.shape),
+            actual=list(shape),
+        )
 
 
 def _run_imported(engine: Any, feeds: Feeds, path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ExportError, InvalidInput
+from kiln.fidelity import unseen_labels
 from kiln.types import Feeds
 
 INPUT_NAME = "input"
@@ -65,14 +66,12 @@ def class_names(model: Any, labels: Sequence[str] | None, heldout: np.ndarray[An
         InvalidInput: ``labels`` for a model whose classes they do not name, or held-out labels the model never
             predicts (its accuracy on them would read 0, and the accuracy guard would pass any variant).
     """
-    classes = getattr(final_estimator(model), "classes_", None)
-    if task_of(model) != "classification" or classes is None or np.ndim(classes) != 1:
+    values = class_values(model)
+    if values is None:
         return list(labels) if labels else None
-    values = np.asarray(classes).tolist()
     shown = ", ".join(map(repr, values[:6])) + (" ..." if len(values) > 6 else "")
     if heldout is not None:
-        known = set(values)
-        unseen = [v for v in np.unique(np.asarray(heldout)).tolist() if v not in known]
+        unseen = unseen_labels(heldout, values)
         if unseen:
             raise InvalidInput(
                 f"the held-out labels hold {', '.join(map(repr, unseen[:3]))}{' ...' if len(unseen) > 3 else ''}, "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -34,7 +33,15 @@ from kiln.errors import (
 )
 from kiln.serve.codec import json_text, to_bytes, to_json_data, v2_datatype
 from kiln.serve.dataplane import DataPlane, check_repository_request
-from kiln.serve.httpcodec import HEADER_LENGTH, TIMEOUT_HEADER, decode_infer, is_ascii_digits, json_object
+from kiln.serve.httpcodec import (
+    HEADER_LENGTH,
+    TIMEOUT_HEADER,
+    decode_infer,
+    inflate,
+    is_ascii_digits,
+    json_object,
+    optional_json_object,
+)
 from kiln.serve.protocol import InferResponse
 
 logger = logging.getLogger(__name__)
@@ -120,60 +127,15 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "").lower()
     if encoding in ("gzip", "deflate"):
-        body = _inflate(body, encoding, limit)
+        body = inflate(body, encoding, limit)
     elif encoding not in ("", "identity"):
         raise InvalidInput(f'Content-Encoding "{encoding}" is not supported; use gzip, deflate or none')
     return body
 
 
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """A gzip (one or more members, as RFC 1952 allows) or zlib-wrapped deflate body, whole and checked.
-
-    zlib's stream decoder takes a body cut short before its checksum, and ignores bytes after its end; both are
-    refused, since the JSON that remains may parse and be answered as if it were what the client sent.
-    """
-    out: list[bytes] = []
-    size, rest = 0, body
-    while True:
-        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            part = inflater.decompress(rest, limit + 1 - size)
-        except zlib.error as exc:
-            raise InvalidInput(f"request body is not valid {encoding} data ({exc}); send it uncompressed") from None
-        out.append(part)
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"decompressed request body exceeds {limit} bytes; split the request or raise --max-request-bytes",
-                limit=limit,
-            )
-        if not inflater.eof:
-            raise InvalidInput(
-                f"request body is not valid {encoding} data (it ends before the end of its compressed stream); "
-                "send the whole body, or send it uncompressed"
-            )
-        rest = inflater.unused_data
-        if not rest:
-            return b"".join(out)
-        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
-            raise InvalidInput(
-                f"request body is not valid {encoding} data ({len(rest)} bytes follow the end of its compressed "
-                "stream); send only the compressed body, or send it uncompressed"
-            )
-
-
 async def _optional_json_object(request: Request, settings: ServeSettings) -> dict[str, Any]:
     """A repository request's body: optional (empty: ``{}``); when sent, a JSON object."""
-    body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
-    if not body.strip():
-        return {}
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON ({exc}); send {{}} or no body") from None
-    if not isinstance(payload, dict):
-        raise InvalidInput(f"request body is {json_text(payload)}; send a JSON object such as {{}}, or no body")
-    return payload
+    return optional_json_object(await read_body(request, settings.max_request_bytes, settings.body_timeout_s))
 
 
 async def _repository_parameters(request: Request, settings: ServeSettings) -> list[str]:

@@ -7,11 +7,12 @@ Framework-free, so ``http.py`` keeps to routing, bodies and status codes. Every 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import orjson
 
-from kiln.errors import InvalidInput
+from kiln.errors import InvalidInput, PayloadTooLarge
 from kiln.serve.codec import (
     check_priority,
     check_shape,
@@ -132,6 +133,55 @@ def decode_infer(body: bytes, header_length: str | None, timeout_header: str | N
         timeout_s=_timeout_s(parameters.get("timeout"), timeout_header),
         datatypes=datatypes,
     )
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip (one or more members, as RFC 1952 allows) or zlib-wrapped deflate body, whole and checked.
+
+    zlib's stream decoder takes a body cut short before its checksum, and ignores bytes after its end; both are
+    refused, since the JSON that remains may parse and be answered as if it were what the client sent.
+    """
+    out: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise InvalidInput(f"request body is not valid {encoding} data ({exc}); send it uncompressed") from None
+        out.append(part)
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"decompressed request body exceeds {limit} bytes; split the request or raise --max-request-bytes",
+                limit=limit,
+            )
+        if not inflater.eof:
+            raise InvalidInput(
+                f"request body is not valid {encoding} data (it ends before the end of its compressed stream); "
+                "send the whole body, or send it uncompressed"
+            )
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(out)
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            raise InvalidInput(
+                f"request body is not valid {encoding} data ({len(rest)} bytes follow the end of its compressed "
+                "stream); send only the compressed body, or send it uncompressed"
+            )
+
+
+def optional_json_object(body: bytes) -> dict[str, Any]:
+    """A request body that may be empty (``{}``) and is otherwise a JSON object (the repository extension's)."""
+    if not body.strip():
+        return {}
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON ({exc}); send {{}} or no body") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"request body is {json_text(payload)}; send a JSON object such as {{}}, or no body")
+    return payload
 
 
 def json_object(value: Any, what: str) -> dict[str, Any]:
